@@ -1,0 +1,48 @@
+"""Registries mapping layer types to their per-sample gradient and norm functions.
+
+A grad sampler is a pure function ``(layer, activations, backprops) -> {param: per_sample_grad}``.
+``activations`` is the list of the layer's forward inputs and ``backprops`` the gradient of the
+loss with respect to the layer's output, both with the batch on dim 0 (the hooks move it there),
+and ``backprops`` already rescaled so that each sample's slice is the gradient of that sample's
+own loss.  A norm sampler has the same signature and returns ``{param: per_sample_norm}`` of shape
+``(batch,)`` without materialising the per-sample gradient (ghost clipping).
+"""
+
+from typing import Callable, Dict, Sequence, Type, Union
+
+import torch.nn as nn
+
+GRAD_SAMPLERS: Dict[Type[nn.Module], Callable] = {}
+NORM_SAMPLERS: Dict[Type[nn.Module], Callable] = {}
+
+
+def _as_classes(target_class_or_classes):
+    if isinstance(target_class_or_classes, type):
+        return [target_class_or_classes]
+    return list(target_class_or_classes)
+
+
+def register_grad_sampler(
+    target_class_or_classes: Union[Type[nn.Module], Sequence[Type[nn.Module]]],
+):
+    """Decorator: register ``f`` as the per-sample gradient function of the given layer type(s)."""
+
+    def decorator(f):
+        for cls in _as_classes(target_class_or_classes):
+            GRAD_SAMPLERS[cls] = f
+        return f
+
+    return decorator
+
+
+def register_norm_sampler(
+    target_class_or_classes: Union[Type[nn.Module], Sequence[Type[nn.Module]]],
+):
+    """Decorator: register ``f`` as the per-sample gradient *norm* function (ghost clipping)."""
+
+    def decorator(f):
+        for cls in _as_classes(target_class_or_classes):
+            NORM_SAMPLERS[cls] = f
+        return f
+
+    return decorator
