@@ -1,0 +1,87 @@
+"""Per-sample gradients and gradient norms of ``nn.Linear``.
+
+For ``y = x W^T + b`` the gradient of sample ``i``'s loss is ``sum_t b_{i,t} a_{i,t}^T`` (weight)
+and ``sum_t b_{i,t}`` (bias), where ``t`` runs over every dimension between the batch and the
+features (sequence positions, image rows, ...).  The norm sampler is the "ghost norm" of
+Goodfellow (2015), extended to sequences by Li et al. (2022), "Large language models can be strong
+differentially private learners", Sec. 4: the Frobenius norm of ``B_i^T A_i`` equals
+``<A_i A_i^T, B_i B_i^T>``, which never builds the ``(d_out, d_in)`` per-sample gradient.
+"""
+
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from opacus.grad_sample.registry import register_grad_sampler, register_norm_sampler
+
+
+def _as_sequences(activations: torch.Tensor, backprops: torch.Tensor):
+    """Collapse every dim between batch and features into one ``T`` dim: (B, T, d)."""
+    batch = activations.shape[0]
+    return (
+        activations.reshape(batch, -1, activations.shape[-1]),
+        backprops.reshape(batch, -1, backprops.shape[-1]),
+    )
+
+
+@register_grad_sampler(nn.Linear)
+def compute_linear_grad_sample(
+    layer: nn.Linear, activations: List[torch.Tensor], backprops: torch.Tensor
+) -> Dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of an ``nn.Linear`` layer.
+
+    Args:
+        layer: the layer.
+        activations: ``[x]`` with ``x`` of shape ``(B, ..., in_features)``.
+        backprops: gradient w.r.t. the output, shape ``(B, ..., out_features)``.
+
+    Returns:
+        ``{weight: (B, out, in), bias: (B, out)}`` for the parameters that require grad.
+    """
+    a, b = _as_sequences(activations[0], backprops)
+    ret = {}
+    if layer.weight.requires_grad:
+        # (B, d_out, T) @ (B, T, d_in): one batched matmul, no per-sample loop.
+        ret[layer.weight] = torch.bmm(b.transpose(1, 2), a)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = b.sum(dim=1)
+    return ret
+
+
+def _weight_norm_squared(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||b_i^T a_i||_F^2`` per sample for ``a: (B, T, d_in)``, ``b: (B, T, d_out)``."""
+    seq_len, d_in, d_out = a.shape[1], a.shape[2], b.shape[2]
+    if seq_len == 1:
+        return a.pow(2).sum(dim=(1, 2)) * b.pow(2).sum(dim=(1, 2))
+    if seq_len * seq_len <= d_in * d_out:
+        # Ghost norm: ||sum_t b_t a_t^T||_F^2 = sum_{t,s} (a_t . a_s)(b_t . b_s); memory B*T^2.
+        gram_a = torch.bmm(a, a.transpose(1, 2))
+        gram_b = torch.bmm(b, b.transpose(1, 2))
+        return (gram_a * gram_b).sum(dim=(1, 2))
+    # Long sequences: the (B, d_out, d_in) gradient is the smaller object.
+    return torch.bmm(b.transpose(1, 2), a).pow(2).sum(dim=(1, 2))
+
+
+@register_norm_sampler(nn.Linear)
+def compute_linear_norm_sample(
+    layer: nn.Linear, activations: List[torch.Tensor], backprops: torch.Tensor
+) -> Dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient L2 norms of an ``nn.Linear`` layer (ghost clipping).
+
+    Args:
+        layer: the layer.
+        activations: ``[x]`` with ``x`` of shape ``(B, ..., in_features)``.
+        backprops: gradient w.r.t. the output, shape ``(B, ..., out_features)``.
+
+    Returns:
+        ``{weight: (B,), bias: (B,)}`` for the parameters that require grad.
+    """
+    a, b = _as_sequences(activations[0], backprops)
+    ret = {}
+    if layer.weight.requires_grad:
+        # Rounding can push the Gram contraction a hair below zero.
+        ret[layer.weight] = _weight_norm_squared(a, b).clamp_min(0).sqrt()
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = b.sum(dim=1).norm(2, dim=-1)
+    return ret
