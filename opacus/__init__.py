@@ -14,7 +14,12 @@ _LAZY = {
     "PrivacyEngine": "opacus.privacy_engine",
 }
 
-__all__ = ["GradSampleModule", "GradSampleModuleFastGradientClipping", "PrivacyEngine", "__version__"]
+__all__ = [
+    "GradSampleModule",
+    "GradSampleModuleFastGradientClipping",
+    "PrivacyEngine",
+    "__version__",
+]
 
 
 def __getattr__(name):

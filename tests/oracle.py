@@ -48,9 +48,7 @@ def brute_force_grad_samples(
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     per_sample = {n: [] for n, _ in params}
     for i in range(batch_size):
-        sample_args = [
-            a if d is None else a.narrow(d, i, 1) for a, d in zip(args, dims)
-        ]
+        sample_args = [a if d is None else a.narrow(d, i, 1) for a, d in zip(args, dims)]
         output = model(*sample_args)
         loss = loss_fn(output) if targets is None else loss_fn(output, targets[i : i + 1])
         grads = torch.autograd.grad(
@@ -62,7 +60,7 @@ def brute_force_grad_samples(
 
 
 def grad_samples_of(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """``{name: p.grad_sample}`` for the trainable parameters of a (wrapped) model, names unprefixed."""
+    """``{name: p.grad_sample}`` of a (wrapped) model's trainable params, unprefixed."""
     out = {}
     for n, p in model.named_parameters():
         if p.requires_grad:

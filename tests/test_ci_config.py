@@ -1,4 +1,4 @@
-"""Structure checks for the upstream-style CircleCI matrix and for .ci/run (CircleCI cannot run here)."""
+"""Structure checks of the upstream-style CircleCI matrix and of .ci/run (no CircleCI here)."""
 
 import os
 import re
@@ -51,7 +51,8 @@ def test_workflow_jobs_are_defined_and_requirements_exist(config):
 
 def test_matrix_covers_pythons_and_two_torch_versions(config):
     unittest = next(
-        e["unittest"] for e in config["workflows"]["commit"]["jobs"]
+        e["unittest"]
+        for e in config["workflows"]["commit"]["jobs"]
         if isinstance(e, dict) and "unittest" in e
     )
     params = unittest["matrix"]["parameters"]
@@ -64,7 +65,9 @@ def test_matrix_covers_pythons_and_two_torch_versions(config):
 def test_lint_integration_and_docs_jobs_exist(config):
     assert {"lint", "unittest", "integrationtest", "docs"} <= set(config["jobs"])
     lint_cmds = " ".join(
-        s["run"]["command"] for s in config["jobs"]["lint"]["steps"] if isinstance(s, dict) and "run" in s
+        s["run"]["command"]
+        for s in config["jobs"]["lint"]["steps"]
+        if isinstance(s, dict) and "run" in s
     )
     assert "flake8" in lint_cmds and "isort" in lint_cmds and "black" in lint_cmds
 
@@ -76,6 +79,8 @@ def test_ci_run_runs_readme_test_command():
         ci_run = f.read()
     blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, flags=re.S)
     assert blocks, "README.md has no quick-start code block"
-    commands = [line.strip() for line in blocks[0].splitlines() if line.strip() and not line.startswith("#")]
+    commands = [
+        line.strip() for line in blocks[0].splitlines() if line.strip() and not line.startswith("#")
+    ]
     assert len(commands) == 2, commands
     assert commands[1] in ci_run

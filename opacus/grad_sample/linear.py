@@ -19,9 +19,11 @@ from opacus.grad_sample.registry import register_grad_sampler, register_norm_sam
 def _as_sequences(activations: torch.Tensor, backprops: torch.Tensor):
     """Collapse every dim between batch and features into one ``T`` dim: (B, T, d)."""
     batch = activations.shape[0]
+    # Under autocast the captured input and the output gradient can differ in precision.
+    dtype = torch.promote_types(activations.dtype, backprops.dtype)
     return (
-        activations.reshape(batch, -1, activations.shape[-1]),
-        backprops.reshape(batch, -1, backprops.shape[-1]),
+        activations.reshape(batch, -1, activations.shape[-1]).to(dtype),
+        backprops.reshape(batch, -1, backprops.shape[-1]).to(dtype),
     )
 
 

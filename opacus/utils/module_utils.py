@@ -40,7 +40,7 @@ def has_trainable_params(module: nn.Module) -> bool:
 
 
 def clone_module(module: nn.Module) -> nn.Module:
-    """Deep copy of ``module`` made through ``torch.save``/``torch.load`` (drops hooks' closures)."""
+    """Deep copy of ``module`` via ``torch.save``/``torch.load`` (falls back to deepcopy)."""
     buffer = io.BytesIO()
     try:
         torch.save(module, buffer)

@@ -1,0 +1,128 @@
+"""Base class of the privacy accountants.
+
+An accountant records privacy *events*, (noise_multiplier, sample_rate, num_steps), in
+``history`` and turns them into an epsilon on demand; it never touches tensors (as in Google's
+``dp_accounting``), so this module imports neither torch nor the optimizers.
+"""
+
+import abc
+import copy
+import importlib
+import math
+import numbers
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, TypeVar
+
+if TYPE_CHECKING:  # pragma: no cover - typing only; the optimizer pulls in torch
+    from opacus.optimizers.optimizer import DPOptimizer
+
+T_state_dict = TypeVar("T_state_dict", bound=Dict[str, Any])
+
+__all__ = ["IAccountant", "DPOptimizer"]
+
+
+def __getattr__(name: str):
+    # ``DPOptimizer`` is re-exported (interface of opacus 1.6) but imported only when asked for.
+    if name == "DPOptimizer":
+        return importlib.import_module("opacus.optimizers.optimizer").DPOptimizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_step(owner: str, noise_multiplier: float, sample_rate: float) -> None:
+    """Validate one privacy event; ``owner`` names the caller in the error."""
+    if not isinstance(noise_multiplier, numbers.Real) or not noise_multiplier >= 0:
+        raise ValueError(
+            f"{owner}: noise_multiplier must be a number >= 0, got {noise_multiplier!r}."
+        )
+    if not isinstance(sample_rate, numbers.Real) or not 0 <= sample_rate <= 1:
+        raise ValueError(
+            f"{owner}: sample_rate must be in [0, 1], got {sample_rate!r}. With gradient "
+            "accumulation the effective rate is sample_rate * accumulated_iterations, which "
+            "must stay <= 1."
+        )
+
+
+def check_delta(owner: str, delta: float) -> None:
+    if not isinstance(delta, numbers.Real) or not 0 < delta < 1 or math.isnan(delta):
+        raise ValueError(f"{owner}: delta must be in (0, 1), got {delta!r}.")
+
+
+class IAccountant(abc.ABC):
+    """Records privacy events and converts them to (epsilon, delta)-DP.
+
+    ``history`` is a list of ``(noise_multiplier, sample_rate, num_steps)``; consecutive steps
+    with the same (noise_multiplier, sample_rate) are merged into one entry.
+    """
+
+    def __init__(self):
+        self.history: List[Tuple[float, float, int]] = []
+
+    @abc.abstractmethod
+    def step(self, *, noise_multiplier: float, sample_rate: float):
+        """Record one step of the (subsampled) Gaussian mechanism."""
+
+    @abc.abstractmethod
+    def get_epsilon(self, delta: float, *args, **kwargs) -> float:
+        """Epsilon spent so far at the given delta."""
+
+    @classmethod
+    @abc.abstractmethod
+    def mechanism(cls) -> str:
+        """Name under which the accountant is registered (e.g. ``"rdp"``)."""
+
+    def __len__(self) -> int:
+        """Total number of recorded steps."""
+        return sum(num_steps for _, _, num_steps in self.history)
+
+    def _record(self, noise_multiplier: float, sample_rate: float) -> None:
+        """Append one step to ``history``, merging it with the last entry when equal."""
+        check_step(f"{type(self).__name__}.step", noise_multiplier, sample_rate)
+        if self.history:
+            last_sigma, last_q, last_steps = self.history[-1]
+            if last_sigma == noise_multiplier and last_q == sample_rate:
+                self.history[-1] = (last_sigma, last_q, last_steps + 1)
+                return
+        self.history.append((noise_multiplier, sample_rate, 1))
+
+    def get_optimizer_hook_fn(self, sample_rate: float) -> Callable[["DPOptimizer"], None]:
+        """Hook for ``DPOptimizer.step_hook``: one accountant step per optimizer step.
+
+        With gradient accumulation over ``optim.accumulated_iterations`` Poisson batches, one
+        optimizer step samples each example with probability ``sample_rate * accumulated``.
+        """
+
+        def hook_fn(optim: "DPOptimizer") -> None:
+            self.step(
+                noise_multiplier=optim.noise_multiplier,
+                sample_rate=sample_rate * optim.accumulated_iterations,
+            )
+
+        return hook_fn
+
+    def state_dict(self, destination: Optional[T_state_dict] = None) -> T_state_dict:
+        """``{"history": [...], "mechanism": name}``, written into ``destination`` if given."""
+        if destination is None:
+            destination = {}
+        destination["history"] = copy.deepcopy(self.history)
+        destination["mechanism"] = self.__class__.mechanism()
+        return destination
+
+    def load_state_dict(self, state_dict: T_state_dict):
+        """Restore ``history`` from :meth:`state_dict` output of the same kind of accountant."""
+        if not isinstance(state_dict, dict) or "history" not in state_dict:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: expected a dict with 'history' (and "
+                "'mechanism') as produced by state_dict()."
+            )
+        mechanism = state_dict.get("mechanism", self.__class__.mechanism())
+        if mechanism != self.__class__.mechanism():
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: state was saved by a {mechanism!r} "
+                f"accountant, this one is {self.__class__.mechanism()!r}; create the accountant "
+                f"with create_accountant({mechanism!r}) instead."
+            )
+        history = []
+        for entry in state_dict["history"]:
+            sigma, q, num_steps = entry
+            check_step(f"{type(self).__name__}.load_state_dict", sigma, q)
+            history.append((sigma, q, int(num_steps)))
+        self.history = history

@@ -1,0 +1,1 @@
+"""The maths behind the accountants: RDP, GDP and PRV analyses (numpy/scipy only, no torch)."""

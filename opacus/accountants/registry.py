@@ -1,0 +1,50 @@
+"""Name -> accountant class registry ("rdp", "prv", "gdp")."""
+
+from typing import Dict, Type
+
+from opacus.accountants.accountant import IAccountant
+from opacus.accountants.gdp import GaussianAccountant
+from opacus.accountants.prv import PRVAccountant
+from opacus.accountants.rdp import RDPAccountant
+
+__all__ = [
+    "create_accountant",
+    "register_accountant",
+    "IAccountant",
+    "GaussianAccountant",
+    "PRVAccountant",
+    "RDPAccountant",
+]
+
+_ACCOUNTANTS: Dict[str, Type[IAccountant]] = {
+    "rdp": RDPAccountant,
+    "gdp": GaussianAccountant,
+    "prv": PRVAccountant,
+}
+
+
+def register_accountant(
+    mechanism: str, accountant: Type[IAccountant], force: bool = False
+):
+    """Make ``create_accountant(mechanism)`` build ``accountant`` (``force`` to replace one)."""
+    if not (isinstance(accountant, type) and issubclass(accountant, IAccountant)):
+        raise ValueError(
+            "opacus.accountants.register_accountant: accountant must be a subclass of "
+            f"IAccountant, got {accountant!r}."
+        )
+    if mechanism in _ACCOUNTANTS and not force:
+        raise ValueError(
+            f"opacus.accountants.register_accountant: {mechanism!r} is already registered "
+            f"({_ACCOUNTANTS[mechanism].__name__}); pass force=True to replace it."
+        )
+    _ACCOUNTANTS[mechanism] = accountant
+
+
+def create_accountant(mechanism: str) -> IAccountant:
+    """A fresh accountant for ``mechanism`` ("rdp", "prv", "gdp" or a registered name)."""
+    if mechanism not in _ACCOUNTANTS:
+        raise ValueError(
+            f"opacus.accountants.create_accountant: unknown accountant {mechanism!r}; choose "
+            f"one of {sorted(_ACCOUNTANTS)} or register it with register_accountant()."
+        )
+    return _ACCOUNTANTS[mechanism]()

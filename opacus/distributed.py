@@ -1,0 +1,42 @@
+"""Data-parallel wrapper for DP training.
+
+Unlike ``torch.nn.parallel.DistributedDataParallel`` it registers no gradient hooks: with DP the
+gradients to reduce across ranks are the *clipped* per-sample gradient sums, which only exist in
+the optimizer (``DistributedDPOptimizer`` all-reduces them and rank 0 alone adds the noise).
+"""
+
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def average_gradients(model: nn.Module) -> None:
+    """All-reduce ``p.grad`` of every trainable parameter and divide by the world size."""
+    if not _is_distributed():
+        return
+    world_size = dist.get_world_size()
+    for p in model.parameters():
+        if p.requires_grad and p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world_size
+
+
+class DifferentiallyPrivateDistributedDataParallel(nn.Module):
+    """Wrap ``model`` for data-parallel DP training.
+
+    At construction every parameter and buffer is broadcast from rank 0, so all replicas start
+    equal; ``forward`` is ``model.forward``. Gradient synchronisation is left to the DP optimizer.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.module = model
+        if _is_distributed():
+            for t in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(t.data, src=0)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

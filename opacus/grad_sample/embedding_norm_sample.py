@@ -1,0 +1,56 @@
+"""Per-sample gradient norms of ``nn.Embedding`` without the ``(B, vocab, dim)`` tensor.
+
+Sample ``i``'s weight gradient has one non-zero row per distinct index ``v`` it looks up, equal to
+the sum of the backprops at the positions holding ``v``.  So
+``||g_i||^2 = sum_v ||sum_{t: idx_t = v} b_{i,t}||^2``: group the (sample, index) pairs, sum each
+group's backprops, and add up the squared norms per sample; memory ``O(B * T * dim)``.
+"""
+
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from opacus.grad_sample.registry import register_norm_sampler
+
+
+def _indices(activations) -> torch.Tensor:
+    return activations if torch.is_tensor(activations) else activations[0]
+
+
+@register_norm_sampler(nn.Embedding)
+def compute_embedding_norm_sample(
+    layer: nn.Embedding, activations: List[torch.Tensor], backprops: torch.Tensor
+) -> Dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient L2 norms of an ``nn.Embedding`` (ghost clipping).
+
+    Args:
+        layer: the layer (``padding_idx`` rows get no gradient; ``scale_grad_by_freq`` divides
+            each row by its count within the sample).
+        activations: ``[indices]`` with ``indices`` of shape ``(B, ...)``.
+        backprops: gradient w.r.t. the output, ``(B, ..., embedding_dim)``.
+
+    Returns:
+        ``{weight: (B,)}`` if the weight requires grad, else ``{}``.
+    """
+    if not layer.weight.requires_grad:
+        return {}
+    idx = _indices(activations)
+    batch, vocab = idx.shape[0], layer.num_embeddings
+    idx = idx.reshape(batch, -1)
+    b = backprops.reshape(batch, idx.shape[1], -1)
+    sample = torch.arange(batch, device=idx.device).unsqueeze(1).expand_as(idx)
+    keys = (sample * vocab + idx).reshape(-1)
+    b = b.reshape(-1, b.shape[-1])
+    if layer.padding_idx is not None:
+        b = b * (idx.reshape(-1) != layer.padding_idx).unsqueeze(1).to(b.dtype)
+    unique_keys, group = torch.unique(keys, return_inverse=True)
+    summed = torch.zeros(unique_keys.shape[0], b.shape[1], dtype=b.dtype, device=b.device)
+    summed.index_add_(0, group, b)
+    if layer.scale_grad_by_freq:
+        counts = torch.bincount(group, minlength=unique_keys.shape[0]).to(b.dtype)
+        summed = summed / counts.unsqueeze(1)
+    norms_sq = torch.zeros(batch, dtype=b.dtype, device=b.device)
+    owner = torch.div(unique_keys, vocab, rounding_mode="floor")
+    norms_sq.index_add_(0, owner, summed.pow(2).sum(dim=1))
+    return {layer.weight: norms_sq.sqrt()}

@@ -1,0 +1,516 @@
+"""Per-sample gradients from module hooks: ``GradSampleHooks`` and its wrapper ``GradSampleModule``.
+
+A forward hook keeps each trainable layer's (detached) inputs, a full backward hook receives the
+gradient of the loss with respect to the layer's output, and the layer's grad sampler (or the
+``torch.func`` fallback) turns the pair into per-sample gradients.  Contributions of one backward
+pass (several calls of a layer, e.g. RNN time steps, or parameters shared by several layers) are
+summed into ``p._current_grad_sample``; when the autograd engine finishes the pass they are
+promoted into ``p.grad_sample``, which also accumulates over several backward passes.
+"""
+
+import logging
+import warnings
+from functools import partial
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from opacus.grad_sample import registry
+from opacus.grad_sample.functorch import (
+    ft_compute_per_sample_gradient,
+    per_sample_gradient,
+    prepare_layer,
+)
+from opacus.grad_sample.gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule
+from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN, DPRNNBase, RNNLinear
+from opacus.utils.module_utils import (
+    has_trainable_params,
+    requires_grad,
+    trainable_modules,
+    trainable_parameters,
+)
+
+__all__ = [
+    "AbstractGradSampleHooks",
+    "AbstractGradSampleModule",
+    "DPGRU",
+    "DPLSTM",
+    "DPRNN",
+    "RNNLinear",
+    "GradSampleHooks",
+    "GradSampleModule",
+    "create_or_accumulate_grad_sample",
+    "ft_compute_per_sample_gradient",
+    "has_trainable_params",
+    "prepare_layer",
+    "promote_current_grad_sample",
+    "requires_grad",
+    "trainable_modules",
+    "trainable_parameters",
+]
+
+logger = logging.getLogger(__name__)
+
+# torch warns on every backward through a first layer whose input needs no gradient; the hook
+# only needs the output gradient, so that case is the normal one here.
+warnings.filterwarnings(
+    "ignore",
+    message="Full backward hook is firing when gradients are computed with respect to module "
+    "outputs",
+    category=UserWarning,
+)
+
+
+def create_or_accumulate_grad_sample(
+    *, param: torch.Tensor, grad_sample: torch.Tensor, max_batch_len: int
+) -> None:
+    """Add ``grad_sample`` (shape ``(b, *param.shape)``) into ``param._current_grad_sample``.
+
+    The first contribution of a backward pass creates ``_current_grad_sample`` with
+    ``max_batch_len`` rows; later ones (repeated calls of the layer) are added into their first
+    ``b`` rows: packed sequences shrink the batch of later time steps to the sequences still
+    running, which are the first ones.
+    """
+    batch = grad_sample.shape[0]
+    if batch > max_batch_len:
+        raise ValueError(
+            f"per-sample gradient with {batch} rows exceeds max_batch_len={max_batch_len} for a "
+            f"parameter of shape {tuple(param.shape)}"
+        )
+    current = getattr(param, "_current_grad_sample", None)
+    if current is None:
+        if batch == max_batch_len:
+            # Samplers return fresh tensors; only strided views (e.g. the expanded gradient of
+            # ``sum()``) get materialised.
+            param._current_grad_sample = grad_sample.contiguous()
+        else:
+            current = grad_sample.new_zeros((max_batch_len, *grad_sample.shape[1:]))
+            current[:batch] = grad_sample
+            param._current_grad_sample = current
+    elif batch == current.shape[0]:
+        # Out of place: the first contribution may alias a tensor autograd still owns.
+        param._current_grad_sample = current + grad_sample
+    else:
+        param._current_grad_sample = torch.cat([current[:batch] + grad_sample, current[batch:]])
+
+
+def promote_current_grad_sample(p: nn.Parameter) -> None:
+    """Move ``p._current_grad_sample`` into ``p.grad_sample`` (summing with what is there)."""
+    current = p._current_grad_sample
+    del p._current_grad_sample
+    existing = getattr(p, "grad_sample", None)
+    if existing is None:
+        p.grad_sample = current
+        return
+    if existing.shape != current.shape:
+        raise ValueError(
+            f"cannot accumulate per-sample gradients of shape {tuple(current.shape)} into "
+            f"grad_sample of shape {tuple(existing.shape)} (parameter of shape {tuple(p.shape)}): "
+            "the batches of two backward passes differ in size. Call optimizer.step() or "
+            "zero_grad() between them."
+        )
+    p.grad_sample = existing + current
+
+
+def _batch_dim(module: nn.Module, batch_first: bool) -> int:
+    if batch_first or getattr(module, "_batch_dim_always_first", False):
+        return 0
+    return 1
+
+
+def _is_batch_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+class GradSampleHooks(AbstractGradSampleHooks):
+    """Hooks that give every trainable parameter of ``m`` a per-sample gradient ``p.grad_sample``.
+
+    The model is not wrapped: the hooks attach to ``m`` and its submodules directly
+    (``GradSampleModule`` is the ``nn.Module`` wrapper around the same machinery).
+
+    Args:
+        m: the model.
+        batch_first: True if layers see the batch on dim 0, False if on dim 1 (``(T, B, ...)``);
+            layers whose class sets ``_batch_dim_always_first = True`` always use dim 0.
+        loss_reduction: ``"mean"`` if the loss averages the per-sample losses, ``"sum"`` if it
+            adds them up.
+        strict: raise on layers whose per-sample gradients cannot be computed (else warn and
+            leave them without hooks).
+        force_functorch: use ``torch.func`` for every layer, even those with a grad sampler.
+    """
+
+    GRAD_SAMPLERS = registry.GRAD_SAMPLERS
+    NORM_SAMPLERS = registry.NORM_SAMPLERS
+
+    def __init__(
+        self,
+        m: nn.Module,
+        *,
+        batch_first=True,
+        loss_reduction="mean",
+        strict: bool = True,
+        force_functorch=False,
+    ):
+        AbstractGradSampleHooks.__init__(
+            self, m, batch_first=batch_first, loss_reduction=loss_reduction
+        )
+        self.force_functorch = force_functorch
+        self.hooks_enabled = False
+        self._hook_handles: List = []
+        self._reset_state()
+        errors = self.validate(module=m, strict=strict)
+        if errors:
+            warnings.warn(
+                "per-sample gradients will be missing for: "
+                + "; ".join(str(e) for e in errors),
+                stacklevel=2,
+            )
+        self._skipped = {id(mod) for _, mod, _ in self._unsupported_modules(m)}
+        self.add_hooks(
+            loss_reduction=loss_reduction,
+            batch_first=batch_first,
+            force_functorch=force_functorch,
+        )
+
+    # ------------------------------------------------------------------ state
+    def _reset_state(self) -> None:
+        self._activations: Dict[nn.Module, List[list]] = {}
+        self._max_batch_len: Dict[nn.Module, int] = {}
+        self._samplers: Dict[nn.Module, Optional[Callable]] = {}
+        self._module_names: Dict[nn.Module, str] = {}
+        self._pending: Dict[int, nn.Parameter] = {}
+        self._consumed_this_pass: set = set()
+        self._finish_queued = False
+        self._first_layer: Optional[Tuple[str, int]] = None
+        self._called_this_forward: set = set()
+
+    # ------------------------------------------------------------- validation
+    @classmethod
+    def _unsupported_modules(cls, module: nn.Module):
+        """Yield ``(name, submodule, reason)`` for submodules without per-sample gradients."""
+        for name, sub in module.named_modules():
+            path = name or "<root>"
+            if _is_batch_norm(sub):
+                yield name, sub, (
+                    f"'{path}' ({type(sub).__name__}) is a BatchNorm layer: it mixes the samples "
+                    "of a batch, so per-sample gradients are not defined. Replace it with "
+                    "GroupNorm (opacus.validators.ModuleValidator.fix(model) does so)."
+                )
+                continue
+            if not requires_grad(sub) or type(sub) in cls.GRAD_SAMPLERS:
+                continue
+            if isinstance(sub, nn.RNNBase):
+                yield name, sub, (
+                    f"'{path}' ({type(sub).__name__}) has no per-sample gradient support: use "
+                    "opacus.layers.DPRNN/DPLSTM/DPGRU (opacus.validators.ModuleValidator.fix)."
+                )
+            elif any(True for _ in sub.buffers(recurse=False)):
+                yield name, sub, (
+                    f"'{path}' ({type(sub).__name__}) is trainable and has buffers but no "
+                    "registered grad sampler; the functorch fallback cannot handle buffers. "
+                    "Register one with opacus.grad_sample.register_grad_sampler or freeze it."
+                )
+
+    @classmethod
+    def validate(cls, module: nn.Module, *, strict: bool = False) -> List[NotImplementedError]:
+        """Errors for every submodule whose per-sample gradients cannot be computed.
+
+        With ``strict=True`` a non-empty list is raised as one ``NotImplementedError``.
+        """
+        errors = [NotImplementedError(reason) for _, _, reason in cls._unsupported_modules(module)]
+        if strict and errors:
+            raise NotImplementedError(
+                "Model contains layers without per-sample gradient support:\n"
+                + "\n".join(str(e) for e in errors)
+            )
+        return errors
+
+    @classmethod
+    def is_supported(cls, module: nn.Module) -> bool:
+        """True if ``module``'s type has a registered grad sampler (or is a DP RNN container)."""
+        if type(module) in cls.GRAD_SAMPLERS:
+            return True
+        return isinstance(module, DPRNNBase)
+
+    # ------------------------------------------------------------------ hooks
+    def iterate_submodules(self, module: nn.Module) -> Iterable[nn.Module]:
+        """Submodules to hook: those owning trainable parameters, and registered containers.
+
+        A module whose type has a grad sampler covers its whole subtree (its sampler returns the
+        gradients of its children's parameters too), so its children get no hooks of their own.
+        """
+        if not has_trainable_params(module):
+            return
+        registered = type(module) in self.GRAD_SAMPLERS and not self.force_functorch
+        if registered or requires_grad(module):
+            yield module
+        if registered:
+            return
+        for child in module.children():
+            yield from self.iterate_submodules(child)
+
+    def add_hooks(
+        self,
+        *,
+        loss_reduction: str = "mean",
+        batch_first: bool = True,
+        force_functorch: bool = False,
+    ) -> None:
+        """Install the forward and backward hooks on every trainable submodule."""
+        if self._hook_handles:
+            raise ValueError("hooks are already attached to this model; call remove_hooks() first")
+        self.force_functorch = force_functorch
+        root = self._module
+        names = {mod: name for name, mod in root.named_modules()}
+        self._hook_handles.append(root.register_forward_pre_hook(self._start_forward))
+        for module in self.iterate_submodules(root):
+            if id(module) in self._skipped:
+                continue
+            self._module_names[module] = names.get(module, "") or "<root>"
+            registered = self.GRAD_SAMPLERS.get(type(module))
+            self._samplers[module] = None if force_functorch else registered
+            self._hook_handles.append(module.register_forward_hook(self.capture_activations_hook))
+            self._hook_handles.append(
+                module.register_full_backward_hook(
+                    partial(
+                        self.capture_backprops_hook,
+                        loss_reduction=loss_reduction,
+                        batch_first=batch_first,
+                    )
+                )
+            )
+        self.enable_hooks()
+
+    def remove_hooks(self) -> None:
+        """Remove every hook and the captured activations; the model's modules are untouched."""
+        modules = list(self._samplers) + [self._module]
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+        for module in modules:
+            # ``register_full_backward_hook`` flags the module; restore the pristine state.
+            if not module._backward_hooks and not module._backward_pre_hooks:
+                module._is_full_backward_hook = None
+        for p in self._module.parameters():
+            if hasattr(p, "_current_grad_sample"):
+                del p._current_grad_sample
+        self._reset_state()
+        self.hooks_enabled = False
+
+    def disable_hooks(self) -> None:
+        """Stop capturing (the hooks stay installed): backward passes only compute ``p.grad``."""
+        self.hooks_enabled = False
+
+    def enable_hooks(self) -> None:
+        """Resume capturing activations and computing per-sample gradients."""
+        self.hooks_enabled = True
+
+    def _start_forward(self, module: nn.Module, _inputs) -> None:
+        self._first_layer = None
+        self._called_this_forward = set()
+        if self._finish_queued:  # the last backward raised before it finished
+            self._drop_pending()
+
+    def _batch_size(self, module: nn.Module, activations: list, output) -> Optional[int]:
+        dim = _batch_dim(module, self.batch_first)
+        for t in [*activations, output]:
+            if torch.is_tensor(t) and t.dim() > dim:
+                return t.shape[dim]
+        return None
+
+    def capture_activations_hook(
+        self,
+        module: nn.Module,
+        forward_input: List[torch.Tensor],
+        _forward_output: torch.Tensor,
+    ):
+        """Forward hook: keep the layer's detached inputs (one list per call)."""
+        if (
+            not self.hooks_enabled
+            or not module.training
+            or not torch.is_grad_enabled()
+            or not requires_grad(module, recurse=True)
+        ):
+            return
+        activations = [a.detach() if torch.is_tensor(a) else a for a in forward_input]
+        batch = self._batch_size(module, activations, _forward_output)
+        if batch is None:
+            raise ValueError(
+                f"layer '{self._module_names[module]}' ({type(module).__name__}) got no tensor "
+                f"with a batch dimension (batch_first={self.batch_first})"
+            )
+        self._check_batch_size(module, batch)
+        self._activations.setdefault(module, []).append(activations)
+        self._max_batch_len[module] = max(self._max_batch_len.get(module, 0), batch)
+
+    def _check_batch_size(self, module: nn.Module, batch: int) -> None:
+        # Later calls of the same layer may see fewer samples (packed sequences); distinct
+        # layers must agree with the first one, or the hooks are reading the wrong dimension.
+        if module in self._called_this_forward:
+            return
+        self._called_this_forward.add(module)
+        name = self._module_names[module]
+        if self._first_layer is None:
+            self._first_layer = (name, batch)
+            return
+        first_name, first_batch = self._first_layer
+        if batch != first_batch:
+            raise ValueError(
+                f"layer '{name}' ({type(module).__name__}) sees batch size {batch} but layer "
+                f"'{first_name}' saw {first_batch} in the same forward pass. Every layer must "
+                f"see the batch on dim {_batch_dim(module, self.batch_first)} "
+                f"(batch_first={self.batch_first}); check the wrapper's batch_first or reshapes "
+                "that merge the batch with other dimensions."
+            )
+
+    def rearrange_grad_samples(
+        self,
+        *,
+        module: nn.Module,
+        backprops: torch.Tensor,
+        loss_reduction: str,
+        batch_first: bool,
+    ) -> Tuple[List, torch.Tensor]:
+        """Pop the activations of the layer's latest call; put the batch on dim 0 of both.
+
+        With ``loss_reduction="mean"`` each output gradient is ``1/B`` of the sample's own loss
+        gradient, so the backprops are multiplied by ``B``.
+        """
+        activations = self._activations[module].pop()
+        if _batch_dim(module, batch_first) != 0:
+            activations = [
+                a.movedim(1, 0) if torch.is_tensor(a) and a.dim() > 1 else a for a in activations
+            ]
+            backprops = backprops.movedim(1, 0)
+        if loss_reduction == "mean":
+            backprops = backprops * self._max_batch_len[module]
+        return activations, backprops
+
+    def _per_sample_grads(
+        self, module: nn.Module, activations: List, backprops: torch.Tensor
+    ) -> Dict[nn.Parameter, torch.Tensor]:
+        sampler = self._samplers[module]
+        if backprops.shape[0] == 0:
+            params = module.parameters(recurse=sampler is not None)
+            return {p: p.new_zeros((0, *p.shape)) for p in params if p.requires_grad}
+        if sampler is None:
+            return per_sample_gradient(
+                module, activations, backprops, batch_first=self.batch_first
+            )
+        return sampler(module, activations, backprops)
+
+    def _take_call(self, module: nn.Module, grad_output, loss_reduction, batch_first):
+        """Activations and backprops of the call whose output gradient just arrived, or None."""
+        if not self.hooks_enabled or not self._activations.get(module):
+            return None
+        backprops = grad_output[0]
+        if backprops is None:  # output not differentiated: drop the call to keep the pairing
+            self._activations[module].pop()
+            if not self._activations[module]:
+                del self._activations[module]
+                del self._max_batch_len[module]
+            return None
+        first_of_pass = module not in self._consumed_this_pass
+        only_call = first_of_pass and len(self._activations[module]) == 1
+        self._consumed_this_pass.add(module)
+        activations, backprops = self.rearrange_grad_samples(
+            module=module,
+            backprops=backprops,
+            loss_reduction=loss_reduction,
+            batch_first=batch_first,
+        )
+        max_batch_len = self._max_batch_len[module]
+        if not self._activations[module]:
+            del self._activations[module]
+            del self._max_batch_len[module]
+        self._queue_finish()
+        return activations, backprops, max_batch_len, only_call
+
+    def capture_backprops_hook(
+        self,
+        module: nn.Module,
+        _forward_input: torch.Tensor,
+        forward_output: torch.Tensor,
+        loss_reduction: str,
+        batch_first: bool,
+    ):
+        """Full backward hook: per-sample gradients of this call, summed into the parameters."""
+        call = self._take_call(module, forward_output, loss_reduction, batch_first)
+        if call is None:
+            return
+        activations, backprops, max_batch_len, _ = call
+        grad_samples = self._per_sample_grads(module, activations, backprops)
+        self._accumulate(grad_samples, max_batch_len)
+
+    def _accumulate(self, grad_samples: Dict[nn.Parameter, torch.Tensor], max_batch_len: int):
+        for p, gs in grad_samples.items():
+            create_or_accumulate_grad_sample(param=p, grad_sample=gs, max_batch_len=max_batch_len)
+            self._pending[id(p)] = p
+
+    # ------------------------------------------------------- end of a backward
+    def _queue_finish(self) -> None:
+        if not self._finish_queued:
+            self._finish_queued = True
+            # Runs once the autograd engine has finished this backward pass, i.e. after every
+            # contribution of every layer to a shared parameter has arrived.
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+
+    def _drop_pending(self) -> None:
+        for p in self._pending.values():
+            if hasattr(p, "_current_grad_sample"):
+                del p._current_grad_sample
+        self._pending = {}
+        self._consumed_this_pass = set()
+        self._finish_queued = False
+
+    def _finish_backward(self) -> None:
+        pending = list(self._pending.values())
+        if not self._grad_accumulation_allowed and any(
+            getattr(p, "grad_sample", None) is not None for p in pending
+        ):
+            self._drop_pending()
+            raise ValueError(
+                "a second backward pass would accumulate into p.grad_sample, but gradient "
+                "accumulation is forbidden (Poisson sampling gives batches of varying size): call "
+                "optimizer.step() and optimizer.zero_grad() after each backward pass, or use "
+                "opacus.utils.batch_memory_manager.BatchMemoryManager for large batches."
+            )
+        self._pending = {}
+        self._consumed_this_pass = set()
+        self._finish_queued = False
+        for p in pending:
+            promote_current_grad_sample(p)
+
+
+class GradSampleModule(GradSampleHooks, AbstractGradSampleModule):
+    """Wraps ``m`` so that ``loss.backward()`` also fills ``p.grad_sample`` for trainable params.
+
+    ``p.grad_sample`` has shape ``(batch, *p.shape)``: row ``i`` is the gradient of sample ``i``'s
+    own loss. The wrapped model is ``self._module``; attribute access falls through to it.
+    See ``GradSampleHooks`` for the arguments.
+    """
+
+    def __init__(
+        self,
+        m: nn.Module,
+        *,
+        batch_first=True,
+        loss_reduction="mean",
+        strict: bool = True,
+        force_functorch=False,
+    ):
+        AbstractGradSampleModule.__init__(
+            self, m, batch_first=batch_first, loss_reduction=loss_reduction
+        )
+        GradSampleHooks.__init__(
+            self,
+            m,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            strict=strict,
+            force_functorch=force_functorch,
+        )
+
+    def forward(self, *args, **kwargs):
+        return self._module(*args, **kwargs)

@@ -1,0 +1,270 @@
+"""Per-sample gradient *norms* for fast gradient clipping (ghost clipping).
+
+Clipping only needs each sample's total gradient norm.  Li et al. (2022), "Large language models
+can be strong differentially private learners" (ghost clipping), and Bu et al. (2023),
+"Differentially private optimization on large model at small cost" (book-keeping), compute it
+layer by layer from the activations and output gradients without materialising the
+``(batch, *param.shape)`` tensors;
+a second backward pass of the loss re-weighted by the clipping coefficients then yields the sum of
+clipped gradients in ``p.grad``.  Here a backward pass with hooks enabled stores
+``p._norm_sample`` (shape ``(batch,)``) for every trainable parameter: from the layer's norm
+sampler where one is registered and the layer is called once, otherwise as the norm of the
+materialised per-sample gradient.
+"""
+
+import logging
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.grad_sample.grad_sample_module import (
+    GradSampleHooks,
+    create_or_accumulate_grad_sample,
+    promote_current_grad_sample,
+)
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
+from opacus.utils.module_utils import requires_grad, trainable_modules, trainable_parameters
+
+__all__ = [
+    "AbstractGradSampleModule",
+    "DPGRU",
+    "DPLSTM",
+    "DPRNN",
+    "GradSampleHooks",
+    "GradSampleHooksFastGradientClipping",
+    "GradSampleModuleFastGradientClipping",
+    "create_norm_sample",
+    "create_or_accumulate_grad_sample",
+    "ft_compute_per_sample_gradient",
+    "promote_current_grad_sample",
+    "requires_grad",
+    "trainable_modules",
+    "trainable_parameters",
+]
+
+logger = logging.getLogger(__name__)
+
+# Guards the division in the clipping coefficient for samples with a zero gradient.
+_CLIP_EPS = 1e-6
+
+
+def create_norm_sample(
+    *, param: torch.Tensor, grad_sample: torch.Tensor, max_batch_len: int
+) -> None:
+    """Store per-sample norms ``grad_sample`` (shape ``(b,)``) as ``param._norm_sample``.
+
+    Rows beyond ``b`` (samples absent from a shorter call) get norm 0. Norms do not add up over
+    calls, so this overwrites: layers called several times go through materialised gradients.
+    """
+    batch = grad_sample.shape[0]
+    if batch == max_batch_len:
+        param._norm_sample = grad_sample
+    else:
+        norms = grad_sample.new_zeros((max_batch_len,))
+        norms[:batch] = grad_sample
+        param._norm_sample = norms
+
+
+def _row_norms(grad_sample: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each sample's gradient; ``(batch,)`` gradients are those of scalar params."""
+    if grad_sample.dim() == 1:
+        return grad_sample.abs()
+    return grad_sample.flatten(start_dim=1).norm(2, dim=1)
+
+
+def _shared_params(module: nn.Module) -> set:
+    """ids of parameters owned by more than one submodule (tied weights)."""
+    seen, shared = set(), set()
+    for _, sub in module.named_modules(remove_duplicate=False):
+        for p in sub.parameters(recurse=False):
+            if id(p) in seen:
+                shared.add(id(p))
+            seen.add(id(p))
+    return shared
+
+
+class GradSampleHooksFastGradientClipping(GradSampleHooks):
+    """Hooks that store per-sample gradient norms ``p._norm_sample`` instead of ``p.grad_sample``.
+
+    Args:
+        m: the model.
+        batch_first, loss_reduction, strict, force_functorch: as for ``GradSampleHooks``.
+        max_grad_norm: clipping bound ``C`` used by ``get_clipping_coef``.
+        use_ghost_clipping: use registered norm samplers (ghost norms); if False, every norm is
+            taken from materialised per-sample gradients.
+    """
+
+    def __init__(
+        self,
+        m: nn.Module,
+        *,
+        batch_first=True,
+        loss_reduction="mean",
+        strict: bool = True,
+        force_functorch=False,
+        max_grad_norm=1,
+        use_ghost_clipping=True,
+    ):
+        self.max_grad_norm = max_grad_norm
+        self.use_ghost_clipping = use_ghost_clipping
+        self._per_sample_gradient_norms: Optional[torch.Tensor] = None
+        self._shared = _shared_params(m)
+        GradSampleHooks.__init__(
+            self,
+            m,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            strict=strict,
+            force_functorch=force_functorch,
+        )
+        for module in self._samplers:
+            self.log_module_gradient_sample_mode(
+                module, force_functorch=force_functorch, use_ghost_clipping=use_ghost_clipping
+            )
+
+    def _norm_sampler(self, module: nn.Module):
+        if not self.use_ghost_clipping or self.force_functorch:
+            return None
+        if any(id(p) in self._shared for p in module.parameters()):
+            return None  # tied weights: the norm of a sum is not a sum of norms
+        return self.NORM_SAMPLERS.get(type(module))
+
+    def log_module_gradient_sample_mode(
+        self, module: nn.Module, *, force_functorch=False, use_ghost_clipping=True
+    ) -> str:
+        """Log (and return) how ``module``'s per-sample norms are obtained."""
+        if use_ghost_clipping and not force_functorch and self._norm_sampler(module) is not None:
+            mode = "ghost"
+        elif force_functorch or self._samplers.get(module) is None:
+            mode = "functorch"
+        else:
+            mode = "grad_sampler"
+        logger.debug("%s (%s): per-sample norms via %s", self._module_names.get(module, "?"),
+                     type(module).__name__, mode)
+        return mode
+
+    def _start_forward(self, module: nn.Module, _inputs) -> None:
+        super()._start_forward(module, _inputs)
+        if self.hooks_enabled:
+            self._per_sample_gradient_norms = None
+            # Norms of the previous step must not leak into this one (unused params stay at 0).
+            for p in self._module.parameters():
+                if hasattr(p, "_norm_sample"):
+                    del p._norm_sample
+
+    def capture_activations_hook(
+        self,
+        module: nn.Module,
+        forward_input: List[torch.Tensor],
+        _forward_output: torch.Tensor,
+    ):
+        """Forward hook: keep the layer's detached inputs (as ``GradSampleHooks``)."""
+        super().capture_activations_hook(module, forward_input, _forward_output)
+
+    def capture_backprops_hook(
+        self,
+        module: nn.Module,
+        _forward_input: torch.Tensor,
+        forward_output: torch.Tensor,
+        loss_reduction: str,
+        batch_first: bool,
+    ):
+        """Full backward hook: ghost norms for single-call layers, else materialised gradients."""
+        call = self._take_call(module, forward_output, loss_reduction, batch_first)
+        if call is None:
+            return
+        activations, backprops, max_batch_len, only_call = call
+        norm_sampler = self._norm_sampler(module)
+        if only_call and norm_sampler is not None and backprops.shape[0] > 0:
+            for p, norms in norm_sampler(module, activations, backprops).items():
+                create_norm_sample(param=p, grad_sample=norms, max_batch_len=max_batch_len)
+            return
+        self._accumulate(self._per_sample_grads(module, activations, backprops), max_batch_len)
+
+    def _finish_backward(self) -> None:
+        pending = list(self._pending.values())
+        self._pending = {}
+        self._consumed_this_pass = set()
+        self._finish_queued = False
+        for p in pending:
+            grad_sample = p._current_grad_sample
+            del p._current_grad_sample
+            create_norm_sample(
+                param=p,
+                grad_sample=_row_norms(grad_sample),
+                max_batch_len=grad_sample.shape[0],
+            )
+
+    def _norms_by_param(self) -> Dict[nn.Parameter, torch.Tensor]:
+        return {
+            p: p._norm_sample
+            for _, p in trainable_parameters(self._module)
+            if getattr(p, "_norm_sample", None) is not None
+        }
+
+    def get_norm_sample(self) -> torch.Tensor:
+        """Per-sample norm of the gradient over all trainable parameters, shape ``(batch,)``.
+
+        Parameters without ``_norm_sample`` were not used by the last forward pass and contribute 0.
+        """
+        norms = list(self._norms_by_param().values())
+        if not norms:
+            raise ValueError(
+                "no per-sample gradient norms: run loss.backward() with hooks enabled "
+                "(enable_hooks()) after a forward pass in training mode first"
+            )
+        total = torch.stack(norms, dim=0).norm(2, dim=0)
+        self._per_sample_gradient_norms = total
+        return total
+
+    def get_clipping_coef(self) -> torch.Tensor:
+        """Per-sample clipping coefficients ``min(1, C / (norm + 1e-6))``, shape ``(batch,)``."""
+        norms = self.get_norm_sample()
+        return (self.max_grad_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
+
+    @property
+    def per_sample_gradient_norms(self) -> torch.Tensor:
+        """Per-sample total gradient norms of the last backward pass (``get_norm_sample``)."""
+        if self._per_sample_gradient_norms is None:
+            return self.get_norm_sample()
+        return self._per_sample_gradient_norms
+
+
+class GradSampleModuleFastGradientClipping(
+    GradSampleHooksFastGradientClipping, AbstractGradSampleModule
+):
+    """``nn.Module`` wrapper storing per-sample gradient norms for fast gradient clipping.
+
+    See ``GradSampleHooksFastGradientClipping`` for the arguments.
+    """
+
+    def __init__(
+        self,
+        m: nn.Module,
+        *,
+        batch_first=True,
+        loss_reduction="mean",
+        strict: bool = True,
+        force_functorch=False,
+        max_grad_norm=1,
+        use_ghost_clipping=True,
+    ):
+        AbstractGradSampleModule.__init__(
+            self, m, batch_first=batch_first, loss_reduction=loss_reduction
+        )
+        GradSampleHooksFastGradientClipping.__init__(
+            self,
+            m,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            strict=strict,
+            force_functorch=force_functorch,
+            max_grad_norm=max_grad_norm,
+            use_ghost_clipping=use_ghost_clipping,
+        )
+
+    def forward(self, *args, **kwargs):
+        return self._module(*args, **kwargs)

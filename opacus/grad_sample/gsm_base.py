@@ -1,0 +1,126 @@
+"""Base classes shared by every way of obtaining per-sample information.
+
+``AbstractGradSampleHooks`` holds the state that does not depend on *how* per-sample gradients
+are computed (the wrapped module, the layout of the batch, the loss reduction, whether several
+backward passes may accumulate) and the clean-up of the per-parameter attributes the machinery
+writes (``grad_sample``, ``_current_grad_sample``, ``_norm_sample``).
+``AbstractGradSampleModule`` turns it into an ``nn.Module`` wrapper whose attribute access falls
+through to the wrapped module.
+"""
+
+from abc import ABC
+from typing import List
+
+import torch.nn as nn
+
+from opacus.utils.module_utils import trainable_parameters
+
+__all__ = ["AbstractGradSampleHooks", "AbstractGradSampleModule", "trainable_parameters"]
+
+# Attributes the per-sample machinery may leave on a parameter; ``cleanup`` removes all of them.
+_PER_PARAM_ATTRIBUTES = ("grad_sample", "_current_grad_sample", "_norm_sample")
+
+_LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def _check_loss_reduction(loss_reduction: str) -> str:
+    if loss_reduction not in _LOSS_REDUCTIONS:
+        raise ValueError(
+            f"loss_reduction={loss_reduction!r} is not supported: use 'mean' (the loss is the "
+            "mean of the per-sample losses) or 'sum'"
+        )
+    return loss_reduction
+
+
+class AbstractGradSampleHooks(ABC):
+    """State and clean-up common to every per-sample gradient engine.
+
+    Args:
+        m: the model whose trainable parameters get per-sample information.
+        batch_first: True if the batch is on dim 0 of the layers' inputs, False if on dim 1
+            (``(T, B, ...)`` sequence layout).
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the per-sample losses.
+    """
+
+    def __init__(self, m: nn.Module, *, batch_first=True, loss_reduction="mean"):
+        self._module = m
+        self.batch_first = batch_first
+        self.loss_reduction = _check_loss_reduction(loss_reduction)
+        self._grad_accumulation_allowed = True
+
+    def _trainable_params(self) -> List[nn.Parameter]:
+        return [p for _, p in trainable_parameters(self._module)]
+
+    def allow_grad_accumulation(self):
+        """Let several backward passes add up into ``p.grad_sample`` (the default)."""
+        self._grad_accumulation_allowed = True
+
+    def forbid_grad_accumulation(self):
+        """Make a second backward pass without clearing ``grad_sample`` raise an error.
+
+        Poisson sampling gives batches of varying size, so per-sample gradients of two batches
+        must not be summed row by row: the optimizer has to step (or ``zero_grad``) in between.
+        """
+        self._grad_accumulation_allowed = False
+
+    def set_grad_sample_to_none(self):
+        """Set ``p.grad_sample`` to None for every parameter of the wrapped model."""
+        for p in self._module.parameters():
+            p.grad_sample = None
+
+    def del_grad_sample(self):
+        """Delete the per-sample attributes from every parameter of the wrapped model."""
+        for p in self._module.parameters():
+            for attr in _PER_PARAM_ATTRIBUTES:
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+    def remove_hooks(self) -> None:
+        """Detach everything this object installed on the model (engines override this)."""
+
+    def cleanup(self):
+        """Remove hooks and every per-sample attribute: the model is left as it was given."""
+        self.del_grad_sample()
+        self.remove_hooks()
+
+    def _close(self):
+        self.cleanup()
+
+
+class AbstractGradSampleModule(nn.Module, AbstractGradSampleHooks, ABC):
+    """An ``nn.Module`` wrapper around a model whose parameters receive per-sample information.
+
+    The wrapped model is ``self._module``; attributes not found on the wrapper are looked up on it.
+    """
+
+    def __init__(self, m: nn.Module, *, batch_first=True, loss_reduction="mean"):
+        nn.Module.__init__(self)
+        AbstractGradSampleHooks.__init__(
+            self, m, batch_first=batch_first, loss_reduction=loss_reduction
+        )
+
+    def forward(self, *args, **kwargs):
+        return self._module(*args, **kwargs)
+
+    def __getattr__(self, item):
+        try:
+            return super().__getattr__(item)
+        except AttributeError as err:
+            # ``_module`` itself lives in ``_modules``; guard against recursion before it is set.
+            submodules = self.__dict__.get("_modules", {})
+            if item != "_module" and "_module" in submodules:
+                return getattr(submodules["_module"], item)
+            raise err
+
+    def zero_grad(self, set_to_none: bool = False):
+        """Clear ``p.grad`` (zeroed, or None if ``set_to_none``) and always ``p.grad_sample``.
+
+        A per-sample gradient cannot be "zeroed" in place: the next batch may have another size.
+        """
+        self.set_grad_sample_to_none()
+        super().zero_grad(set_to_none)
+
+    def to_standard_module(self) -> nn.Module:
+        """Remove hooks and per-sample attributes and return the wrapped, untouched model."""
+        self.cleanup()
+        return self._module

@@ -1,0 +1,388 @@
+"""Multi-head attention built from hookable layers, so DP-SGD gets per-sample gradients.
+
+``torch.nn.MultiheadAttention`` keeps its projections in one fused ``in_proj_weight`` used through
+``F.multi_head_attention_forward``, which the per-sample-gradient hooks cannot see.
+``DPMultiheadAttention`` computes the same function (Vaswani et al. 2017, eq. 1 and the multi-head
+definition of section 3.2.2) with separate ``nn.Linear`` projections ``qlinear``, ``klinear``,
+``vlinear``, ``out_proj`` and ``SequenceBias`` layers for ``add_bias_kv``.
+
+Layout promise (the fix this fork ships): every inner layer receives tensors in the layout the
+module was built for, the batch on dim 0 when ``batch_first=True`` and on dim 1 otherwise. The
+per-sample-gradient hooks are told the batch dimension once, for the whole model; an inner layer
+fed a transposed tensor would have its per-sample gradients taken over the sequence instead of
+the batch, mixing samples (and breaking the clipping that the privacy guarantee rests on).
+"""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SequenceBias(nn.Module):
+    """Append a learned vector as one extra step at the end of the sequence dimension.
+
+    ``(L, N, E) -> (L + 1, N, E)``, or ``(N, L, E) -> (N, L + 1, E)`` with ``batch_first``.
+    This is the ``bias_k`` / ``bias_v`` of ``nn.MultiheadAttention(add_bias_kv=True)``.
+    """
+
+    def __init__(self, embed_dim: int, batch_first: bool = False):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.batch_first = batch_first
+        self.bias = nn.Parameter(torch.empty(embed_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Same initialisation as nn.MultiheadAttention's bias_k / bias_v of shape (1, 1, E).
+        nn.init.normal_(self.bias, std=math.sqrt(2.0 / (1 + self.embed_dim)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            layout = "(N, L, E)" if self.batch_first else "(L, N, E)"
+            raise ValueError(
+                f"SequenceBias expects a {layout} tensor with E={self.embed_dim}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if self.batch_first:
+            n, _, e = x.shape
+            return torch.cat([x, self.bias.view(1, 1, e).expand(n, 1, e)], dim=1)
+        _, n, e = x.shape
+        return torch.cat([x, self.bias.view(1, 1, e).expand(1, n, e)], dim=0)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, batch_first={self.batch_first}"
+
+
+def _additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype, name: str):
+    """Boolean masks (True = do not attend) become 0 / -inf; float masks are added as given."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask, float("-inf")
+        )
+    if not torch.is_floating_point(mask):
+        raise TypeError(f"DPMultiheadAttention: {name} must be bool or float, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+class DPMultiheadAttention(nn.Module):
+    """Drop-in replacement for ``torch.nn.MultiheadAttention`` that supports DP-SGD.
+
+    Same constructor and ``forward`` as ``nn.MultiheadAttention`` and the same outputs given
+    the same weights; loads ``nn.MultiheadAttention`` state dicts (``in_proj_weight`` or
+    ``q/k/v_proj_weight``, ``in_proj_bias``, ``bias_k``, ``bias_v``, ``out_proj.*``), directly
+    or nested in a bigger model.
+    """
+
+    # Read by nn.TransformerEncoder(Layer): False keeps them off their fused fast path, which
+    # would bypass this module (it needs the packed in_proj_weight that we do not have).
+    _qkv_same_embed_dim = False
+    in_proj_weight = None
+    in_proj_bias = None
+
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        dropout=0.0,
+        bias=True,
+        add_bias_kv=False,
+        add_zero_attn=False,
+        kdim=None,
+        vdim=None,
+        batch_first=False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(
+                f"DPMultiheadAttention: embed_dim ({embed_dim}) and num_heads ({num_heads}) "
+                "must be positive"
+            )
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"DPMultiheadAttention: embed_dim ({embed_dim}) must be divisible by "
+                f"num_heads ({num_heads})"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.batch_first = batch_first
+        self.add_zero_attn = add_zero_attn
+
+        self.qlinear = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.klinear = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
+        self.vlinear = nn.Linear(self.vdim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.seq_bias_k = SequenceBias(embed_dim, batch_first).to(**factory)
+            self.seq_bias_v = SequenceBias(embed_dim, batch_first).to(**factory)
+        else:
+            self.seq_bias_k = self.seq_bias_v = None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self._reset_parameters()
+        self.register_load_state_dict_pre_hook(_load_from_torch_mha)
+
+    @property
+    def add_bias_kv(self) -> bool:
+        return self.seq_bias_k is not None
+
+    def _reset_parameters(self):
+        # nn.MultiheadAttention: xavier_uniform_ on the fused (3E, E) in_proj_weight, zero biases.
+        bound = math.sqrt(6.0 / (self.embed_dim + 3 * self.embed_dim))
+        for linear in (self.qlinear, self.klinear, self.vlinear):
+            nn.init.uniform_(linear.weight, -bound, bound)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        if self.out_proj.bias is not None:
+            nn.init.zeros_(self.out_proj.bias)
+
+    def state_dict(self, destination=None, prefix="", keep_vars=False):
+        """The parameters under this layer's own names (``qlinear.weight``, ``seq_bias_k.bias``...).
+
+        ``load_state_dict`` accepts these as well as ``nn.MultiheadAttention``'s names.
+        """
+        return super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict):
+        """Load our own state dict or an ``nn.MultiheadAttention`` one (strict: keys must match).
+
+        ``in_proj_weight``/``in_proj_bias`` are split into the q/k/v projections,
+        ``q/k/v_proj_weight`` (different ``kdim``/``vdim``) map onto them, and
+        ``bias_k``/``bias_v`` of shape ``(1, 1, E)`` onto ``seq_bias_k/v.bias``. The conversion is a
+        load pre-hook, so it also applies when a parent module loads a checkpoint.
+        """
+        return super().load_state_dict(state_dict)
+
+    def unsqueeze_0_2(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` with singleton dims inserted at positions 0 and 2: ``(a, b) -> (1, a, 1, b)``.
+
+        Broadcasts a per-(query, key) table over batch and heads in a ``(N, L, H, S)`` layout.
+        """
+        return t.unsqueeze(0).unsqueeze(2)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[torch.Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Attention output ``(L, N, E)`` (``(N, L, E)`` with ``batch_first``) and weights.
+
+        Arguments as in ``nn.MultiheadAttention.forward``: ``key_padding_mask`` ``(N, S)`` and
+        ``attn_mask`` ``(L, S)`` or ``(N * num_heads, L, S)``, boolean (True = masked) or
+        additive float; ``is_causal`` is a hint that ``attn_mask`` is the causal mask and, as in
+        torch, requires it. Weights are ``(N, L, S)`` averaged over heads, or
+        ``(N, num_heads, L, S)`` with ``average_attn_weights=False``; ``None`` unless
+        ``need_weights``. Unbatched 2-D inputs ``(L, E)`` are accepted too.
+        """
+        is_batched = self._check_shapes(query, key, value, key_padding_mask, attn_mask)
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "DPMultiheadAttention: is_causal=True needs attn_mask (is_causal is only a hint "
+                "that attn_mask is causal, as in nn.MultiheadAttention); pass e.g. "
+                "nn.Transformer.generate_square_subsequent_mask(L) as attn_mask"
+            )
+        batch_dim = 0 if self.batch_first else 1
+        if not is_batched:
+            query, key, value = (t.unsqueeze(batch_dim) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+
+        # The inner layers see the promised layout (batch on `batch_dim`); see module docstring.
+        q = self.qlinear(query)
+        k = self.klinear(key)
+        v = self.vlinear(value)
+        if self.seq_bias_k is not None:
+            k = self.seq_bias_k(k)
+            v = self.seq_bias_v(v)
+        if not self.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+
+        n, tgt_len, _ = q.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        q = q.reshape(n, tgt_len, heads, head_dim).transpose(1, 2)
+        k = k.reshape(n, k.shape[1], heads, head_dim).transpose(1, 2)
+        v = v.reshape(n, v.shape[1], heads, head_dim).transpose(1, 2)
+        if self.add_zero_attn:
+            zeros = q.new_zeros(n, heads, 1, head_dim)
+            k = torch.cat([k, zeros], dim=2)
+            v = torch.cat([v, zeros], dim=2)
+        src_len = k.shape[2]
+
+        mask = self._merged_mask(key_padding_mask, attn_mask, n, tgt_len, src_len, q.dtype)
+        dropout_p = self.dropout.p if self.training else 0.0
+        if need_weights:
+            # Scale q before the product, as torch does, so the results agree to the last bits.
+            scores = (q * math.sqrt(1.0 / head_dim)) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            weights = torch.softmax(scores, dim=-1)
+            weights = self.dropout(weights)
+            attn = weights @ v
+        else:
+            # Torch drops the mask for the causal kernel in exactly this case; so do we.
+            use_causal = is_causal and key_padding_mask is None
+            attn = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=None if use_causal else mask,
+                dropout_p=dropout_p,
+                is_causal=use_causal,
+            )
+            weights = None
+
+        attn = attn.transpose(1, 2).reshape(n, tgt_len, self.embed_dim)
+        if not self.batch_first:
+            attn = attn.transpose(0, 1)
+        output = self.out_proj(attn)
+
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            if weights is not None:
+                weights = weights.squeeze(0)
+        return output, weights
+
+    def _check_shapes(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+        """Validate input shapes the way nn.MultiheadAttention does; True if batched (3-D)."""
+        name = "DPMultiheadAttention"
+        if any(t.is_nested for t in (query, key, value)):
+            raise ValueError(
+                f"{name}: nested tensor inputs are not supported; pad them (to_padded_tensor) "
+                "and pass key_padding_mask. Inside nn.TransformerEncoder set "
+                "use_nested_tensor=False (ModuleValidator.fix does)"
+            )
+        if query.dim() not in (2, 3):
+            raise ValueError(f"{name}: query must be 2-D (unbatched) or 3-D, got {query.dim()}-D")
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                f"{name}: query, key and value must have the same number of dimensions, got "
+                f"{query.dim()}, {key.dim()}, {value.dim()}"
+            )
+        if query.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"{name}: query's last dimension is {query.shape[-1]}, expected embed_dim="
+                f"{self.embed_dim}"
+            )
+        if key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            raise ValueError(
+                f"{name}: key/value last dimensions are {key.shape[-1]}/{value.shape[-1]}, "
+                f"expected kdim={self.kdim}/vdim={self.vdim}"
+            )
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(
+                f"{name}: key and value must agree on the sequence and batch dimensions, got "
+                f"{tuple(key.shape)} and {tuple(value.shape)}"
+            )
+        is_batched = query.dim() == 3
+        if is_batched:
+            b = 0 if self.batch_first else 1
+            if query.shape[b] != key.shape[b]:
+                layout = "batch_first=True: (N, L, E)" if self.batch_first else "(L, N, E)"
+                raise ValueError(
+                    f"{name}: query and key have different batch sizes ({query.shape[b]} vs "
+                    f"{key.shape[b]}) in the layout {layout}; check batch_first"
+                )
+        if key_padding_mask is not None:
+            expected = key.dim() - 1
+            if key_padding_mask.dim() != expected:
+                raise ValueError(
+                    f"{name}: key_padding_mask must be {expected}-D for "
+                    f"{'batched' if is_batched else 'unbatched'} inputs, got "
+                    f"{key_padding_mask.dim()}-D"
+                )
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise ValueError(f"{name}: attn_mask must be 2-D or 3-D, got {attn_mask.dim()}-D")
+        return is_batched
+
+    def _merged_mask(self, key_padding_mask, attn_mask, n, tgt_len, src_len, dtype):
+        """One additive mask broadcastable to ``(N, H, L, S')``, S' counting the added keys."""
+        added = int(self.add_bias_kv) + int(self.add_zero_attn)
+        mask = None
+        attn = _additive_mask(attn_mask, dtype, "attn_mask")
+        if attn is not None:
+            orig = src_len - added
+            if attn.dim() == 2:
+                if attn.shape != (tgt_len, orig):
+                    raise ValueError(
+                        f"DPMultiheadAttention: 2-D attn_mask has shape {tuple(attn.shape)}, "
+                        f"expected (L, S) = {(tgt_len, orig)}"
+                    )
+                attn = attn.view(1, 1, tgt_len, orig)
+            else:
+                if attn.shape != (n * self.num_heads, tgt_len, orig):
+                    raise ValueError(
+                        f"DPMultiheadAttention: 3-D attn_mask has shape {tuple(attn.shape)}, "
+                        f"expected (N * num_heads, L, S) = {(n * self.num_heads, tgt_len, orig)}"
+                    )
+                attn = attn.view(n, self.num_heads, tgt_len, orig)
+            # The appended bias / zero keys are never masked by attn_mask (as in torch).
+            mask = F.pad(attn, (0, added))
+        pad = _additive_mask(key_padding_mask, dtype, "key_padding_mask")
+        if pad is not None:
+            orig = src_len - added
+            if pad.shape != (n, orig):
+                raise ValueError(
+                    f"DPMultiheadAttention: key_padding_mask has shape {tuple(pad.shape)}, "
+                    f"expected (N, S) = {(n, orig)}"
+                )
+            pad = F.pad(pad, (0, added)).view(n, 1, 1, src_len)
+            mask = pad if mask is None else mask + pad
+        return mask
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, "
+            f"vdim={self.vdim}, add_zero_attn={self.add_zero_attn}, batch_first={self.batch_first}"
+        )
+
+
+def _load_from_torch_mha(
+    module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+):
+    """Load-state-dict pre-hook: rewrite nn.MultiheadAttention keys into ours, in place.
+
+    Runs for direct and nested loads, so a checkpoint of a model built with
+    nn.MultiheadAttention loads into the same model after ``ModuleValidator.fix``.
+    """
+    e = module.embed_dim
+
+    def pop(name):
+        return state_dict.pop(prefix + name, None)
+
+    in_proj_weight = pop("in_proj_weight")
+    if in_proj_weight is not None:
+        for i, name in enumerate(("qlinear", "klinear", "vlinear")):
+            state_dict[f"{prefix}{name}.weight"] = in_proj_weight[i * e : (i + 1) * e]
+    for name, ours in (
+        ("q_proj_weight", "qlinear"),
+        ("k_proj_weight", "klinear"),
+        ("v_proj_weight", "vlinear"),
+    ):
+        weight = pop(name)
+        if weight is not None:
+            state_dict[f"{prefix}{ours}.weight"] = weight
+    in_proj_bias = pop("in_proj_bias")
+    if in_proj_bias is not None:
+        for i, name in enumerate(("qlinear", "klinear", "vlinear")):
+            state_dict[f"{prefix}{name}.bias"] = in_proj_bias[i * e : (i + 1) * e]
+    for name, ours in (("bias_k", "seq_bias_k"), ("bias_v", "seq_bias_v")):
+        bias = pop(name)
+        if bias is not None:
+            state_dict[f"{prefix}{ours}.bias"] = bias.reshape(e)

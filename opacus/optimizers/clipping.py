@@ -1,0 +1,102 @@
+"""Clipping: per-sample gradients -> per-sample norms -> clip factors -> clipped sum.
+
+Pure functions, tensors in and tensors out; the optimizers compose them.  Nothing here loops over
+the batch: a per-sample norm is one reduction per parameter, a clipped sum one ``einsum`` per
+parameter (``"i,i...->..."``), so no clipped copy of the per-sample gradients is materialised.
+
+The clip factor is ``min(1, C / (norm + 1e-6))`` (Abadi et al. 2016, "Deep learning with
+differential privacy", Algorithm 1); the ``1e-6`` keeps the factor finite for a zero gradient and
+makes a clipped gradient's norm strictly below ``C``.
+"""
+
+from typing import List, Sequence
+
+import torch
+
+CLIP_EPS = 1e-6
+
+
+def per_sample_param_norms(grad_sample: torch.Tensor) -> torch.Tensor:
+    """``(batch,)`` L2 norms of one parameter's per-sample gradients ``(batch, *param.shape)``."""
+    if grad_sample.dim() == 1:  # a 0-d parameter: each sample's gradient is a scalar
+        return grad_sample.abs()
+    return torch.linalg.vector_norm(grad_sample, ord=2, dim=tuple(range(1, grad_sample.dim())))
+
+
+def check_batch_sizes(grad_samples: Sequence[torch.Tensor]) -> int:
+    """The common batch size (dim 0) of ``grad_samples``; a clear error if they disagree."""
+    sizes = {g.shape[0] for g in grad_samples}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"per-sample gradients disagree on the batch size (dim 0): {sorted(sizes)}. Every "
+            "trainable parameter must have one gradient per sample of the same batch; check that "
+            "the model is wrapped in GradSampleModule with the right batch_first."
+        )
+    return sizes.pop() if sizes else 0
+
+
+def per_sample_norms(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(batch,)`` norms of the whole per-sample gradient (all parameters flattened together).
+
+    Computed as the L2 norm of the per-parameter norms, stacked: ``||g|| = ||(||g_1||, ...)||``.
+    """
+    check_batch_sizes(grad_samples)
+    norms = [per_sample_param_norms(g) for g in grad_samples]
+    return stack_norms(norms)
+
+
+def stack_norms(norms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Combine per-parameter ``(batch,)`` norms into the ``(batch,)`` norm of the concatenation."""
+    if len(norms) == 0:
+        raise ValueError("no per-sample norms to combine: the optimizer has no trainable params")
+    dtype = norms[0].dtype
+    for n in norms[1:]:
+        dtype = torch.promote_types(dtype, n.dtype)
+    device = norms[0].device
+    stacked = torch.stack([n.to(device=device, dtype=dtype) for n in norms], dim=1)
+    return torch.linalg.vector_norm(stacked, ord=2, dim=1)
+
+
+def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """``min(1, C / (norm + 1e-6))`` per sample."""
+    return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+
+
+def weighted_sum(factors: torch.Tensor, grad_sample: torch.Tensor) -> torch.Tensor:
+    """``sum_i factors[i] * grad_sample[i]``, shape ``param.shape``, without a clipped copy."""
+    f = factors.to(device=grad_sample.device, dtype=grad_sample.dtype)
+    return torch.einsum("i,i...->...", f, grad_sample)
+
+
+def flat_clipped_sums(
+    grad_samples: Sequence[torch.Tensor], max_grad_norm: float
+) -> List[torch.Tensor]:
+    """Clip each sample's whole gradient to ``max_grad_norm``; sum over the batch, per param."""
+    factors = clip_factors(per_sample_norms(grad_samples), max_grad_norm)
+    return [weighted_sum(factors, g) for g in grad_samples]
+
+
+def per_layer_clipped_sums(
+    grad_samples: Sequence[torch.Tensor], max_grad_norms: Sequence[float]
+) -> List[torch.Tensor]:
+    """Clip each sample's gradient of parameter ``k`` to ``max_grad_norms[k]``; sum per param.
+
+    The concatenated clipped gradient then has norm at most ``||max_grad_norms||_2``: that is the
+    sensitivity the noise must cover (McMahan et al. 2018, "A general approach to adding
+    differential privacy to iterative training procedures", per-layer clipping).
+    """
+    if len(grad_samples) != len(max_grad_norms):
+        raise ValueError(
+            f"per-layer clipping got {len(max_grad_norms)} max_grad_norm values for "
+            f"{len(grad_samples)} trainable parameters: pass one value per parameter"
+        )
+    check_batch_sizes(grad_samples)
+    return [
+        weighted_sum(clip_factors(per_sample_param_norms(g), c), g)
+        for g, c in zip(grad_samples, max_grad_norms)
+    ]
+
+
+def unclipped_count(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Number of samples whose gradient norm is at most the clip bound (Andrew et al. 2021, b_i)."""
+    return (norms <= max_grad_norm).sum()

@@ -1,0 +1,153 @@
+"""Per-layer clipping with data parallelism.
+
+* ``SimpleDistributedPerLayerOptimizer``: per-layer clipping at ``step()`` followed by the same
+  all-reduce as ``DistributedDPOptimizer`` (works with any way of computing ``grad_sample``).
+* ``DistributedPerLayerOptimizer``: clips, noises and scales each parameter *during backward*, in a
+  hook on the parameter's gradient, so that ``torch.nn.parallel.DistributedDataParallel`` can
+  all-reduce that parameter's (already private) gradient while the rest of the backward runs.
+  Per-layer clipping makes this possible: a parameter's clip factor depends on that parameter
+  alone.  The model must be wrapped in torch's ``DistributedDataParallel`` (which averages the
+  gradients over ranks) and its per-sample gradients must be set before the parameter's gradient
+  is accumulated (``GradSampleModule`` with hooks does so).
+"""
+
+from functools import partial
+from typing import Callable, List, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from opacus.optimizers import clipping
+from opacus.optimizers.ddpoptimizer import DistributedDPOptimizer
+from opacus.optimizers.noise import gaussian_noise
+from opacus.optimizers.optimizer import DPOptimizer
+from opacus.optimizers.perlayeroptimizer import (
+    DPPerLayerOptimizer,
+    per_layer_max_grad_norm,
+    validated_per_layer_norms,
+)
+from opacus.optimizers.reduction import process_group_info
+
+
+class SimpleDistributedPerLayerOptimizer(DPPerLayerOptimizer, DistributedDPOptimizer):
+    """Per-layer clipping (``DPPerLayerOptimizer``) + noise on rank 0 and all-reduce at ``step``."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: Optional[int],
+        loss_reduction: str = "mean",
+        generator=None,
+        secure_mode: bool = False,
+        **kwargs,
+    ):
+        super().__init__(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            generator=generator,
+            secure_mode=secure_mode,
+            **kwargs,
+        )
+
+
+class DistributedPerLayerOptimizer(DPOptimizer):
+    """Per-layer DP-SGD done in per-parameter gradient hooks, overlapping DDP's all-reduce.
+
+    In the hook of parameter ``k``: clip its per-sample gradients to ``max_grad_norms[k]`` and add
+    the sum to ``summed_grad``; on the last backward before a real step, rank 0 adds noise of std
+    ``noise_multiplier * max_grad_norm`` (``max_grad_norm`` is the L2 norm of the per-layer
+    bounds), the result is divided by ``expected_batch_size`` ("mean") or multiplied by the world
+    size ("sum", undoing DDP's average) and returned as the gradient DDP then averages.
+    On a virtual (skipped) step the hook returns zeros and only accumulates.
+    """
+
+    max_grad_norm = per_layer_max_grad_norm
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: List[float],
+        expected_batch_size: Optional[int],
+        loss_reduction: str = "mean",
+        generator=None,
+        secure_mode: bool = False,
+        **kwargs,
+    ):
+        self.max_grad_norms = validated_per_layer_norms(optimizer, max_grad_norm)
+        super().__init__(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            generator=generator,
+            secure_mode=secure_mode,
+            **kwargs,
+        )
+        self.rank, self.world_size = process_group_info(type(self).__name__)
+        self._hook_handles = [
+            p.register_hook(partial(self._private_grad_hook, p, k))
+            for k, p in enumerate(self.params)
+        ]
+
+    def _private_grad_hook(self, p: torch.Tensor, k: int, grad: torch.Tensor) -> torch.Tensor:
+        grad_sample = self._grad_sample_of(p, k)
+        factors = clipping.clip_factors(
+            clipping.per_sample_param_norms(grad_sample), self.max_grad_norms[k]
+        )
+        clipped_sum = clipping.weighted_sum(factors, grad_sample)
+        if getattr(p, "summed_grad", None) is None:
+            p.summed_grad = clipped_sum
+        else:
+            p.summed_grad.add_(clipped_sum)
+        if self._check_skip_next_step(pop_next=False):
+            return torch.zeros_like(grad)
+        private = p.summed_grad.clone()
+        if self.rank == 0:
+            private += gaussian_noise(
+                self._noise_std(), private, generator=self.generator, secure_mode=self.secure_mode
+            )
+        if self.loss_reduction == "mean":
+            private /= self.expected_batch_size * self.accumulated_iterations
+        else:
+            private *= self.world_size
+        return private.view_as(grad).to(grad.dtype)
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """Number of batches held in ``grad_sample`` (chunks of a list; 1 for a tensor)."""
+        return DPOptimizer.accumulated_iterations.fget(self)
+
+    def clip_and_accumulate(self):
+        """Nothing to do: clipping happened in the gradient hooks during backward."""
+
+    def add_noise(self):
+        """Nothing to do: noise was added in the gradient hooks during backward."""
+
+    def scale_grad(self):
+        """Nothing to do: the hooks scaled the gradients before DDP reduced them."""
+
+    def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Consume the skip signal; on a real step run the step hook (accountant)."""
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        return self._finish_real_step()
+
+    def _dp_state(self) -> dict:
+        state = super()._dp_state()
+        state["max_grad_norms"] = list(self.max_grad_norms)
+        return state
+
+    def _load_dp_state(self, dp_state: dict) -> None:
+        self.max_grad_norms = list(dp_state["max_grad_norms"])
+        dp_state = {**dp_state, "max_grad_norm": self.max_grad_norm}
+        super()._load_dp_state(dp_state)

@@ -1,0 +1,90 @@
+"""``DPOptimizerFastGradientClipping``: the optimizer half of (ghost) fast gradient clipping.
+
+With ``GradSampleModuleFastGradientClipping`` and ``DPLossFastGradientClipping`` the clipping
+happens inside the loss's double backward (Lee & Kifer 2021; Li et al. 2022, "ghost clipping"):
+after ``loss.backward()``, ``p.grad`` already holds ``sum_i c_i * g_i``, the clipped sum.  This
+optimizer moves it into ``summed_grad`` (``accumulate``) and then noises and scales it exactly
+as ``DPOptimizer`` does; it never sees per-sample gradients.
+"""
+
+from typing import Callable, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from opacus.optimizers.optimizer import DPOptimizer
+
+
+class DPOptimizerFastGradientClipping(DPOptimizer):
+    """``DPOptimizer`` that reads the clipped sum from ``p.grad`` instead of ``p.grad_sample``."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: Optional[int],
+        loss_reduction: str = "mean",
+        generator=None,
+        secure_mode: bool = False,
+        **kwargs,
+    ):
+        super().__init__(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            generator=generator,
+            secure_mode=secure_mode,
+            **kwargs,
+        )
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """Always 1: the double backward leaves one clipped sum per backward, no chunks."""
+        return 1
+
+    def _clipped_sum_of(self, p: torch.Tensor, index: int) -> torch.Tensor:
+        if p.grad is None:
+            raise ValueError(
+                f"parameter {index} (shape {tuple(p.shape)}) requires grad but p.grad is None: "
+                "compute the loss with DPLossFastGradientClipping (its backward() leaves the "
+                "clipped sum in p.grad) before step(), and freeze unused parameters"
+            )
+        return p.grad
+
+    def accumulate(self):
+        """Add ``p.grad`` (the clipped sum from the double backward) to ``p.summed_grad``."""
+        for i, p in enumerate(self.params):
+            clipped_sum = self._clipped_sum_of(p, i)
+            if getattr(p, "summed_grad", None) is None:
+                p.summed_grad = clipped_sum.detach().clone()
+            else:
+                p.summed_grad.add_(clipped_sum)
+
+    def clip_and_accumulate(self):
+        """Same as ``accumulate``: the clipping already happened in the double backward."""
+        self.accumulate()
+
+    def add_noise(self):
+        """``p.grad = summed_grad + N(0, (noise_multiplier * max_grad_norm)^2)``."""
+        super().add_noise()
+
+    def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Accumulate; unless skipped, noise, scale and run the step hook."""
+        self.accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        return self._finish_real_step()
+
+    def zero_grad(self, set_to_none: bool = False):
+        """Clear ``grad`` (and ``summed_grad`` unless the last step was skipped)."""
+        for p in self.params:
+            if not self._is_last_step_skipped:
+                p.summed_grad = None
+        self.original_optimizer.zero_grad(set_to_none)

@@ -1,0 +1,461 @@
+"""``PrivacyEngine``: turn a model, optimizer and data loader into their DP-SGD counterparts.
+
+``make_private`` composes the three independent parts of DP-SGD (Abadi et al. 2016):
+the model gets per-sample gradient (or norm) hooks (``grad_sample/``), the optimizer clips, sums
+and noises them (``optimizers/``), the data loader draws Poisson batches (``data_loader``); the
+accountant is attached as the optimizer's step hook so that every real step is recorded.
+"""
+
+import os
+import secrets
+import warnings
+from typing import IO, Any, BinaryIO, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader, switch_generator
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.grad_sample.grad_sample_module import GradSampleHooks, GradSampleModule
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.grad_sample.utils import get_gsm_class, prepare_module
+from opacus.optimizers import get_optimizer_class
+from opacus.optimizers.optimizer import DPOptimizer
+from opacus.schedulers.grad_clip_scheduler import _GradClipScheduler
+from opacus.schedulers.noise_scheduler import _NoiseScheduler
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.validators.module_validator import ModuleValidator
+
+__all__ = [
+    "AbstractGradSampleModule",
+    "DPDDP",
+    "DPDataLoader",
+    "DPLossFastGradientClipping",
+    "DPOptimizer",
+    "GradSampleHooks",
+    "GradSampleModule",
+    "ModuleValidator",
+    "PrivacyEngine",
+    "create_accountant",
+    "get_gsm_class",
+    "get_noise_multiplier",
+    "get_optimizer_class",
+    "prepare_module",
+    "switch_generator",
+]
+
+_PathLike = Union[str, os.PathLike, BinaryIO, IO[bytes]]
+
+# Checkpoint keys.
+_MODULE_KEY = "module_state_dict"
+_ACCOUNTANT_KEY = "privacy_accountant_state_dict"
+_OPTIMIZER_KEY = "optimizer_state_dict"
+_NOISE_SCHEDULER_KEY = "noise_scheduler_state_dict"
+_GRAD_CLIP_SCHEDULER_KEY = "grad_clip_scheduler_state_dict"
+
+
+def _secure_generator() -> torch.Generator:
+    # torch's Mersenne Twister is not a CSPRNG, but seeding it from the OS entropy pool makes
+    # the batch draws unpredictable to anyone who does not see the process's memory.
+    g = torch.Generator()
+    g.manual_seed(secrets.randbits(63))
+    return g
+
+
+def _is_distributed_module(module: nn.Module) -> bool:
+    return isinstance(module, (DPDDP, DDP))
+
+
+def _check_optimizer_params_in_module(module: nn.Module, optimizer: Optimizer) -> None:
+    module_params = {id(p) for p in module.parameters()}
+    foreign = [
+        i
+        for i, group in enumerate(optimizer.param_groups)
+        for p in group["params"]
+        if id(p) not in module_params
+    ]
+    if foreign:
+        raise ValueError(
+            "The optimizer holds parameters that are not parameters of the module (param "
+            f"groups {sorted(set(foreign))}): DP-SGD can only privatise gradients it computes "
+            "per sample. Build the optimizer from module.parameters() of the model passed to "
+            "make_private."
+        )
+
+
+class PrivacyEngine:
+    """Entry point of DP training: wraps model, optimizer and data loader and tracks privacy.
+
+    Args:
+        accountant: privacy accountant, ``"prv"`` (default), ``"rdp"`` or ``"gdp"``.
+        secure_mode: draw batches from a generator seeded by the OS entropy pool and let the
+            optimizer draw noise in secure mode (no user-given ``noise_generator``).
+
+    Example::
+
+        engine = PrivacyEngine()
+        model, optimizer, data_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=data_loader,
+            noise_multiplier=1.1, max_grad_norm=1.0)
+        ... train ...
+        epsilon = engine.get_epsilon(delta=1e-5)
+    """
+
+    def __init__(self, *, accountant: str = "prv", secure_mode: bool = False):
+        self.accountant = create_accountant(mechanism=accountant)
+        self.secure_mode = secure_mode
+        self.secure_rng = _secure_generator() if secure_mode else None
+        self.dataset = None  # set by make_private, for information only
+
+    # ------------------------------------------------------------------ the three parts
+    def _prepare_model(
+        self,
+        module: nn.Module,
+        *,
+        batch_first: bool,
+        loss_reduction: str,
+        grad_sample_mode: str,
+        wrap_model: bool,
+        max_grad_norm,
+    ):
+        if isinstance(module, AbstractGradSampleModule) or isinstance(module, GradSampleHooks):
+            expected = get_gsm_class(grad_sample_mode)
+            if not isinstance(module, expected):
+                raise ValueError(
+                    f"The module is already wrapped in {type(module).__name__} but "
+                    f"grad_sample_mode={grad_sample_mode!r} needs {expected.__name__}: pass the "
+                    "unwrapped model (gsm._module) instead."
+                )
+            if module.batch_first != batch_first or module.loss_reduction != loss_reduction:
+                raise ValueError(
+                    f"The module is already wrapped with batch_first={module.batch_first}, "
+                    f"loss_reduction={module.loss_reduction!r}; make_private was given "
+                    f"batch_first={batch_first}, loss_reduction={loss_reduction!r}."
+                )
+            return module
+        self.validate(module=module, optimizer=None, data_loader=None)
+        kwargs: Dict[str, Any] = {}
+        if grad_sample_mode == "ghost":
+            kwargs["max_grad_norm"] = max_grad_norm
+            kwargs["use_ghost_clipping"] = True
+        return prepare_module(
+            module,
+            grad_sample_mode,
+            wrap_model,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            **kwargs,
+        )
+
+    def _prepare_data_loader(
+        self,
+        data_loader: DataLoader,
+        *,
+        poisson_sampling: bool,
+        distributed: bool,
+        batch_first: bool,
+        rand_on_empty: bool,
+    ) -> DataLoader:
+        if poisson_sampling:
+            return DPDataLoader.from_data_loader(
+                data_loader,
+                generator=self.secure_rng,
+                distributed=distributed,
+                batch_first=batch_first,
+                rand_on_empty=rand_on_empty,
+            )
+        if self.secure_mode:
+            return switch_generator(data_loader=data_loader, generator=self.secure_rng)
+        return data_loader
+
+    def _prepare_optimizer(
+        self,
+        *,
+        optimizer: Optimizer,
+        noise_multiplier: float,
+        max_grad_norm,
+        expected_batch_size: int,
+        loss_reduction: str,
+        distributed: bool,
+        clipping: str,
+        noise_generator,
+        grad_sample_mode: str,
+        **kwargs,
+    ) -> DPOptimizer:
+        if isinstance(optimizer, DPOptimizer):
+            optimizer = optimizer.original_optimizer
+        optim_class = get_optimizer_class(
+            clipping=clipping, distributed=distributed, grad_sample_mode=grad_sample_mode
+        )
+        return optim_class(
+            optimizer=optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            generator=noise_generator,
+            secure_mode=self.secure_mode,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ public API
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        criterion=nn.CrossEntropyLoss(),  # noqa: B008 (the public signature's default)
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: Union[float, List[float]],
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        poisson_sampling: bool = True,
+        clipping: str = "flat",
+        noise_generator=None,
+        grad_sample_mode: str = "hooks",
+        wrap_model: bool = True,
+        rand_on_empty: bool = False,
+        **kwargs,
+    ) -> Union[
+        Tuple[nn.Module, DPOptimizer, DataLoader],
+        Tuple[nn.Module, DPOptimizer, DPLossFastGradientClipping, DataLoader],
+    ]:
+        """Make ``module``, ``optimizer`` and ``data_loader`` private.
+
+        Returns ``(module, optimizer, data_loader)``: the model with per-sample gradient hooks
+        (``grad_sample_mode``), a DP optimizer (``clipping``: ``"flat"``, ``"per_layer"`` or
+        ``"adaptive"``) whose every real step is recorded by the accountant, and a Poisson data
+        loader with the same expected batch size (``poisson_sampling=True``). With
+        ``grad_sample_mode="ghost"`` it returns ``(module, optimizer, criterion, data_loader)``
+        where ``criterion`` is a ``DPLossFastGradientClipping`` whose ``backward`` does the
+        two-pass ghost clipping.
+
+        The model is checked with ``ModuleValidator`` (use ``get_compatible_module`` to fix it);
+        every optimizer parameter must belong to ``module``; a ``DPDDP``/``DDP`` module selects
+        the distributed optimizer and sampler. Extra ``kwargs`` go to the optimizer.
+        """
+        if noise_generator is not None and self.secure_mode:
+            raise ValueError(
+                "noise_generator cannot be used with secure_mode=True: secure mode draws the "
+                "noise from its own securely seeded source. Drop noise_generator."
+            )
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum' (the reduction of the "
+                "loss you call backward on)."
+            )
+        if grad_sample_mode == "ghost" and clipping != "flat":
+            raise ValueError(
+                f"grad_sample_mode='ghost' supports clipping='flat' only, got {clipping!r}."
+            )
+        _check_optimizer_params_in_module(module, optimizer)
+        distributed = _is_distributed_module(module)
+
+        module = self._prepare_model(
+            module,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            grad_sample_mode=grad_sample_mode,
+            wrap_model=wrap_model,
+            max_grad_norm=max_grad_norm,
+        )
+        if poisson_sampling and hasattr(module, "forbid_grad_accumulation"):
+            # Poisson batches differ in size: per-sample rows of two batches must never be summed.
+            module.forbid_grad_accumulation()
+
+        data_loader = self._prepare_data_loader(
+            data_loader,
+            poisson_sampling=poisson_sampling,
+            distributed=distributed,
+            batch_first=batch_first,
+            rand_on_empty=rand_on_empty,
+        )
+        self.dataset = data_loader.dataset
+        sample_rate = 1.0 / len(data_loader)
+        expected_batch_size = len(data_loader.dataset) * sample_rate
+        if distributed:
+            # Each rank divides its share of the noisy sum by its own expected batch size; the
+            # distributed optimizer then averages over ranks.
+            expected_batch_size /= dist.get_world_size()
+        expected_batch_size = max(1, int(round(expected_batch_size)))
+
+        optimizer = self._prepare_optimizer(
+            optimizer=optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            distributed=distributed,
+            clipping=clipping,
+            noise_generator=noise_generator,
+            grad_sample_mode=grad_sample_mode,
+            **kwargs,
+        )
+        optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+
+        if grad_sample_mode == "ghost":
+            dp_criterion = DPLossFastGradientClipping(
+                module, optimizer, criterion, loss_reduction
+            )
+            return module, optimizer, dp_criterion, data_loader
+        return module, optimizer, data_loader
+
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        criterion=nn.CrossEntropyLoss(),  # noqa: B008 (the public signature's default)
+        data_loader: DataLoader,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: int,
+        max_grad_norm: Union[float, List[float]],
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        poisson_sampling: bool = True,
+        clipping: str = "flat",
+        noise_generator=None,
+        grad_sample_mode: str = "hooks",
+        wrap_model: bool = True,
+        **kwargs,
+    ):
+        """``make_private`` with the smallest noise multiplier that keeps ``(ε, δ)`` in budget.
+
+        The noise multiplier is found by ``get_noise_multiplier`` with this engine's accountant
+        for ``epochs * len(data_loader)`` steps at sample rate ``1 / len(data_loader)``: after
+        that many steps ``get_epsilon(target_delta) <= target_epsilon`` (and within
+        ``epsilon_tolerance``, a keyword argument, of it).
+        """
+        if len(self.accountant.history) > 0:
+            warnings.warn(
+                "The privacy accountant already has history: the noise multiplier is chosen for "
+                "the new training alone, so the total ε will exceed target_epsilon.",
+                stacklevel=2,
+            )
+        sample_rate = 1.0 / len(data_loader)
+        search_kwargs = {}
+        if "epsilon_tolerance" in kwargs:
+            search_kwargs["epsilon_tolerance"] = kwargs.pop("epsilon_tolerance")
+        noise_multiplier = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=sample_rate,
+            epochs=epochs,
+            accountant=self.accountant.mechanism(),
+            **search_kwargs,
+        )
+        return self.make_private(
+            module=module,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=data_loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            poisson_sampling=poisson_sampling,
+            clipping=clipping,
+            noise_generator=noise_generator,
+            grad_sample_mode=grad_sample_mode,
+            wrap_model=wrap_model,
+            **kwargs,
+        )
+
+    def get_epsilon(self, delta):
+        """ε spent so far at the given δ, according to this engine's accountant."""
+        return self.accountant.get_epsilon(delta=delta)
+
+    def is_compatible(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optional[Optimizer],
+        data_loader: Optional[DataLoader],
+    ) -> bool:
+        """True if ``module`` can be trained with DP-SGD as is (see ``ModuleValidator``)."""
+        return ModuleValidator.is_valid(module)
+
+    def validate(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optional[Optimizer],
+        data_loader: Optional[DataLoader],
+    ):
+        """Raise the validator's error if ``module`` cannot be trained with DP-SGD as is."""
+        ModuleValidator.validate(module, strict=True)
+
+    @classmethod
+    def get_compatible_module(cls, module: nn.Module) -> nn.Module:
+        """A copy of ``module`` with unsupported layers replaced (``ModuleValidator.fix``)."""
+        module = ModuleValidator.fix(module)
+        ModuleValidator.validate(module, strict=True)
+        return module
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(
+        self,
+        *,
+        path: _PathLike,
+        module: Union[nn.Module, GradSampleModule],
+        optimizer: Optional[DPOptimizer] = None,
+        noise_scheduler: Optional[_NoiseScheduler] = None,
+        grad_clip_scheduler: Optional[_GradClipScheduler] = None,
+        checkpoint_dict: Optional[Dict[str, Any]] = None,
+        module_state_dict_kwargs: Optional[Dict[str, Any]] = None,
+        torch_save_kwargs: Optional[Dict[str, Any]] = None,
+    ):
+        """Save module, accountant and (optionally) optimizer and scheduler states to ``path``.
+
+        Entries of ``checkpoint_dict`` are saved alongside and returned by ``load_checkpoint``.
+        """
+        checkpoint = dict(checkpoint_dict or {})
+        checkpoint[_MODULE_KEY] = module.state_dict(**(module_state_dict_kwargs or {}))
+        checkpoint[_ACCOUNTANT_KEY] = self.accountant.state_dict()
+        if optimizer is not None:
+            checkpoint[_OPTIMIZER_KEY] = optimizer.state_dict()
+        if noise_scheduler is not None:
+            checkpoint[_NOISE_SCHEDULER_KEY] = noise_scheduler.state_dict()
+        if grad_clip_scheduler is not None:
+            checkpoint[_GRAD_CLIP_SCHEDULER_KEY] = grad_clip_scheduler.state_dict()
+        torch.save(checkpoint, path, **(torch_save_kwargs or {}))
+
+    def load_checkpoint(
+        self,
+        *,
+        path: _PathLike,
+        module: Union[nn.Module, GradSampleModule],
+        optimizer: Optional[DPOptimizer] = None,
+        noise_scheduler: Optional[_NoiseScheduler] = None,
+        grad_clip_scheduler: Optional[_GradClipScheduler] = None,
+        module_load_dict_kwargs: Optional[Dict[str, Any]] = None,
+        torch_load_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Dict:
+        """Restore what ``save_checkpoint`` saved; return the remaining (user) entries."""
+        checkpoint = torch.load(path, **(torch_load_kwargs or {}))
+        module.load_state_dict(checkpoint.pop(_MODULE_KEY), **(module_load_dict_kwargs or {}))
+        self.accountant.load_state_dict(checkpoint.pop(_ACCOUNTANT_KEY))
+        restorers = (
+            (_OPTIMIZER_KEY, optimizer, "optimizer"),
+            (_NOISE_SCHEDULER_KEY, noise_scheduler, "noise_scheduler"),
+            (_GRAD_CLIP_SCHEDULER_KEY, grad_clip_scheduler, "grad_clip_scheduler"),
+        )
+        for key, target, name in restorers:
+            state = checkpoint.pop(key, None)
+            if target is None:
+                continue
+            if state is None:
+                raise ValueError(
+                    f"The checkpoint at {path!r} holds no {name} state: it was saved without "
+                    f"{name}=...; load it without passing {name}."
+                )
+            target.load_state_dict(state)
+        return checkpoint

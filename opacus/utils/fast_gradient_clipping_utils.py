@@ -1,0 +1,198 @@
+"""The loss side of fast gradient clipping: a criterion whose ``backward()`` clips.
+
+Ghost clipping (Li et al. 2022, "Large language models can be strong differentially private
+learners", building on Goodfellow 2015 and Lee & Kifer 2021) needs two backward passes:
+
+1. backward of the batch loss with the module's hooks on: the hooks compute every sample's
+   gradient norm without materialising per-sample gradients (``p._norm_sample``);
+2. coefficients ``c_i = min(1, C / (||g_i|| + 1e-6))`` from those norms;
+3. backward of ``sum_i c_i * L_i`` with the hooks off: by linearity ``p.grad = sum_i c_i g_i``,
+   the clipped sum, which ``DPOptimizerFastGradientClipping`` then noises and scales.
+
+The first pass uses ``torch.autograd.grad`` so that the unclipped gradient never lands in
+``p.grad``.  ``L_i`` is sample ``i``'s own loss (the criterion with ``reduction="none"``), so the
+per-sample gradient is the gradient of that sample's loss, as for ``GradSampleModule``.
+"""
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
+
+
+def _batch_loss(loss_per_sample: torch.Tensor, loss_reduction: str) -> torch.Tensor:
+    return loss_per_sample.mean() if loss_reduction == "mean" else loss_per_sample.sum()
+
+
+def per_sample_loss(loss: torch.Tensor, loss_reduction: str, shape=None) -> torch.Tensor:
+    """Reduce an unreduced criterion output to one loss per sample, shape ``(batch,)``.
+
+    ``shape=(batch, ...)``: the loss was computed on inputs flattened from that shape (e.g. a
+    language model's ``(B * T, V)`` logits), so it is first reshaped to ``(batch, -1)``.  Losses
+    with extra dims (per-token losses ``(B, T)``) are reduced over them with ``loss_reduction``,
+    which keeps ``mean``/``sum`` of the per-sample losses equal to the criterion's batch loss.
+    """
+    if loss.dim() == 0:
+        raise ValueError(
+            "the criterion returned a scalar; DPLossFastGradientClipping needs one loss per "
+            "sample: use a criterion with a `reduction` attribute (set to 'none' here) or a "
+            "function returning an unreduced loss with the batch on dim 0"
+        )
+    if shape is not None:
+        batch = shape[0]
+        if loss.numel() % batch != 0:
+            raise ValueError(
+                f"cannot split a loss of {loss.numel()} elements into shape[0]={batch} samples"
+            )
+        loss = loss.reshape(batch, -1)
+    if loss.dim() > 1:
+        dims = tuple(range(1, loss.dim()))
+        loss = loss.mean(dim=dims) if loss_reduction == "mean" else loss.sum(dim=dims)
+    return loss
+
+
+def _ghost_module(module: nn.Module) -> nn.Module:
+    # A data-parallel wrapper (DPDDP, DDP) holds the GradSampleModuleFastGradientClipping in
+    # ``.module`` and does not forward attribute access to it.
+    inner = module
+    while not hasattr(inner, "get_clipping_coef") and isinstance(
+        getattr(inner, "module", None), nn.Module
+    ):
+        inner = inner.module
+    if not hasattr(inner, "get_clipping_coef"):
+        raise TypeError(
+            f"{type(module).__name__} is not a GradSampleModuleFastGradientClipping (no "
+            "get_clipping_coef): wrap the model with grad_sample_mode='ghost' before using "
+            "DPLossFastGradientClipping"
+        )
+    return inner
+
+
+def double_backward(
+    module: nn.Module,
+    optimizer: DPOptimizerFastGradientClipping,
+    loss_per_sample: torch.Tensor,
+) -> None:
+    """The two backward passes of ghost clipping (module docstring); leaves the clipped sum in
+    ``p.grad`` of every trainable parameter of ``module``.
+
+    The clip bound is the optimizer's ``max_grad_norm`` (the attribute schedulers change); it is
+    copied into ``module.max_grad_norm`` before the coefficients are computed.
+    """
+    module = _ghost_module(module)
+    loss_reduction = getattr(module, "loss_reduction", "mean")
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("double_backward: the module has no trainable parameters")
+    if hasattr(module, "enable_hooks"):
+        module.enable_hooks()
+    # First pass: only the hooks' norms are wanted, so the gradients are returned, not stored.
+    torch.autograd.grad(
+        _batch_loss(loss_per_sample, loss_reduction),
+        trainable,
+        retain_graph=True,
+        allow_unused=True,
+    )
+    module.max_grad_norm = optimizer.max_grad_norm
+    coef = module.get_clipping_coef().detach()
+    if coef.shape != loss_per_sample.shape:
+        raise ValueError(
+            f"clipping coefficients of shape {tuple(coef.shape)} do not match the per-sample "
+            f"loss of shape {tuple(loss_per_sample.shape)}: the module's batch dimension and "
+            "the loss's dim 0 must agree (check batch_first)"
+        )
+    module.disable_hooks()
+    try:
+        (coef.to(loss_per_sample.dtype) * loss_per_sample).sum().backward()
+    finally:
+        module.enable_hooks()
+
+
+class DPTensorFastGradientClipping(object):
+    """A per-sample loss whose ``backward()`` runs ghost clipping's double backward.
+
+    Behaves like the reduced loss for logging (``item()``, ``detach()``, ``str``).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: DPOptimizerFastGradientClipping,
+        loss_per_sample: torch.Tensor,
+        loss_reduction: str = "mean",
+    ):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        module_reduction = getattr(_ghost_module(module), "loss_reduction", loss_reduction)
+        if module_reduction != loss_reduction:
+            raise ValueError(
+                f"loss_reduction={loss_reduction!r} differs from the module's "
+                f"loss_reduction={module_reduction!r}: wrap the module and the loss with the same"
+            )
+        if loss_per_sample.dim() != 1:
+            raise ValueError(
+                f"loss_per_sample must have shape (batch,), got {tuple(loss_per_sample.shape)}"
+            )
+        self.module = module
+        self.optimizer = optimizer
+        self.loss_per_sample = loss_per_sample
+        self.loss_reduction = loss_reduction
+
+    def item(self):
+        """The reduced (``mean`` or ``sum``) loss as a Python number."""
+        return self.detach().item()
+
+    def detach(self):
+        """The reduced loss, detached from the graph."""
+        return _batch_loss(self.loss_per_sample.detach(), self.loss_reduction)
+
+    def __str__(self):
+        return f"DPTensorFastGradientClipping(loss={self.item()}, reduction={self.loss_reduction})"
+
+    __repr__ = __str__
+
+    def backward(self):
+        """Double backward: afterwards ``p.grad`` holds the sum of clipped per-sample gradients."""
+        double_backward(self.module, self.optimizer, self.loss_per_sample)
+
+
+class DPLossFastGradientClipping(object):
+    """Wraps a criterion so that ``criterion(output, target).backward()`` clips (ghost clipping).
+
+    ``criterion`` is a loss module with a ``reduction`` attribute (a copy with
+    ``reduction="none"`` is used; ``loss_reduction``, not the criterion's own reduction, decides
+    how the batch loss is reduced) or a function returning unreduced losses.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: DPOptimizerFastGradientClipping,
+        criterion,
+        loss_reduction: str = "mean",
+    ):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        criterion_reduction = getattr(criterion, "reduction", None)
+        if criterion_reduction is not None:
+            criterion = copy.copy(criterion)
+            criterion.reduction = "none"
+        self.module = module
+        self.optimizer = optimizer
+        self.criterion = criterion
+        self.loss_reduction = loss_reduction
+
+    def __call__(
+        self, input, target, shape: Optional[Sequence[int]] = None
+    ) -> DPTensorFastGradientClipping:
+        """Per-sample losses of ``criterion(input, target)`` as a ``DPTensorFastGradientClipping``.
+
+        ``shape``: the ``(batch, ...)`` shape that ``input`` was flattened from, if any.
+        """
+        loss = per_sample_loss(self.criterion(input, target), self.loss_reduction, shape)
+        return DPTensorFastGradientClipping(
+            self.module, self.optimizer, loss, self.loss_reduction
+        )

@@ -1,0 +1,227 @@
+"""Check a model's per-sample gradients against a slow micro-batch reference.
+
+``check_per_sample_gradients_are_correct`` is the helper users call on their own model before
+training with it: it runs the model once per sample (micro-batches of one) and compares the
+gradients with what the grad-sample machinery computes in one batched pass.
+"""
+
+from typing import Callable, Dict, Iterable, List, Union
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import PackedSequence
+
+from opacus.utils.module_utils import clone_module, trainable_parameters
+from opacus.utils.packed_sequences import compute_seq_lengths, unpack_packedsequences
+
+__all__ = [
+    "ModelWithLoss",
+    "check_per_sample_gradients_are_correct",
+    "check_torch_version_for_ew_sample",
+    "clone_module",
+    "compute_grad_samples_microbatch_and_opacus",
+    "compute_microbatch_grad_sample",
+    "compute_microbatch_grad_sample_tensor_or_seq",
+    "compute_opacus_grad_sample",
+    "compute_seq_lengths",
+    "get_grad_sample_modes",
+    "is_batch_empty",
+    "trainable_parameters",
+    "unpack_packedsequences",
+    "wrap_model",
+]
+
+
+def wrap_model(model: nn.Module, grad_sample_mode: str, wrap_model: bool = True, *args, **kwargs):
+    """Alias of :func:`opacus.grad_sample.utils.wrap_model` (imported lazily: no import cycle)."""
+    from opacus.grad_sample.utils import wrap_model as _wrap
+
+    return _wrap(model, grad_sample_mode, wrap_model, *args, **kwargs)
+
+
+def check_torch_version_for_ew_sample() -> bool:
+    """True if ``torch.nn.utils._expanded_weights`` (expanded-weights mode) is available."""
+    try:
+        from torch.nn.utils import _expanded_weights  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_grad_sample_modes(use_ew: bool = False) -> List[str]:
+    """Grad-sample modes worth checking: hooks and functorch, plus expanded weights on request."""
+    modes = ["hooks", "functorch"]
+    if use_ew and check_torch_version_for_ew_sample():
+        modes.append("ew")
+    return modes
+
+
+def is_batch_empty(batch: Union[torch.Tensor, Iterable[torch.Tensor]]) -> bool:
+    """True for a zero-size batch (a tensor, or a sequence whose first tensor is empty)."""
+    if torch.is_tensor(batch):
+        return batch.numel() == 0
+    first = next(iter(batch), None)
+    return first is None or (torch.is_tensor(first) and first.numel() == 0)
+
+
+class ModelWithLoss(nn.Module):
+    """Wraps ``module`` so that its forward returns an L1 loss of the output against zeros.
+
+    With ``loss_reduction="mean"`` the loss averages over the batch (and every other dimension),
+    with ``"sum"`` it sums: exactly the two reductions that the grad-sample modules are told about.
+    """
+
+    def __init__(self, module: nn.Module, loss_reduction: str = "mean"):
+        super().__init__()
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"ModelWithLoss: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}"
+            )
+        self.wrapped_module = module
+        self.criterion = nn.L1Loss(reduction=loss_reduction)
+
+    def forward(self, x):
+        out = self.wrapped_module(x)
+        if isinstance(out, tuple):  # recurrent layers return (output, state)
+            out = out[0]
+        if isinstance(out, PackedSequence):
+            out = out.data
+        return self.criterion(out, torch.zeros_like(out))
+
+
+def _split_samples(x, batch_first: bool):
+    if isinstance(x, PackedSequence):
+        return unpack_packedsequences(x)
+    return list(torch.unbind(x, dim=0 if batch_first else 1))
+
+
+def _one_sample_batch(sample, batch_first: bool, packed: bool):
+    if packed:
+        from torch.nn.utils.rnn import pack_sequence
+
+        return pack_sequence([sample])
+    return sample.unsqueeze(0 if batch_first else 1)
+
+
+def compute_microbatch_grad_sample(
+    x: Union[torch.Tensor, List[torch.Tensor]],
+    module: nn.Module,
+    batch_first: bool = True,
+    loss_reduction: str = "mean",
+    chunk_method: Callable = iter,
+) -> Dict[str, torch.Tensor]:
+    """Per-sample gradients ``{name: (batch, *shape)}`` from one forward/backward per sample.
+
+    ``x`` is a batch tensor (the batch on dim 0, or dim 1 when ``batch_first=False``) or a
+    ``PackedSequence``. Each sample's gradient is that of its own loss, which is what the batched
+    machinery computes for either reduction.
+    """
+    packed = isinstance(x, PackedSequence)
+    model = ModelWithLoss(clone_module(module), loss_reduction)
+    params = [p for _, p in trainable_parameters(model)]
+    names = [n.replace("wrapped_module.", "", 1) for n, _ in trainable_parameters(model)]
+    per_sample = {n: [] for n in names}
+    for sample in chunk_method(_split_samples(x, batch_first)):
+        loss = model(_one_sample_batch(sample, batch_first, packed))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for n, p, g in zip(names, params, grads):
+            per_sample[n].append(torch.zeros_like(p) if g is None else g.detach())
+    return {n: torch.stack(gs) for n, gs in per_sample.items()}
+
+
+def compute_microbatch_grad_sample_tensor_or_seq(
+    x: Union[torch.Tensor, PackedSequence],
+    module: nn.Module,
+    batch_first: bool = True,
+    loss_reduction: str = "mean",
+):
+    """:func:`compute_microbatch_grad_sample` for a tensor or a ``PackedSequence``."""
+    return compute_microbatch_grad_sample(
+        x, module, batch_first=batch_first, loss_reduction=loss_reduction
+    )
+
+
+def compute_opacus_grad_sample(
+    x: Union[torch.Tensor, PackedSequence],
+    module: nn.Module,
+    batch_first: bool = True,
+    loss_reduction: str = "mean",
+    grad_sample_mode: str = "hooks",
+) -> Dict[str, torch.Tensor]:
+    """Per-sample gradients from one batched pass through a grad-sample module of the given mode."""
+    from opacus.grad_sample.utils import get_gsm_class
+
+    gsm_class = get_gsm_class(grad_sample_mode)
+    model = ModelWithLoss(clone_module(module), loss_reduction)
+    kwargs = dict(batch_first=batch_first, loss_reduction=loss_reduction)
+    if grad_sample_mode == "functorch":
+        kwargs["force_functorch"] = True
+    gsm = gsm_class(model, **kwargs)
+    loss = gsm(x)
+    loss.backward()
+    out = {}
+    for name, p in trainable_parameters(gsm):
+        key = name.split("wrapped_module.", 1)[1] if "wrapped_module." in name else name
+        out[key] = p.grad_sample.detach().clone()
+    if hasattr(gsm, "remove_hooks"):
+        gsm.remove_hooks()
+    return out
+
+
+def compute_grad_samples_microbatch_and_opacus(
+    x: Union[torch.Tensor, PackedSequence],
+    module: nn.Module,
+    batch_first: bool = True,
+    loss_reduction: str = "mean",
+    grad_sample_mode: str = "hooks",
+    chunk_method: Callable = iter,
+):
+    """Both dictionaries: ``(microbatch_grad_samples, opacus_grad_samples)``."""
+    microbatch = compute_microbatch_grad_sample(
+        x, module, batch_first=batch_first, loss_reduction=loss_reduction, chunk_method=chunk_method
+    )
+    opacus_gs = compute_opacus_grad_sample(
+        x,
+        module,
+        batch_first=batch_first,
+        loss_reduction=loss_reduction,
+        grad_sample_mode=grad_sample_mode,
+    )
+    if microbatch.keys() != opacus_gs.keys():
+        raise ValueError(
+            "compute_grad_samples_microbatch_and_opacus: parameter names differ between the "
+            f"reference ({sorted(microbatch)}) and the grad-sample module ({sorted(opacus_gs)})"
+        )
+    return microbatch, opacus_gs
+
+
+def check_per_sample_gradients_are_correct(
+    x: Union[torch.Tensor, PackedSequence],
+    module: nn.Module,
+    *,
+    batch_first: bool = True,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    grad_sample_mode: str = "hooks",
+) -> bool:
+    """True if the batched per-sample gradients of ``module`` on ``x`` match the micro-batch loop,
+    for both loss reductions. Run it on a few samples of your data before training a new model."""
+    if grad_sample_mode == "functorch":
+        import torch.func  # noqa: F401  (fails early with a clear ImportError on old torch)
+    if not isinstance(x, PackedSequence) and is_batch_empty(x):
+        raise ValueError("check_per_sample_gradients_are_correct: x is an empty batch")
+    for reduction in ("sum", "mean"):
+        micro, ours = compute_grad_samples_microbatch_and_opacus(
+            x,
+            module,
+            batch_first=batch_first,
+            loss_reduction=reduction,
+            grad_sample_mode=grad_sample_mode,
+        )
+        for name, expected in micro.items():
+            got = ours[name]
+            if got.shape != expected.shape:
+                return False
+            if not torch.allclose(got, expected, atol=atol, rtol=rtol):
+                return False
+    return True

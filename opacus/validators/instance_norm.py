@@ -1,0 +1,46 @@
+"""InstanceNorm normalises each sample on its own, which DP-SGD supports, but with
+``track_running_stats=True`` its running statistics (used at evaluation) are a function of every
+training sample that no clipping or noise protects."""
+
+from typing import List, Union
+
+import torch.nn as nn
+
+from opacus.utils.module_utils import clone_module
+from opacus.validators.errors import (  # noqa: F401 (re-exported, as in the public interface)
+    IllegalModuleConfigurationError,
+    UnsupportedModuleError,
+)
+from opacus.validators.utils import register_module_fixer, register_module_validator
+
+__all__ = ["clone_module", "fix", "validate"]
+
+INSTANCENORM = Union[nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d]
+_INSTANCE_NORMS = [nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d]
+
+
+@register_module_validator(_INSTANCE_NORMS)
+def validate(module: INSTANCENORM) -> List[UnsupportedModuleError]:
+    """Report ``track_running_stats=True``."""
+    if not module.track_running_stats:
+        return []
+    return [
+        IllegalModuleConfigurationError(
+            "InstanceNorm with track_running_stats=True keeps running statistics of the "
+            "training data outside DP-SGD's protection. Use track_running_stats=False, or call "
+            "ModuleValidator.fix(model)"
+        )
+    ]
+
+
+@register_module_fixer(_INSTANCE_NORMS)
+def fix(module: INSTANCENORM) -> INSTANCENORM:
+    """A copy with ``track_running_stats=False`` (no running statistics), same affine params."""
+    if not module.track_running_stats:
+        return module
+    new = clone_module(module)
+    new.track_running_stats = False
+    new.running_mean = None
+    new.running_var = None
+    new.num_batches_tracked = None
+    return new

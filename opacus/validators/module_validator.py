@@ -1,0 +1,160 @@
+"""``ModuleValidator``: find the modules DP-SGD cannot train, and swap in DP-compatible ones.
+
+Validators and fixers are registered per module type (``register_module_validator`` /
+``register_module_fixer`` in ``opacus.validators.utils``); lookups follow the type's MRO, so a
+subclass of ``nn.BatchNorm2d`` is validated like ``nn.BatchNorm2d``.
+"""
+
+import inspect
+from typing import Callable, Dict, List, Optional
+
+import torch.nn as nn
+
+from opacus.utils.module_utils import clone_module, get_submodule, trainable_modules
+from opacus.validators.errors import (
+    IllegalModuleConfigurationError,
+    NotYetSupportedModuleError,
+    UnsupportedModuleError,
+)
+
+__all__ = [
+    "IllegalModuleConfigurationError",
+    "ModuleValidator",
+    "UnsupportedModuleError",
+    "clone_module",
+    "get_submodule",
+    "trainable_modules",
+]
+
+
+def _lookup(registry: Dict[type, Callable], module_type: type) -> Optional[Callable]:
+    for cls in module_type.__mro__:
+        if cls in registry:
+            return registry[cls]
+    return None
+
+
+def _located(error: UnsupportedModuleError, name: str, module: nn.Module):
+    """The same error, its message prefixed with the submodule's path and type."""
+    where = f"'{name}'" if name else "the model itself"
+    located = type(error)(f"{where} ({type(module).__name__}): {error}")
+    located.module_name = name
+    return located
+
+
+def _grad_samplers() -> Dict[type, Callable]:
+    try:  # importing the package registers the built-in samplers
+        import opacus.grad_sample  # noqa: F401
+    except ImportError:
+        pass
+    from opacus.grad_sample.registry import GRAD_SAMPLERS
+
+    return GRAD_SAMPLERS
+
+
+class ModuleValidator:
+    """Checks a model for modules incompatible with DP-SGD and fixes the fixable ones."""
+
+    VALIDATORS: Dict[type, Callable[[nn.Module], List[UnsupportedModuleError]]] = {}
+    FIXERS: Dict[type, Callable[..., nn.Module]] = {}
+
+    @classmethod
+    def validate(cls, module: nn.Module, *, strict: bool = False) -> List[UnsupportedModuleError]:
+        """All problems found in ``module``, each naming the submodule path and the remedy.
+
+        With ``strict=True`` they are raised instead (the error itself if there is one, else an
+        ``UnsupportedModuleError`` listing them all).
+        """
+        errors = []
+        flagged = set()
+        for name, sub in module.named_modules():
+            validator = _lookup(cls.VALIDATORS, type(sub))
+            if validator is None:
+                continue
+            found = validator(sub)
+            if found:
+                flagged.add(name)
+                errors.extend(_located(err, name, sub) for err in found)
+        errors.extend(cls._unsupported_trainable_modules(module, flagged))
+        if strict and errors:
+            if len(errors) == 1:
+                raise errors[0]
+            raise UnsupportedModuleError(
+                "The model is not compatible with DP-SGD:\n" + "\n".join(f"  - {e}" for e in errors)
+            )
+        return errors
+
+    @classmethod
+    def _unsupported_trainable_modules(cls, module: nn.Module, flagged) -> List:
+        # Per-sample gradients of a module's own trainable parameters come from the sampler
+        # registered for its type or else from the generic torch.func fallback, which runs the
+        # module without its buffers' updates and so cannot handle modules that own buffers
+        # (running statistics, caches): those need a registered sampler (same rule as
+        # GradSampleModule's own check, so is_valid agrees with what the hooks can do).
+        samplers = _grad_samplers()
+        errors = []
+        for name, sub in trainable_modules(module):
+            if name in flagged or type(sub) in samplers:
+                continue
+            buffers = [n for n, _ in sub.named_buffers(recurse=False)]
+            if buffers:
+                own = [n for n, p in sub.named_parameters(recurse=False) if p.requires_grad]
+                errors.append(
+                    _located(
+                        NotYetSupportedModuleError(
+                            f"has trainable parameters {own} and buffers {buffers} but no "
+                            "registered grad sampler, so its per-sample gradients cannot be "
+                            "computed. Register one with opacus.grad_sample."
+                            "register_grad_sampler, or freeze the module (requires_grad_(False))"
+                        ),
+                        name,
+                        sub,
+                    )
+                )
+        return errors
+
+    @classmethod
+    def is_valid(cls, module: nn.Module) -> bool:
+        """True if ``validate`` finds no problem."""
+        return len(cls.validate(module, strict=False)) == 0
+
+    @classmethod
+    def fix(cls, module: nn.Module, **kwargs) -> nn.Module:
+        """A copy of ``module`` with every fixable submodule replaced; ``module`` is untouched.
+
+        ``kwargs`` go to the fixers (e.g. ``replace_bn_with_in=True`` for BatchNorm).
+        """
+        fixed = clone_module(module)
+        return cls._fix_tree(fixed, kwargs, {})
+
+    @classmethod
+    def _fix_tree(cls, module: nn.Module, kwargs, memo) -> nn.Module:
+        # Children first: a container's fixer (e.g. nn.TransformerEncoder's) then sees them fixed.
+        if id(module) in memo:  # a module shared at several places stays shared
+            return memo[id(module)]
+        # _modules, not named_children(): the latter skips repeats of a shared child.
+        for child_name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            new_child = cls._fix_tree(child, kwargs, memo)
+            if new_child is not child:
+                setattr(module, child_name, new_child)
+        fixer = _lookup(cls.FIXERS, type(module))
+        replacement = module if fixer is None else _call_fixer(fixer, module, kwargs)
+        memo[id(module)] = replacement
+        return replacement
+
+    @classmethod
+    def fix_and_validate(cls, module: nn.Module, **kwargs) -> nn.Module:
+        """``fix`` then ``validate(strict=True)``; returns the fixed copy."""
+        fixed = cls.fix(module, **kwargs)
+        cls.validate(fixed, strict=True)
+        return fixed
+
+
+def _call_fixer(fixer: Callable, module: nn.Module, kwargs) -> nn.Module:
+    params = inspect.signature(fixer).parameters.values()
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
+        return fixer(module, **kwargs)
+    accepted = {p.name for p in params}
+    return fixer(module, **{k: v for k, v in kwargs.items() if k in accepted})

@@ -1,0 +1,105 @@
+"""Ghost-clipping norm samplers vs the norms of brute-force per-sample gradients."""
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from opacus.grad_sample.embedding import compute_embedding_norm_sample
+from opacus.grad_sample.linear import compute_linear_norm_sample
+from opacus.grad_sample.registry import NORM_SAMPLERS
+from tests.oracle import brute_force_grad_samples
+
+
+def check_norms(layer, sampler, x, r, **tol):
+    """Sampler norms == L2 norms of the oracle's per-sample grads of loss_i = <layer(x_i), R_i>."""
+    grads = brute_force_grad_samples(layer, x, loss_fn=lambda out, t: (out * t).sum(), targets=r)
+    names = {p: n for n, p in layer.named_parameters()}
+    got = {names[p]: v for p, v in sampler(layer, [x], r).items()}
+    assert set(got) == set(grads)
+    for name, g in grads.items():
+        assert got[name].shape == (x.shape[0],), name
+        expected = g.reshape(g.shape[0], -1).norm(dim=1)
+        torch.testing.assert_close(got[name], expected, **(tol or dict(atol=1e-10, rtol=1e-9)))
+
+
+def test_registered():
+    assert NORM_SAMPLERS[nn.Linear] is compute_linear_norm_sample
+    assert NORM_SAMPLERS[nn.Embedding] is compute_embedding_norm_sample
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    middle=st.lists(st.integers(1, 4), max_size=2),
+    d_in=st.integers(1, 6),
+    d_out=st.integers(1, 6),
+    bias=st.booleans(),
+)
+def test_linear_norms(batch, middle, d_in, d_out, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(d_in, d_out, bias=bias).double()
+    x = torch.randn(batch, *middle, d_in, dtype=torch.float64)
+    r = torch.randn(batch, *middle, d_out, dtype=torch.float64)
+    check_norms(layer, compute_linear_norm_sample, x, r)
+
+
+@pytest.mark.parametrize(
+    "seq, d_in, d_out",
+    [
+        (3, 4, 5),  # T^2 = 9 <= 20: Gram-matrix (ghost) path.
+        (12, 2, 3),  # T^2 = 144 > 6: the per-sample gradient is smaller, materialise it.
+        (1, 4, 4),  # T = 1: the rank-one product of norms.
+    ],
+)
+def test_linear_norm_paths(seq, d_in, d_out):
+    torch.manual_seed(0)
+    layer = nn.Linear(d_in, d_out).double()
+    x = torch.randn(3, seq, d_in, dtype=torch.float64)
+    r = torch.randn(3, seq, d_out, dtype=torch.float64)
+    check_norms(layer, compute_linear_norm_sample, x, r)
+
+
+def test_linear_norms_float32_and_frozen():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    x, r = torch.randn(6, 10, 16), torch.randn(6, 10, 8)
+    check_norms(layer, compute_linear_norm_sample, x, r, atol=1e-4, rtol=1e-4)
+    layer.bias.requires_grad_(False)
+    assert set(compute_linear_norm_sample(layer, [x], r)) == {layer.weight}
+
+
+def test_linear_zero_gradient_has_zero_norm():
+    layer = nn.Linear(4, 4)
+    x = torch.randn(2, 3, 4)
+    norms = compute_linear_norm_sample(layer, [x], torch.zeros(2, 3, 4))
+    assert torch.equal(norms[layer.weight], torch.zeros(2))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    seq=st.lists(st.integers(1, 5), max_size=2),
+    vocab=st.integers(1, 6),
+    padding=st.booleans(),
+    scale_grad_by_freq=st.booleans(),
+    data=st.data(),
+)
+def test_embedding_norms(batch, seq, vocab, padding, scale_grad_by_freq, data):
+    """Small vocabularies force repeated indices, whose backprops add before the norm."""
+    torch.manual_seed(0)
+    padding_idx = data.draw(st.integers(0, vocab - 1)) if padding else None
+    layer = nn.Embedding(
+        vocab, 3, padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq
+    ).double()
+    idx = torch.randint(0, vocab, (batch, *seq))
+    r = torch.randn(batch, *seq, 3, dtype=torch.float64)
+    check_norms(layer, compute_embedding_norm_sample, idx, r)
+
+
+def test_embedding_norms_frozen():
+    layer = nn.Embedding(4, 2)
+    layer.weight.requires_grad_(False)
+    idx = torch.zeros(2, 3, dtype=torch.long)
+    assert compute_embedding_norm_sample(layer, [idx], torch.randn(2, 3, 2)) == {}

@@ -1,0 +1,138 @@
+"""AdaClipDPOptimizer against hand computations of Andrew et al. 2021, Algorithm 1."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from opacus.optimizers import AdaClipDPOptimizer
+from opacus.optimizers.adaclipoptimizer import gradient_noise_multiplier
+from tests.optimizers.dp_reference import batch, dp_grads, set_grad_samples, small_model
+
+NORMS = torch.tensor([0.5, 1.0, 1.5, 2.5, 3.0, 4.0, 6.0, 9.0])
+
+
+def _params_with_norms(norms, dim=3):
+    """One parameter whose sample i has gradient norm ``norms[i]``."""
+    p = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
+    direction = torch.zeros(dim, dtype=torch.float64)
+    direction[0] = 1.0
+    p.grad_sample = norms.double()[:, None] * direction
+    return [p]
+
+
+def _adaclip(ps, **kw):
+    args = dict(noise_multiplier=0.0, target_unclipped_quantile=0.5, clipbound_learning_rate=0.2,
+                max_clipbound=100.0, min_clipbound=0.1, unclipped_num_std=0.0,
+                max_grad_norm=2.0, expected_batch_size=8)
+    args.update(kw)
+    return AdaClipDPOptimizer(torch.optim.SGD(ps, lr=1.0), **args)
+
+
+def test_clip_bound_update_matches_hand_computation():
+    ps = _params_with_norms(NORMS)
+    opt = _adaclip(ps)
+    assert opt.pre_step()
+    # C = 2: unclipped are 0.5, 1.0, 1.5 -> b = 3, fraction 3/8
+    expected = 2.0 * math.exp(-0.2 * (3 / 8 - 0.5))
+    assert opt.max_grad_norm == pytest.approx(expected)
+    # the gradient of this step was clipped at the old bound C = 2
+    clipped = sum(min(1.0, 2.0 / (n + 1e-6)) * n for n in NORMS.tolist()) / 8
+    torch.testing.assert_close(ps[0].grad[0].item(), clipped)
+    # second step from the new bound, after zero_grad resets the counts
+    opt.zero_grad()
+    ps[0].grad_sample = NORMS.double()[:, None] * torch.tensor([1.0, 0, 0], dtype=torch.float64)
+    opt.pre_step()
+    b = int((NORMS <= expected).sum())
+    assert opt.max_grad_norm == pytest.approx(expected * math.exp(-0.2 * (b / 8 - 0.5)))
+
+
+@pytest.mark.parametrize("quantile, bound", [(0.0, "min"), (1.0, "max")])
+def test_clip_bound_is_clamped(quantile, bound):
+    ps = _params_with_norms(NORMS)
+    opt = _adaclip(ps, target_unclipped_quantile=quantile, clipbound_learning_rate=50.0,
+                   min_clipbound=1.2, max_clipbound=3.3)
+    opt.pre_step()
+    assert opt.max_grad_norm == (1.2 if bound == "min" else 3.3)
+
+
+def test_virtual_steps_accumulate_counts():
+    ps = _params_with_norms(NORMS)
+    opt = _adaclip(ps)
+    opt.signal_skip_step(True)
+    ps[0].grad_sample = ps[0].grad_sample[:3]  # norms 0.5, 1, 1.5: all unclipped
+    assert not opt.pre_step()
+    opt.zero_grad()
+    assert opt.unclipped_num == 3 and opt.sample_size == 3
+    ps[0].grad_sample = torch.tensor([[4.0, 0, 0]], dtype=torch.float64)
+    assert opt.pre_step()
+    assert opt.max_grad_norm == pytest.approx(2.0 * math.exp(-0.2 * (3 / 8 - 0.5)))
+
+
+def test_noiseless_gradient_matches_flat_brute_force():
+    model = small_model()
+    x, y = batch(6)
+    opt = AdaClipDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                             target_unclipped_quantile=0.5, clipbound_learning_rate=0.2,
+                             max_clipbound=10.0, min_clipbound=0.01, unclipped_num_std=1.0,
+                             max_grad_norm=0.4, expected_batch_size=6)
+    set_grad_samples(model, x, y)
+    opt.pre_step()
+    for p, e in zip(opt.params, dp_grads(small_model(), x, y, max_grad_norm=0.4,
+                                         expected_batch_size=6)):
+        torch.testing.assert_close(p.grad, e)
+
+
+def test_gradient_noise_multiplier_formula_and_std():
+    assert gradient_noise_multiplier(1.0, 2.0) == pytest.approx((1 - 1 / 16) ** -0.5)
+    assert gradient_noise_multiplier(0.0, 0.0) == 0.0
+    with pytest.raises(ValueError, match="unclipped_num_std"):
+        gradient_noise_multiplier(1.0, 0.5)
+    p = nn.Parameter(torch.zeros(40000))
+    p.grad_sample = torch.zeros(2, 40000)
+    opt = _adaclip([p], noise_multiplier=1.0, unclipped_num_std=2.0, max_grad_norm=0.5,
+                   expected_batch_size=1, generator=torch.Generator().manual_seed(0))
+    opt.pre_step()
+    expected = (1 - 1 / 16) ** -0.5 * 0.5
+    assert abs(p.grad.std().item() / expected - 1) < 0.03
+    assert opt.noise_multiplier == 1.0  # the accountant sees the total
+
+
+def test_unclipped_count_noise_std():
+    gen = torch.Generator().manual_seed(1)
+    p = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = _adaclip([p], unclipped_num_std=3.0, generator=gen, noise_multiplier=0.5)
+    draws = []
+    for _ in range(2000):
+        p.summed_grad = torch.zeros(1, dtype=torch.float64)
+        opt.unclipped_num = 5.0
+        opt.add_noise()
+        draws.append(opt.unclipped_num - 5.0)
+    d = torch.tensor(draws)
+    assert abs(d.std().item() / 3.0 - 1) < 0.08  # relative sd of the estimate: 1.6%
+    assert abs(d.mean().item()) < 5 * 3.0 / math.sqrt(2000)
+
+
+def test_state_dict_round_trip():
+    ps = _params_with_norms(NORMS)
+    opt = _adaclip(ps)
+    opt.pre_step()
+    opt2 = _adaclip(_params_with_norms(NORMS), max_grad_norm=7.0, min_clipbound=0.5)
+    sd = opt.state_dict()
+    # the param ids of the inner state dict line up: same single-param layout
+    opt2.load_state_dict(sd)
+    assert opt2.max_grad_norm == opt.max_grad_norm
+    assert opt2.min_clipbound == 0.1
+
+
+def test_errors():
+    ps = _params_with_norms(NORMS)
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        _adaclip(ps, expected_batch_size=None, loss_reduction="sum")
+    with pytest.raises(ValueError, match="unclipped_num_std"):
+        _adaclip(ps, noise_multiplier=1.0, unclipped_num_std=0.4)
+    with pytest.raises(ValueError, match="min_clipbound"):
+        _adaclip(ps, min_clipbound=5.0, max_clipbound=1.0)
+    with pytest.raises(ValueError, match="target_unclipped_quantile"):
+        _adaclip(ps, target_unclipped_quantile=1.5)
