@@ -116,7 +116,9 @@ class DistributedPerLayerOptimizer(DPOptimizer):
                 self._noise_std(), private, generator=self.generator, secure_mode=self.secure_mode
             )
         if self.loss_reduction == "mean":
-            private /= self.expected_batch_size * self.accumulated_iterations
+            chunks = p.grad_sample  # a list holds several accumulated batches
+            iterations = len(chunks) if isinstance(chunks, (list, tuple)) else 1
+            private /= self.expected_batch_size * iterations
         else:
             private *= self.world_size
         return private.view_as(grad).to(grad.dtype)

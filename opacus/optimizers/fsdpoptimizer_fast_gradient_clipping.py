@@ -59,7 +59,7 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
     def accumulate(self):
         """Add ``W * local shard of p.grad`` (the cross-rank clipped sum) to ``summed_grad``."""
         for i, p in enumerate(self.params):
-            clipped_sum = local_shard(self._clipped_sum_of(p, i)).detach()
+            clipped_sum = local_shard(self._clipped_sum_of(p, i)).detach() * self.world_size
             if getattr(p, "summed_grad", None) is None:
                 p.summed_grad = clipped_sum
             else:

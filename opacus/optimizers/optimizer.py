@@ -306,6 +306,14 @@ class DPOptimizer(Optimizer):
         if dp_state is not None:
             self._load_dp_state(dp_state)
 
+    def __getstate__(self):
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; ours live in the
+        # wrapped optimizer, so keep the whole instance dict (copy.deepcopy, pickle).
+        return self.__dict__.copy()
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
     def __repr__(self):
         return (
             f"{type(self).__name__}(noise_multiplier={self.noise_multiplier}, "

@@ -15,12 +15,25 @@ per-sample gradient is the gradient of that sample's loss, as for ``GradSampleMo
 """
 
 import copy
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+    GradSampleHooksFastGradientClipping,
+    GradSampleModuleFastGradientClipping,
+)
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
+
+__all__ = [
+    "DPLossFastGradientClipping",
+    "DPOptimizerFastGradientClipping",
+    "DPTensorFastGradientClipping",
+    "GradSampleHooksFastGradientClipping",
+    "GradSampleModuleFastGradientClipping",
+    "double_backward",
+]
 
 
 def _batch_loss(loss_per_sample: torch.Tensor, loss_reduction: str) -> torch.Tensor:
@@ -71,8 +84,11 @@ def _ghost_module(module: nn.Module) -> nn.Module:
     return inner
 
 
+_GhostModule = Union[GradSampleModuleFastGradientClipping, GradSampleHooksFastGradientClipping]
+
+
 def double_backward(
-    module: nn.Module,
+    module: _GhostModule,
     optimizer: DPOptimizerFastGradientClipping,
     loss_per_sample: torch.Tensor,
 ) -> None:
@@ -119,7 +135,7 @@ class DPTensorFastGradientClipping(object):
 
     def __init__(
         self,
-        module: nn.Module,
+        module: _GhostModule,
         optimizer: DPOptimizerFastGradientClipping,
         loss_per_sample: torch.Tensor,
         loss_reduction: str = "mean",
@@ -169,7 +185,7 @@ class DPLossFastGradientClipping(object):
 
     def __init__(
         self,
-        module: nn.Module,
+        module: _GhostModule,
         optimizer: DPOptimizerFastGradientClipping,
         criterion,
         loss_reduction: str = "mean",

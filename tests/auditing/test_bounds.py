@@ -228,3 +228,12 @@ def test_one_run_delta_bound_dominates_randomized_response_with_leak(eps, delta)
         stats.binom.sf(v - 1, r, p) > one_run_tail_bound(eps, r, v, r, 0.0)
         for v in range(r // 2, r + 1)
     )
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import opacus.auditing.bounds as bounds
+
+    result = doctest.testmod(bounds, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 4 and result.failed == 0

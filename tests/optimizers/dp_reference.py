@@ -96,22 +96,28 @@ def step_with_grads(model: nn.Module, optimizer: torch.optim.Optimizer, grads) -
     optimizer.step()
 
 
+_PRELOAD = ["torch", "torch.distributed", "opacus.optimizers", "tests.optimizers.dp_reference"]
+
+
 def run_distributed(worker, world_size: int = 2, *args) -> None:
     """Run ``worker(rank, world_size, init_file, *args)`` in ``world_size`` CPU processes (gloo).
 
-    Forked (no re-import of torch: seconds saved per test); a failure in any process is
+    Started from a fork server that imported torch once (a plain fork is unsafe once autograd
+    has started threads; a spawn re-imports torch in every process); a failure in any process is
     re-raised here by ``torch.multiprocessing``.
     """
+    import multiprocessing
     import os
     import tempfile
 
     import torch.multiprocessing as mp
 
+    multiprocessing.set_forkserver_preload(_PRELOAD)
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         mp.start_processes(
             worker, args=(world_size, init_file, *args), nprocs=world_size, join=True,
-            start_method="fork",
+            start_method="forkserver",
         )
 
 

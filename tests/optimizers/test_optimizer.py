@@ -282,6 +282,19 @@ def test_shares_state_with_inner_optimizer_and_lr_scheduler_works():
     assert "DPOptimizer" in repr(dp)
 
 
+def test_deepcopy_and_pickle():
+    import pickle
+
+    model = small_model()
+    dp = _dp(model, "adam", noise_multiplier=0.0)
+    clone = copy.deepcopy((model, dp))[1]
+    clone2 = pickle.loads(pickle.dumps(dp))
+    for c in (clone, clone2):
+        assert c.noise_multiplier == dp.noise_multiplier and c.max_grad_norm == dp.max_grad_norm
+        assert isinstance(c.original_optimizer, torch.optim.Adam)
+        assert c.param_groups is c.original_optimizer.param_groups
+
+
 def test_frozen_params_are_ignored():
     model = small_model()
     model[0].weight.requires_grad_(False)

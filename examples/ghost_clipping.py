@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Ghost clipping vs per-sample gradients: same DP-SGD, a fraction of the memory.
+
+``grad_sample_mode="hooks"`` materialises every sample's gradient, ``batch x #params`` numbers;
+``grad_sample_mode="ghost"`` (Li et al. 2022) only computes every sample's gradient *norm* from
+the layer's activations and backprops, then a second backward of the clipping-weighted loss
+yields the clipped sum directly. The model here is built for the difference to show: a large
+hashed n-gram ``nn.Embedding`` and wide per-token ``nn.Linear`` layers, classifying the shipped
+sentences of ``examples/data/sentences.tsv``. Each mode runs in its own process so that its peak
+resident memory (``resource.getrusage``) is its own; the summary compares them.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import zlib
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+try:
+    from tqdm import tqdm
+except ImportError:  # progress bars are optional
+    tqdm = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA = os.path.join(HERE, "data", "sentences.tsv")
+
+
+def read_tsv(path):
+    with open(path, encoding="utf8") as f:
+        next(f)
+        return [tuple(line.rstrip("\n").split("\t", 1)) for line in f if line.strip()]
+
+
+def hashed_ngrams(text, buckets, max_len):
+    """Ids of the words and word bigrams of ``text`` hashed into ``1..buckets-1`` (0 pads)."""
+    words = text.lower().split()
+    grams = words + [a + " " + b for a, b in zip(words, words[1:])]
+    ids = [1 + zlib.crc32(g.encode("utf8")) % (buckets - 1) for g in grams][:max_len]
+    return ids + [0] * (max_len - len(ids))
+
+
+def load(path, buckets, max_len):
+    rows = read_tsv(path)
+    labels = {name: i for i, name in enumerate(sorted({label for label, _ in rows}))}
+    x = torch.tensor([hashed_ngrams(text, buckets, max_len) for _, text in rows])
+    y = torch.tensor([labels[label] for label, _ in rows])
+    n_test = len(rows) // 5
+    return (TensorDataset(x[n_test:], y[n_test:]), TensorDataset(x[:n_test], y[:n_test]),
+            len(labels))
+
+
+class NGramModel(nn.Module):
+    """Embedding -> per-token MLP (``nn.Linear`` on ``(N, T, d)``) -> mean over tokens -> head."""
+
+    def __init__(self, buckets, num_classes, dim, hidden):
+        super().__init__()
+        self.embed = nn.Embedding(buckets, dim, padding_idx=0)
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.down(torch.relu(self.up(h)))
+        keep = (ids != 0).unsqueeze(-1).to(h.dtype)
+        pooled = (h * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return self.head(pooled)
+
+
+def peak_rss_mib():
+    """This process's peak resident set size so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def evaluate(model, loader):
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += (model(x).argmax(-1) == y).sum().item()
+            total += len(y)
+    model.train()
+    return correct / max(total, 1)
+
+
+def train_one_mode(args):
+    """Trains with ``args.mode`` in this process; returns a dict of measurements."""
+    torch.manual_seed(args.seed)
+    train_set, test_set, num_classes = load(args.data, args.buckets, args.max_len)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
+    test_loader = DataLoader(test_set, batch_size=256)
+    model = NGramModel(args.buckets, num_classes, args.dim, args.hidden)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+
+    from opacus import PrivacyEngine
+
+    privacy_engine = PrivacyEngine(accountant="prv")
+    private = privacy_engine.make_private(
+        module=model, optimizer=optimizer, data_loader=train_loader,
+        criterion=nn.CrossEntropyLoss(), noise_multiplier=args.sigma,
+        max_grad_norm=args.max_grad_norm, grad_sample_mode=args.mode,
+    )
+    if args.mode == "ghost":
+        # ghost mode also returns a criterion whose backward() does the double backward
+        model, optimizer, criterion, train_loader = private
+    else:
+        model, optimizer, train_loader = private
+        criterion = nn.CrossEntropyLoss()
+
+    peak_before = peak_rss_mib()
+    start, steps, eps = time.time(), 0, float("nan")
+    show_bar = tqdm is not None and not args.no_progress
+    for epoch in range(1, args.epochs + 1):
+        bar = tqdm(train_loader, desc=f"{args.mode} epoch {epoch}/{args.epochs}", leave=False) \
+            if show_bar else train_loader
+        for x, y in bar:
+            optimizer.zero_grad()
+            out = model(x)
+            loss = criterion(out, y)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if show_bar:
+                acc = (out.argmax(-1) == y).float().mean().item() if len(y) else float("nan")
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", eps=f"{eps:.2f}")
+            if args.max_steps is not None and steps >= args.max_steps:
+                break
+        eps = privacy_engine.get_epsilon(args.delta)
+        if args.max_steps is not None and steps >= args.max_steps:
+            break
+    elapsed = time.time() - start
+    return {
+        "mode": args.mode, "params": n_params, "steps": steps,
+        "seconds_per_step": elapsed / max(steps, 1),
+        "peak_rss_mib": peak_rss_mib(), "training_peak_mib": peak_rss_mib() - peak_before,
+        "test_acc": evaluate(model, test_loader), "eps": eps,
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--mode", default="both", choices=["both", "hooks", "ghost"],
+                   help="both: run hooks and ghost, each in a fresh process, and compare")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--buckets", type=int, default=32768, help="hashed n-gram vocabulary size")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--max-len", type=int, default=24)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=64, help="expected batch size")
+    p.add_argument("--lr", type=float, default=0.03, help="Adam learning rate")
+    p.add_argument("--sigma", type=float, default=1.0, help="noise multiplier")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # child -> parent
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.mode != "both":
+        result = train_one_mode(args)
+        if args.json:
+            print("MEASURED " + json.dumps(result))
+        else:
+            print(f"RESULT: {args.mode}: peak RSS {result['peak_rss_mib']:.0f} MiB "
+                  f"(+{result['training_peak_mib']:.0f} MiB while training), "
+                  f"{1000 * result['seconds_per_step']:.0f} ms/step, test accuracy "
+                  f"{result['test_acc']:.3f} at eps {result['eps']:.2f}")
+        return result
+
+    results = {}
+    for mode in ("hooks", "ghost"):
+        # a fresh interpreter per mode: ru_maxrss is a high-water mark that never goes down
+        child = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *argv, "--mode", mode, "--json"],
+            stdout=subprocess.PIPE, text=True, check=True,
+        )
+        line = [ln for ln in child.stdout.splitlines() if ln.startswith("MEASURED ")][-1]
+        results[mode] = json.loads(line[len("MEASURED "):])
+    print(f"model: {results['hooks']['params']:,} parameters, batch size {args.batch_size}")
+    print(f"{'mode':6s} {'peak RSS':>10s} {'+training':>10s} {'ms/step':>8s} {'test acc':>9s}")
+    for mode, r in results.items():
+        print(f"{mode:6s} {r['peak_rss_mib']:8.0f}MB {r['training_peak_mib']:8.0f}MB "
+              f"{1000 * r['seconds_per_step']:8.0f} {r['test_acc']:9.3f}")
+    hooks, ghost = results["hooks"], results["ghost"]
+    ratio = hooks["training_peak_mib"] / max(ghost["training_peak_mib"], 1.0)
+    print(f"RESULT: training memory hooks {hooks['training_peak_mib']:.0f} MiB vs ghost "
+          f"{ghost['training_peak_mib']:.0f} MiB ({ratio:.1f}x less); test accuracy hooks "
+          f"{hooks['test_acc']:.3f}, ghost {ghost['test_acc']:.3f} at eps {ghost['eps']:.2f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
