@@ -107,7 +107,11 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64, help="expected logical batch size")
     p.add_argument("--max-physical-batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument(
+        "--lr", type=float, default=None,
+        help="SGD learning rate (default 0.5 with DP, whose clipping shrinks the gradients; 0.2 "
+        "without)",
+    )
     p.add_argument("--sigma", type=float, default=1.0, help="noise multiplier")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--delta", type=float, default=1e-5)
@@ -139,7 +143,8 @@ def main(argv=None):
     test_loader = DataLoader(test_set, batch_size=256)
 
     model = make_model(args.dataset)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0)
+    lr = args.lr if args.lr is not None else (0.2 if args.disable_dp else 0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
     criterion = nn.CrossEntropyLoss()
     privacy_engine = None
     if not args.disable_dp:

@@ -36,6 +36,8 @@ def _rank_indices(rank):
 
 
 def _worker(rank, init_file, out_dir):
+    # A forked child must not enter the parent's OpenMP pool (libgomp is not fork-safe).
+    torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE
     )
@@ -96,8 +98,7 @@ def _worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def results():
+def _run_two_processes():
     torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # pay torch's lazy imports once
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "store")
@@ -126,8 +127,7 @@ def _oracle_update():
     ]
 
 
-@pytest.mark.slow
-def test_setup_is_distributed(results):
+def _check_setup_is_distributed(results):
     for r in results:
         assert r["optimizer"] == "DistributedDPOptimizer"
         assert r["sampler"] == "DistributedUniformWithReplacementSampler"
@@ -135,16 +135,14 @@ def test_setup_is_distributed(results):
     assert results[0]["shard"] + results[1]["shard"] == N
 
 
-@pytest.mark.slow
-def test_parameters_broadcast_from_rank0(results):
+def _check_parameters_broadcast_from_rank0(results):
     for a, b in zip(results[0]["initial"], results[1]["initial"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(results[0]["initial"], _model().parameters()):
         torch.testing.assert_close(a, b.detach())
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one_process_on_union(results):
+def _check_two_processes_equal_one_process_on_union(results):
     expected = _oracle_update()
     for r in results:
         for got, want in zip(r["updated"], expected):
@@ -152,8 +150,7 @@ def test_two_processes_equal_one_process_on_union(results):
         assert r["history"] == [(0.0, 1 / 2, 1)]
 
 
-@pytest.mark.slow
-def test_noise_added_once(results):
+def _check_noise_added_once(results):
     u0, u1 = results[0]["noise_update"], results[1]["noise_update"]
     torch.testing.assert_close(u0, u1, rtol=0, atol=0)  # replicas stay identical
     ebs_total = results[0]["noise_ebs"] * WORLD_SIZE
@@ -163,10 +160,20 @@ def test_noise_added_once(results):
     assert abs(var / expected_var - 1) < 0.15, (var, expected_var)
 
 
-@pytest.mark.slow
-def test_average_gradients(results):
+def _check_average_gradients(results):
     for r in results:
         torch.testing.assert_close(r["average"], torch.full((1, 2), 1.5))
+
+
+@pytest.mark.slow
+def test_two_process_training():
+    # One test (not one per check) so that under pytest-xdist a single worker starts the group.
+    results = _run_two_processes()
+    _check_setup_is_distributed(results)
+    _check_parameters_broadcast_from_rank0(results)
+    _check_two_processes_equal_one_process_on_union(results)
+    _check_noise_added_once(results)
+    _check_average_gradients(results)
 
 
 def test_without_process_group_wrapper_is_transparent():

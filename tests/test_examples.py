@@ -84,9 +84,9 @@ def test_digits_dp_beats_chance_and_reports_the_right_epsilon():
 
 
 def test_digits_without_privacy():
-    result = result_line(run_example("digits", "--disable-dp", "--epochs", "1"))
+    result = result_line(run_example("digits", "--disable-dp", "--epochs", "3"))
     assert "without privacy" in result
-    assert number_after(result, "test accuracy") > 0.5
+    assert number_after(result, "test accuracy") > 0.7
 
 
 def test_digits_torchvision_datasets_fail_clearly_without_torchvision():
@@ -159,3 +159,50 @@ def test_privacy_utility_plot_writes_a_png(tmp_path):
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000
+
+
+def _fake_torchvision(monkeypatch, dataset_cls):
+    import types
+
+    tv = types.ModuleType("torchvision")
+    tv.datasets = types.SimpleNamespace(MNIST=dataset_cls, CIFAR10=dataset_cls)
+    transforms = types.ModuleType("torchvision.transforms")
+    transforms.Compose = lambda steps: ("compose", steps)
+    transforms.ToTensor = lambda: "to_tensor"
+    transforms.Normalize = lambda mean, std: ("normalize", mean, std)
+    tv.transforms = transforms
+    monkeypatch.setitem(sys.modules, "torchvision", tv)
+    monkeypatch.setitem(sys.modules, "torchvision.transforms", transforms)
+
+
+def test_digits_torchvision_loader_never_downloads_by_default(monkeypatch, tmp_path):
+    calls = []
+
+    class FakeDataset:
+        def __init__(self, root, train, download, transform):
+            calls.append((root, train, download))
+
+    _fake_torchvision(monkeypatch, FakeDataset)
+    digits = load_module("digits")
+    args = digits.parse_args(["--dataset", "mnist", "--data-root", str(tmp_path)])
+    digits.load_torchvision(args.dataset, args.data_root, args.download)
+    assert calls == [(str(tmp_path), True, False), (str(tmp_path), False, False)]
+    args = digits.parse_args(["--dataset", "cifar10", "--download"])
+    digits.load_torchvision(args.dataset, args.data_root, args.download)
+    assert calls[-1][2] is True
+    # the model adapts to the image size and channels
+    import torch
+
+    for name, shape in (("mnist", (2, 1, 28, 28)), ("cifar10", (2, 3, 32, 32))):
+        assert digits.make_model(name)(torch.zeros(shape)).shape == (2, 10)
+
+
+def test_digits_missing_torchvision_data_is_a_clear_error(monkeypatch, tmp_path):
+    class MissingDataset:
+        def __init__(self, root, train, download, transform):
+            raise RuntimeError("Dataset not found. You can use download=True to download it")
+
+    _fake_torchvision(monkeypatch, MissingDataset)
+    digits = load_module("digits")
+    with pytest.raises(SystemExit, match="--data-root.*--download"):
+        digits.load_torchvision("mnist", str(tmp_path), False)

@@ -124,7 +124,23 @@ def _check_signature(obj, reference_sig, where):
     # bound methods drop self/cls
     if expected and expected[0][0] in ("self", "cls") and (not got or got[0][0] != expected[0][0]):
         expected = expected[1:]
-    assert [e[0] for e in expected] == [g[0] for g in got], f"{where}: params {got} != {expected}"
+    # A superset stays drop-in compatible: extra parameters may follow the reference's ones
+    # (before any **kwargs) as long as they have defaults.
+    names = [g[0] for g in got]
+    extra = [g for g in got if g[0] not in {e[0] for e in expected}]
+    for name, kind, default in extra:
+        assert kind == "VAR_KEYWORD" or default is not inspect.Parameter.empty, (
+            f"{where}: extra parameter {name} has no default"
+        )
+    got = [g for g in got if g not in extra]
+    trailing = [n for n in names if n not in {g[0] for g in got}]
+    reference_tail = [g[0] for g in got if g[1] != "VAR_KEYWORD"]
+    if reference_tail and trailing:
+        last = names.index(reference_tail[-1])
+        assert all(names.index(n) > last for n in trailing if n in names and n != "kwargs"), (
+            f"{where}: extra parameters {trailing} must come after the reference's {reference_tail}"
+        )
+    assert [e[0] for e in expected] == [g[0] for g in got], f"{where}: params {names} != {expected}"
     for (name, kind, default), (_, got_kind, got_default) in zip(expected, got):
         assert kind == got_kind, f"{where}: {name} is {got_kind}, reference {kind}"
         if default is not None:

@@ -10,6 +10,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
+from opacus.grad_sample.buffers import reusable_empty
 from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
 from opacus.grad_sample.registry import register_grad_sampler, register_norm_sampler
 
@@ -22,10 +23,14 @@ __all__ = [
 ]
 
 
-def _scatter_rows(index: torch.Tensor, values: torch.Tensor, vocab: int) -> torch.Tensor:
+def _scatter_rows(
+    layer: nn.Module, index: torch.Tensor, values: torch.Tensor, vocab: int
+) -> torch.Tensor:
     """``out[i, index[i, t]] += values[i, t]``: ``(B, T)``, ``(B, T, D)`` -> ``(B, vocab, D)``."""
     batch, _, dim = values.shape
-    out = torch.zeros(batch, vocab, dim, dtype=values.dtype, device=values.device)
+    out = reusable_empty(
+        layer, "weight", (batch, vocab, dim), dtype=values.dtype, device=values.device
+    ).zero_()
     return out.scatter_add_(1, index.unsqueeze(-1).expand(-1, -1, dim), values)
 
 
@@ -50,7 +55,7 @@ def compute_embedding_grad_sample(
     batch = idx.shape[0]
     idx = idx.reshape(batch, -1)
     b = backprops.reshape(batch, idx.shape[1], layer.embedding_dim)
-    grad = _scatter_rows(idx, b, layer.num_embeddings)
+    grad = _scatter_rows(layer, idx, b, layer.num_embeddings)
     if layer.scale_grad_by_freq:
         counts = torch.zeros(batch, layer.num_embeddings, dtype=b.dtype, device=b.device)
         counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=b.dtype))

@@ -177,8 +177,8 @@ class DPMultiheadAttention(nn.Module):
         key_padding_mask: Optional[torch.Tensor] = None,
         need_weights: bool = True,
         attn_mask: Optional[torch.Tensor] = None,
-        average_attn_weights: bool = True,
         is_causal: bool = False,
+        average_attn_weights: bool = True,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Attention output ``(L, N, E)`` (``(N, L, E)`` with ``batch_first``) and weights.
 

@@ -12,6 +12,7 @@ from typing import Iterator, List
 
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+from opacus.optimizers.optimizer import DPOptimizer
 from opacus.utils.uniform_sampler import (
     DistributedUniformWithReplacementSampler,
     UniformWithReplacementSampler,
@@ -20,6 +21,7 @@ from opacus.utils.uniform_sampler import (
 __all__ = [
     "BatchMemoryManager",
     "BatchSplittingSampler",
+    "DPOptimizer",
     "DistributedUniformWithReplacementSampler",
     "UniformWithReplacementSampler",
     "wrap_data_loader",
@@ -57,7 +59,9 @@ class BatchSplittingSampler(Sampler[List[int]]):
     empty logical batch yields one empty physical batch, which does take a step.
     """
 
-    def __init__(self, *, sampler: Sampler[List[int]], max_batch_size: int, optimizer):
+    def __init__(
+        self, *, sampler: Sampler[List[int]], max_batch_size: int, optimizer: DPOptimizer
+    ):
         self.sampler = sampler
         self.max_batch_size = _check_max_batch_size(max_batch_size)
         self.optimizer = optimizer
@@ -113,7 +117,7 @@ class _SplitDataLoader(DataLoader):
             splitter._deferred_signals = None
 
 
-def wrap_data_loader(*, data_loader: DataLoader, max_batch_size: int, optimizer):
+def wrap_data_loader(*, data_loader: DataLoader, max_batch_size: int, optimizer: DPOptimizer):
     """A data loader yielding the same samples as ``data_loader`` in physical batches.
 
     Every logical batch is split into chunks of at most ``max_batch_size``; ``optimizer`` (a
@@ -160,7 +164,9 @@ class BatchMemoryManager:
                 optimizer.step()  # real step only at the end of each logical batch
     """
 
-    def __init__(self, *, data_loader: DataLoader, max_physical_batch_size: int, optimizer):
+    def __init__(
+        self, *, data_loader: DataLoader, max_physical_batch_size: int, optimizer: DPOptimizer
+    ):
         self.data_loader = data_loader
         self.max_physical_batch_size = _check_max_batch_size(max_physical_batch_size)
         self.optimizer = optimizer

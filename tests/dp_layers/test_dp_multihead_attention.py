@@ -168,8 +168,9 @@ def test_dropout_in_eval_mode_and_average_weights_keyword(batch_first):
         assert_same(
             ref(x, x, x, average_attn_weights=average), dp(x, x, x, average_attn_weights=average)
         )
-    # torch's positional order: (..., attn_mask, average_attn_weights, is_causal)
-    assert dp(x, x, x, None, True, None, False)[1].shape == (
+    # Opacus 1.6's positional order is kept: (..., attn_mask, is_causal); average_attn_weights,
+    # which Opacus lacks, comes last (pass it by keyword as torch code does).
+    assert dp(x, x, x, None, True, None, False, False)[1].shape == (
         (3, 2, 4, 4) if batch_first else (4, 2, 3, 3)
     )
 
