@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/run.py``
 
 from benchmarks.models import WORKLOADS, Workload  # noqa: E402
 from opacus import PrivacyEngine  # noqa: E402
+from opacus.grad_sample.buffers import release_buffers  # noqa: E402
 
 MODES = ("hooks", "functorch", "ghost")
 
@@ -63,7 +64,11 @@ def _median_times(steps: Dict[str, Callable[[], None]], repeats: int, warmup: in
 
 
 def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes allocated (above the level at the start) while ``fn()`` runs."""
+    """Peak bytes allocated (above the level at the start) while ``fn()`` runs.
+
+    Per-sample gradient buffers pooled across steps are released first, so they count.
+    """
+    release_buffers()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)

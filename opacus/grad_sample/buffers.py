@@ -68,3 +68,8 @@ def reusable_empty(
     buf = torch.empty(shape, dtype=dtype, device=device)
     pool[slot] = buf
     return buf
+
+
+def release_buffers() -> None:
+    """Drop every pooled buffer (e.g. before measuring a step's peak memory)."""
+    _pools.clear()

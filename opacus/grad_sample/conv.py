@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from opacus.grad_sample.buffers import reusable_empty
 from opacus.grad_sample.registry import register_grad_sampler
 from opacus.utils.tensor_utils import explicit_padding, unfold2d, unfold3d
 
@@ -51,6 +52,28 @@ def _check_input(layer: ConvNd, x: torch.Tensor) -> int:
     return n
 
 
+def _windows2d(layer: ConvNd, x: torch.Tensor, padding, kernel, stride, dilation) -> torch.Tensor:
+    """im2col of ``x (B, C, H, W)`` as ``(B, C * kh * kw, L)``, written into a pooled buffer.
+
+    The windows are a strided view of the (zero-padded) input, copied once into a buffer reused
+    across steps: ~10x cheaper on CPU than ``F.unfold``'s fresh allocation (page faults, see
+    ``buffers``).  Same layout as ``F.unfold``: channel-major, then kernel row, kernel column.
+    """
+    ph, pw = padding
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    # Each window spans d * (k - 1) + 1 inputs; keep every d-th of them.
+    win = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    win = win[..., ::dh, ::dw]  # (B, C, H_out, W_out, kh, kw)
+    batch, channels, h_out, w_out = win.shape[:4]
+    out = reusable_empty(
+        layer, "im2col", (batch, channels, kh, kw, h_out, w_out), dtype=x.dtype, device=x.device
+    )
+    out.copy_(win.permute(0, 1, 4, 5, 2, 3))
+    return out.view(batch, channels * kh * kw, h_out * w_out)
+
+
 @register_grad_sampler([nn.Conv1d, nn.Conv2d, nn.Conv3d])
 def compute_conv_grad_sample(
     layer: ConvNd, activations: List[torch.Tensor], backprops: torch.Tensor
@@ -78,21 +101,12 @@ def compute_conv_grad_sample(
         padding = tuple(lo for lo, _ in pads)
         if n == 1:
             # A 1-D convolution is a 2-D one over a height-1 image.
-            cols = unfold2d(
-                x.unsqueeze(-2),
-                kernel_size=(1, layer.kernel_size[0]),
-                padding=(0, padding[0]),
-                stride=(1, layer.stride[0]),
-                dilation=(1, layer.dilation[0]),
+            cols = _windows2d(
+                layer, x.unsqueeze(-2), (0, padding[0]), (1, layer.kernel_size[0]),
+                (1, layer.stride[0]), (1, layer.dilation[0]),
             )
         elif n == 2:
-            cols = unfold2d(
-                x,
-                kernel_size=layer.kernel_size,
-                padding=padding,
-                stride=layer.stride,
-                dilation=layer.dilation,
-            )
+            cols = _windows2d(layer, x, padding, layer.kernel_size, layer.stride, layer.dilation)
         else:
             cols = unfold3d(
                 x,
@@ -102,10 +116,15 @@ def compute_conv_grad_sample(
                 dilation=layer.dilation,
             )
         groups = layer.groups
-        b = backprops.reshape(batch, groups, layer.out_channels // groups, -1)
-        cols = cols.reshape(batch, groups, -1, cols.shape[-1])
-        grad = torch.einsum("ngol,ngkl->ngok", b, cols)
-        ret[layer.weight] = grad.reshape(batch, *layer.weight.shape)
+        # One (O/g, L) @ (L, K) product per (sample, group), as a single bmm.
+        b = backprops.reshape(batch * groups, layer.out_channels // groups, -1)
+        cols = cols.reshape(batch * groups, -1, cols.shape[-1])
+        out = reusable_empty(
+            layer, "weight", (batch * groups, b.shape[1], cols.shape[1]),
+            dtype=dtype, device=x.device,
+        )
+        torch.bmm(b, cols.transpose(1, 2), out=out)
+        ret[layer.weight] = out.view(batch, *layer.weight.shape)
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = backprops.reshape(batch, layer.out_channels, -1).sum(dim=-1)
     return ret
