@@ -44,6 +44,7 @@ setup(
             "nbclient",
             "ipykernel",
             "mkdocs>=1.6",
+            "pytorch-lightning>=2.6",
         ],
         "examples": ["scikit-learn", "tqdm", "matplotlib"],
     },

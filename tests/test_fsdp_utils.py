@@ -84,7 +84,10 @@ def _worker(rank, world_size, init_file, result_file):
 
         model = _nested()
         reference = _nested()
-        xs = [torch.randn(6, 5, generator=torch.Generator().manual_seed(r)) for r in range(world_size)]
+        xs = [
+            torch.randn(6, 5, generator=torch.Generator().manual_seed(r))
+            for r in range(world_size)
+        ]
         wrapped = FSDP2Wrapper(model)
         assert wrapped is model and isinstance(model, FSDPModule)
         sharded = {

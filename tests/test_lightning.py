@@ -154,5 +154,5 @@ def test_dp_training_with_lightning_trainer():
     eps = model.privacy_engine.get_epsilon(1e-5)
     assert 0 < eps < float("inf")
     assert any(not torch.equal(a, p) for a, p in zip(before, model.net.parameters()))
-    # The training batches came from the DP loader: Poisson sizes, not always 16.
+    # The training batches came from the DP (Poisson) loader.
     assert isinstance(trainer.train_dataloader, DPDataLoader)

@@ -64,10 +64,12 @@ def reusable_empty(
         and buf.dtype == dtype
         and _only_the_pool_holds(buf)
     ):
-        return buf
+        return buf.view(shape)
     buf = torch.empty(shape, dtype=dtype, device=device)
     pool[slot] = buf
-    return buf
+    # Hand out a distinct tensor on the same storage: every holder of it then counts as a
+    # reference to the storage, which ``_only_the_pool_holds`` sees.
+    return buf.view(shape)
 
 
 def release_buffers() -> None:

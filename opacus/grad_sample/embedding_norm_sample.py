@@ -42,6 +42,9 @@ def compute_embedding_norm_sample(
     sample = torch.arange(batch, device=idx.device).unsqueeze(1).expand_as(idx)
     keys = (sample * vocab + idx).reshape(-1)
     b = b.reshape(-1, b.shape[-1])
+    if b.dtype in (torch.float16, torch.bfloat16):
+        # Squared norms of half-precision rows overflow / lose precision: sum in float32.
+        b = b.float()
     if layer.padding_idx is not None:
         b = b * (idx.reshape(-1) != layer.padding_idx).unsqueeze(1).to(b.dtype)
     unique_keys, group = torch.unique(keys, return_inverse=True)

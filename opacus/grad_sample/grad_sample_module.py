@@ -72,6 +72,9 @@ def create_or_accumulate_grad_sample(
     ``b`` rows: packed sequences shrink the batch of later time steps to the sequences still
     running, which are the first ones.
     """
+    if grad_sample.dtype != param.dtype and grad_sample.is_floating_point():
+        # A sampler fed autocast's bf16 tensors may answer in bf16; p.grad is in p's dtype.
+        grad_sample = grad_sample.to(param.dtype)
     batch = grad_sample.shape[0]
     if batch > max_batch_len:
         raise ValueError(

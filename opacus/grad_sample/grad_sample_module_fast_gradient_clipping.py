@@ -70,9 +70,11 @@ def create_norm_sample(
 
 def _row_norms(grad_sample: torch.Tensor) -> torch.Tensor:
     """L2 norm of each sample's gradient; ``(batch,)`` gradients are those of scalar params."""
+    # float32 for half-precision gradients: their squares overflow (see optimizers.clipping).
+    dtype = torch.float32 if grad_sample.dtype in (torch.float16, torch.bfloat16) else None
     if grad_sample.dim() == 1:
-        return grad_sample.abs()
-    return grad_sample.flatten(start_dim=1).norm(2, dim=1)
+        return grad_sample.abs().to(dtype or grad_sample.dtype)
+    return torch.linalg.vector_norm(grad_sample.flatten(start_dim=1), 2, dim=1, dtype=dtype)
 
 
 def _shared_params(module: nn.Module) -> set:
@@ -173,15 +175,21 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         batch_first: bool,
     ):
         """Full backward hook: ghost norms for single-call layers, else materialised gradients."""
-        call = self._take_call(module, forward_output, loss_reduction, batch_first)
+        # A per-sample gradient is linear in the backprops, so with "mean" the factor B is
+        # applied to the (B,) norms rather than to a copy of the (B, T, d) backprops (memory).
+        call = self._take_call(module, forward_output, "sum", batch_first)
         if call is None:
             return
         activations, backprops, max_batch_len, only_call = call
+        scale = max_batch_len if loss_reduction == "mean" else None
         norm_sampler = self._norm_sampler(module)
         if only_call and norm_sampler is not None and backprops.shape[0] > 0:
             for p, norms in norm_sampler(module, activations, backprops).items():
+                norms = norms if scale is None else norms * scale
                 create_norm_sample(param=p, grad_sample=norms, max_batch_len=max_batch_len)
             return
+        if scale is not None:
+            backprops = backprops * scale
         self._accumulate(self._per_sample_grads(module, activations, backprops), max_batch_len)
 
     def _finish_backward(self) -> None:

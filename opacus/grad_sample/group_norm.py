@@ -14,6 +14,14 @@ import torch.nn.functional as F
 from opacus.grad_sample.registry import register_grad_sampler
 
 
+def _lift(x: torch.Tensor, backprops: torch.Tensor, layer: nn.Module):
+    """``x`` and ``backprops`` in the widest of their dtypes and the layer's parameter dtype."""
+    dtype = torch.promote_types(x.dtype, backprops.dtype)
+    for p in layer.parameters(recurse=False):
+        dtype = torch.promote_types(dtype, p.dtype)
+    return x.to(dtype), backprops.to(dtype)
+
+
 @register_grad_sampler(nn.GroupNorm)
 def compute_group_norm_grad_sample(
     layer: nn.GroupNorm, activations: List[torch.Tensor], backprops: torch.Tensor
@@ -28,7 +36,8 @@ def compute_group_norm_grad_sample(
     Returns:
         ``{weight: (B, C), bias: (B, C)}`` for the parameters that exist and require grad.
     """
-    x = activations[0]
+    # Under autocast the input may be bf16 while the layer (and its gradient) is float32.
+    x, backprops = _lift(activations[0], backprops, layer)
     spatial = list(range(2, x.dim()))
     ret = {}
     if layer.weight is not None and layer.weight.requires_grad:

@@ -17,6 +17,14 @@ InstanceNormNd = Union[nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d]
 _BATCHED_DIMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
 
 
+def _lift(x: torch.Tensor, backprops: torch.Tensor, layer: nn.Module):
+    """``x`` and ``backprops`` in the widest of their dtypes and the layer's parameter dtype."""
+    dtype = torch.promote_types(x.dtype, backprops.dtype)
+    for p in layer.parameters(recurse=False):
+        dtype = torch.promote_types(dtype, p.dtype)
+    return x.to(dtype), backprops.to(dtype)
+
+
 def _normalised(layer: InstanceNormNd, x: torch.Tensor) -> torch.Tensor:
     if layer.training or not layer.track_running_stats:
         # Input statistics; no running buffers passed, so the forward's update is not repeated.
@@ -48,6 +56,8 @@ def compute_instance_norm_grad_sample(
             f"{type(layer).__name__} grad sampler: expected a batched input of {expected} dims "
             f"(B, C, *spatial), got shape {tuple(x.shape)}; add a batch dimension"
         )
+    # Under autocast the input may be bf16 while the layer (and its gradient) is float32.
+    x, backprops = _lift(x, backprops, layer)
     spatial = list(range(2, x.dim()))
     ret = {}
     if layer.weight is not None and layer.weight.requires_grad:

@@ -17,11 +17,17 @@ from opacus.grad_sample.buffers import reusable_empty
 from opacus.grad_sample.registry import register_grad_sampler, register_norm_sampler
 
 
-def _as_sequences(activations: torch.Tensor, backprops: torch.Tensor):
-    """Collapse every dim between batch and features into one ``T`` dim: (B, T, d)."""
+def _as_sequences(activations: torch.Tensor, backprops: torch.Tensor, min_dtype=None):
+    """Collapse every dim between batch and features into one ``T`` dim: (B, T, d).
+
+    ``min_dtype`` (float32 for norms) lifts half-precision inputs: a Gram matrix or a squared
+    norm of float16 values overflows past 65504, and bfloat16 drops the small terms.
+    """
     batch = activations.shape[0]
     # Under autocast the captured input and the output gradient can differ in precision.
     dtype = torch.promote_types(activations.dtype, backprops.dtype)
+    if min_dtype is not None:
+        dtype = torch.promote_types(dtype, min_dtype)
     return (
         activations.reshape(batch, -1, activations.shape[-1]).to(dtype),
         backprops.reshape(batch, -1, backprops.shape[-1]).to(dtype),
@@ -88,7 +94,7 @@ def compute_linear_norm_sample(
     Returns:
         ``{weight: (B,), bias: (B,)}`` for the parameters that require grad.
     """
-    a, b = _as_sequences(activations[0], backprops)
+    a, b = _as_sequences(activations[0], backprops, min_dtype=torch.float32)
     ret = {}
     if layer.weight.requires_grad:
         # Rounding can push the Gram contraction a hair below zero.

@@ -16,6 +16,14 @@ from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 __all__ = ["compute_rms_norm_grad_sample", "sum_over_all_but_batch_and_last_n"]
 
 
+def _lift(x: torch.Tensor, backprops: torch.Tensor, layer: nn.Module):
+    """``x`` and ``backprops`` in the widest of their dtypes and the layer's parameter dtype."""
+    dtype = torch.promote_types(x.dtype, backprops.dtype)
+    for p in layer.parameters(recurse=False):
+        dtype = torch.promote_types(dtype, p.dtype)
+    return x.to(dtype), backprops.to(dtype)
+
+
 @register_grad_sampler(nn.RMSNorm)
 def compute_rms_norm_grad_sample(
     layer: nn.RMSNorm, activations: List[torch.Tensor], backprops: torch.Tensor
@@ -32,6 +40,8 @@ def compute_rms_norm_grad_sample(
     """
     if layer.weight is None or not layer.weight.requires_grad:
         return {}
-    x_hat = F.rms_norm(activations[0], layer.normalized_shape, eps=layer.eps)
+    # Under autocast the input may be bf16 while the layer (and its gradient) is float32.
+    x, backprops = _lift(activations[0], backprops, layer)
+    x_hat = F.rms_norm(x, layer.normalized_shape, eps=layer.eps)
     n_dims = len(layer.normalized_shape)
     return {layer.weight: sum_over_all_but_batch_and_last_n(x_hat * backprops, n_dims)}

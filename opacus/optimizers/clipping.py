@@ -15,12 +15,24 @@ import torch
 
 CLIP_EPS = 1e-6
 
+# Squares of half-precision gradients overflow (float16: |g| > 256) or lose the small terms
+# (bfloat16 has an 8-bit mantissa): norms are accumulated and returned in float32.
+_REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-sample norms of ``dtype`` gradients are computed in (float32 for halves)."""
+    return torch.float32 if dtype in _REDUCED_PRECISION else dtype
+
 
 def per_sample_param_norms(grad_sample: torch.Tensor) -> torch.Tensor:
     """``(batch,)`` L2 norms of one parameter's per-sample gradients ``(batch, *param.shape)``."""
+    dtype = norm_dtype(grad_sample.dtype)
     if grad_sample.dim() == 1:  # a 0-d parameter: each sample's gradient is a scalar
-        return grad_sample.abs()
-    return torch.linalg.vector_norm(grad_sample, ord=2, dim=tuple(range(1, grad_sample.dim())))
+        return grad_sample.abs().to(dtype)
+    return torch.linalg.vector_norm(
+        grad_sample, ord=2, dim=tuple(range(1, grad_sample.dim())), dtype=dtype
+    )
 
 
 def check_batch_sizes(grad_samples: Sequence[torch.Tensor]) -> int:

@@ -208,7 +208,8 @@ class DPOptimizer(Optimizer):
             noise = gaussian_noise(
                 std, s, generator=self.generator, secure_mode=self.secure_mode
             )
-            p.grad = (s + noise).view_as(p)
+            # The fresh noise tensor becomes the gradient: one allocation and pass per param.
+            p.grad = noise.add_(s).view_as(p)
 
     def _scale_denominator(self) -> float:
         return self.expected_batch_size * self.accumulated_iterations

@@ -12,7 +12,11 @@ import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
 from opacus.utils.module_utils import clone_module, trainable_parameters
-from opacus.utils.packed_sequences import compute_seq_lengths, unpack_packedsequences
+from opacus.utils.packed_sequences import (
+    compute_seq_lengths,
+    packed_sequence_to_list,
+    unpack_packedsequences,
+)
 
 __all__ = [
     "ModelWithLoss",
@@ -91,7 +95,8 @@ class ModelWithLoss(nn.Module):
 
 def _split_samples(x, batch_first: bool):
     if isinstance(x, PackedSequence):
-        return unpack_packedsequences(x)
+        # Original batch order: the order of the grad-sample rows (and of the user's batch).
+        return packed_sequence_to_list(x)
     return list(torch.unbind(x, dim=0 if batch_first else 1))
 
 
@@ -114,7 +119,9 @@ def compute_microbatch_grad_sample(
 
     ``x`` is a batch tensor (the batch on dim 0, or dim 1 when ``batch_first=False``) or a
     ``PackedSequence``. Each sample's gradient is that of its own loss, which is what the batched
-    machinery computes for either reduction.
+    machinery computes for either reduction.  For a ``PackedSequence`` with ``"mean"`` the batch
+    loss averages over all ``sum_j T_j`` time steps, so sample ``i``'s share (times the batch
+    size ``B``, as the grad-sample hooks scale it) is its own mean loss times ``B T_i / sum_j T_j``.
     """
     packed = isinstance(x, PackedSequence)
     model = ModelWithLoss(clone_module(module), loss_reduction)
@@ -123,6 +130,8 @@ def compute_microbatch_grad_sample(
     per_sample = {n: [] for n in names}
     for sample in chunk_method(_split_samples(x, batch_first)):
         loss = model(_one_sample_batch(sample, batch_first, packed))
+        if packed and loss_reduction == "mean":
+            loss = loss * (int(x.batch_sizes[0]) * sample.shape[0] / x.data.shape[0])
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for n, p, g in zip(names, params, grads):
             per_sample[n].append(torch.zeros_like(p) if g is None else g.detach())
@@ -207,7 +216,8 @@ def check_per_sample_gradients_are_correct(
     """True if the batched per-sample gradients of ``module`` on ``x`` match the micro-batch loop,
     for both loss reductions. Run it on a few samples of your data before training a new model."""
     if grad_sample_mode == "functorch":
-        import torch.func  # noqa: F401  (fails early with a clear ImportError on old torch)
+        # `import torch.func` here would make `torch` a local name of this function.
+        from torch import func as _torch_func  # noqa: F401  (clear ImportError on old torch)
     if not isinstance(x, PackedSequence) and is_batch_empty(x):
         raise ValueError("check_per_sample_gradients_are_correct: x is an empty batch")
     for reduction in ("sum", "mean"):

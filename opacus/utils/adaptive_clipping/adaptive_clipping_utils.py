@@ -66,6 +66,7 @@ __all__ = [
     "GradSampleModuleFastGradientClipping",
     "PrivacyEngine",
     "PrivacyEngineAdaptiveClipping",
+    "noisy_unclipped_fraction",
     "unclipped_num_std_for",
     "updated_clip_bound",
 ]
@@ -79,6 +80,24 @@ _GhostModule = Union[GradSampleModuleFastGradientClipping, GradSampleHooksFastGr
 def unclipped_num_std_for(initial_noise_multiplier: float) -> float:
     """``sigma_b`` with ``(2 sigma_b)^-2 = COUNT_PRIVACY_SHARE * sigma^-2`` (module docstring)."""
     return initial_noise_multiplier / (2.0 * math.sqrt(COUNT_PRIVACY_SHARE))
+
+
+def noisy_unclipped_fraction(
+    norms: torch.Tensor,
+    clip_bound: float,
+    *,
+    unclipped_num_std: float,
+    expected_batch_size: float,
+    generator: Optional[torch.Generator] = None,
+    secure_mode: bool = False,
+) -> float:
+    """``(#{i : norms_i <= C} + N(0, sigma_b^2)) / n`` (Andrew et al. 2021, Algorithm 1).
+
+    ``generator``: a CPU generator (the count is a CPU scalar) or ``None``.
+    """
+    count = torch.tensor(float(unclipped_count(norms, clip_bound)), dtype=torch.float64)
+    noise = gaussian_noise(unclipped_num_std, count, generator=generator, secure_mode=secure_mode)
+    return float(count + noise) / expected_batch_size
 
 
 def updated_clip_bound(
@@ -233,18 +252,17 @@ class DPTensorFastGradientAdaptiveClipping(DPTensorFastGradientClipping):
         )
         norms = module.get_norm_sample()
 
-        count = torch.tensor(
-            float(unclipped_count(norms, optimizer.max_grad_norm)), dtype=torch.float64
-        )
-        count = count + gaussian_noise(
-            self.unclipped_num_std,
-            count,
+        unclipped_frac = noisy_unclipped_fraction(
+            norms,
+            optimizer.max_grad_norm,
+            unclipped_num_std=self.unclipped_num_std,
+            expected_batch_size=optimizer.expected_batch_size,
             generator=_cpu_generator(optimizer),
             secure_mode=optimizer.secure_mode,
         )
         new_bound = updated_clip_bound(
             optimizer.max_grad_norm,
-            float(count) / optimizer.expected_batch_size,
+            unclipped_frac,
             target_unclipped_quantile=self.target_unclipped_quantile,
             clipbound_learning_rate=self.clipbound_learning_rate,
             min_clipbound=self.min_clipbound,
