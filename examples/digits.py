@@ -8,7 +8,8 @@ comparison. ``--dataset mnist`` or ``--dataset cifar10`` trains on torchvision's
 sets instead, read from ``--data-root`` (never downloaded unless ``--download`` is given).
 """
 
-import argparse
+import os
+import sys
 import time
 
 import numpy as np
@@ -16,10 +17,17 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-try:
-    from tqdm import tqdm
-except ImportError:  # progress bars are optional
-    tqdm = None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402 (the examples' shared helpers, next to this script)
+    add_privacy_args,
+    add_run_args,
+    bars_enabled,
+    evaluate,
+    make_parser,
+    out_of_steps,
+    set_threads,
+    train_epoch,
+)
 
 
 def load_digits_tensors(seed: int):
@@ -85,22 +93,8 @@ def make_model(dataset: str = "digits") -> nn.Module:
     )
 
 
-def evaluate(model, loader) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += (model(x).argmax(dim=1) == y).sum().item()
-            total += len(y)
-    model.train()
-    return correct / max(total, 1)
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = make_parser(__doc__)
     p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "cifar10"])
     p.add_argument("--data-root", default="./data", help="where torchvision data sets live")
     p.add_argument("--download", action="store_true", help="let torchvision download the data")
@@ -112,27 +106,20 @@ def parse_args(argv=None):
         help="SGD learning rate (default 0.5 with DP, whose clipping shrinks the gradients; 0.2 "
         "without)",
     )
-    p.add_argument("--sigma", type=float, default=1.0, help="noise multiplier")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--delta", type=float, default=1e-5)
+    add_privacy_args(p, sigma=1.0)
     p.add_argument("--target-epsilon", type=float, default=None)
     p.add_argument("--accountant", default="prv", choices=["prv", "rdp", "gdp"])
     p.add_argument("--grad-sample-mode", default="hooks", choices=["hooks", "functorch", "ew"])
     p.add_argument("--disable-dp", action="store_true")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument(
-        "--threads", type=int, default=1,
-        help="torch threads; tiny models run fastest on one (0 keeps torch's default)",
+    add_run_args(
+        p, threads_help="torch threads; tiny models run fastest on one (0 keeps torch's default)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     if args.dataset == "digits":
@@ -177,9 +164,8 @@ def main(argv=None):
     start = time.time()
     eps = float("nan")
     steps = 0
-    show_bar = tqdm is not None and not args.no_progress
+    show_bar = bars_enabled(args)
     for epoch in range(1, args.epochs + 1):
-        losses, correct, seen = [], 0, 0
         if privacy_engine is not None:
             from opacus.utils.batch_memory_manager import BatchMemoryManager
 
@@ -191,36 +177,21 @@ def main(argv=None):
         else:
             ctx = _NullContext(train_loader)
         with ctx as loader:
-            bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False) if show_bar \
-                else loader
-            for x, y in bar:
-                optimizer.zero_grad()
-                out = model(x)
-                # an empty Poisson batch still takes a (noise-only) step
-                loss = criterion(out, y) if len(y) else out.sum() * 0.0
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                correct += (out.argmax(dim=1) == y).sum().item()
-                seen += len(y)
-                steps += 1
-                if show_bar:
-                    bar.set_postfix(
-                        loss=f"{np.mean(losses):.3f}", acc=f"{correct / max(seen, 1):.3f}",
-                        eps=f"{eps:.2f}",
-                    )
-                if args.max_steps is not None and steps >= args.max_steps:
-                    break
+            stats, steps = train_epoch(
+                model, optimizer, criterion, loader, desc=f"epoch {epoch}/{args.epochs}",
+                show_bar=show_bar, eps=eps, steps=steps, max_steps=args.max_steps,
+                per_batch_loss=True,
+            )
         if privacy_engine is not None:
             eps = privacy_engine.get_epsilon(args.delta)
         test_acc = evaluate(model, test_loader)
         eps_text = f" | eps {eps:.2f} (delta={args.delta})" if privacy_engine is not None else ""
         print(
-            f"epoch {epoch:3d} | loss {np.mean(losses):.4f}"
-            f" | train acc {correct / max(seen, 1):.3f}"
+            f"epoch {epoch:3d} | loss {stats.loss(per_batch=True):.4f}"
+            f" | train acc {stats.accuracy:.3f}"
             f" | test acc {test_acc:.3f}{eps_text}"
         )
-        if args.max_steps is not None and steps >= args.max_steps:
+        if out_of_steps(steps, args.max_steps):
             break
     elapsed = time.time() - start
     test_acc = evaluate(model, test_loader)

@@ -11,7 +11,6 @@ the update and the privacy guarantee are those of one process training on the un
 CPU only (the ``gloo`` backend). Rank 0 prints the progress and the final ``RESULT:`` line.
 """
 
-import argparse
 import os
 import sys
 import tempfile
@@ -23,19 +22,23 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits import evaluate, load_digits_tensors, make_model  # noqa: E402 (sibling example)
-
-try:
-    from tqdm import tqdm
-except ImportError:  # progress bars are optional
-    tqdm = None
+from _common import (  # noqa: E402 (the examples' shared helpers, next to this script)
+    add_privacy_args,
+    add_run_args,
+    bars_enabled,
+    evaluate,
+    make_parser,
+    out_of_steps,
+    progress,
+    set_threads,
+    sgd_step,
+    show_batch,
+)
+from digits import load_digits_tensors, make_model  # noqa: E402 (sibling example)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = make_parser(__doc__)
     p.add_argument("--spawn", action="store_true",
                    help="start the processes here with torch.multiprocessing instead of torchrun")
     p.add_argument("--world-size", type=int, default=2, help="processes to start with --spawn")
@@ -43,13 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64,
                    help="expected LOGICAL batch size, summed over all processes")
     p.add_argument("--lr", type=float, default=0.5)
-    p.add_argument("--sigma", type=float, default=1.0, help="noise multiplier")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    add_privacy_args(p, sigma=1.0)
+    add_run_args(p, threads_help="torch threads per process")
     return p.parse_args(argv)
 
 
@@ -57,8 +55,7 @@ def train(rank, world_size, args):
     from opacus import PrivacyEngine
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     # Same seed everywhere: identical data split; DPDDP broadcasts rank 0's weights anyway.
     torch.manual_seed(args.seed)
     train_set, test_set = load_digits_tensors(args.seed)
@@ -79,28 +76,22 @@ def train(rank, world_size, args):
         print(f"{world_size} processes, {type(optimizer).__name__}, expected batch "
               f"{optimizer.expected_batch_size} per process")
     start, steps, eps = time.time(), 0, float("nan")
-    show_bar = lead and tqdm is not None and not args.no_progress
+    show_bar = lead and bars_enabled(args)
     for epoch in range(1, args.epochs + 1):
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False) if show_bar \
-            else train_loader
+        bar = progress(train_loader, f"epoch {epoch}/{args.epochs}", show_bar)
         for x, y in bar:
-            optimizer.zero_grad()
-            out = model(x)
-            # an empty Poisson batch still takes part in the all-reduce
-            loss = criterion(out, y) if len(y) else out.sum() * 0.0
-            loss.backward()
-            optimizer.step()
+            # an empty Poisson batch still takes part in the all-reduce (with a zero loss)
+            out, loss = sgd_step(model, optimizer, criterion, x, y)
             steps += 1
             if show_bar:
-                acc = (out.argmax(-1) == y).float().mean().item() if len(y) else float("nan")
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", eps=f"{eps:.2f}")
-            if args.max_steps is not None and steps >= args.max_steps:
+                show_batch(bar, loss, out, y, eps)
+            if out_of_steps(steps, args.max_steps):
                 break
         eps = privacy_engine.get_epsilon(args.delta)
         if lead:
             print(f"epoch {epoch:3d} | test acc {evaluate(model, DataLoader(test_set, 256)):.3f}"
                   f" | eps {eps:.2f}")
-        if args.max_steps is not None and steps >= args.max_steps:
+        if out_of_steps(steps, args.max_steps):
             break
 
     # The replicas must still be equal: all ranks applied the same all-reduced, noised update.

@@ -23,19 +23,22 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-try:
-    from tqdm import tqdm
-except ImportError:  # progress bars are optional
-    tqdm = None
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import (  # noqa: E402 (the examples' shared helpers, next to this script)
+    add_privacy_args,
+    add_run_args,
+    bars_enabled,
+    evaluate,
+    make_parser,
+    out_of_steps,
+    progress,
+    read_tsv,
+    set_threads,
+    show_batch,
+)
+
 DEFAULT_DATA = os.path.join(HERE, "data", "sentences.tsv")
-
-
-def read_tsv(path):
-    with open(path, encoding="utf8") as f:
-        next(f)
-        return [tuple(line.rstrip("\n").split("\t", 1)) for line in f if line.strip()]
 
 
 def hashed_ngrams(text, buckets, max_len):
@@ -80,17 +83,6 @@ def peak_rss_mib():
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def evaluate(model, loader):
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += (model(x).argmax(-1) == y).sum().item()
-            total += len(y)
-    model.train()
-    return correct / max(total, 1)
-
-
 def train_one_mode(args):
     """Trains with ``args.mode`` in this process; returns a dict of measurements."""
     torch.manual_seed(args.seed)
@@ -118,24 +110,23 @@ def train_one_mode(args):
 
     peak_before = peak_rss_mib()
     start, steps, eps = time.time(), 0, float("nan")
-    show_bar = tqdm is not None and not args.no_progress
+    show_bar = bars_enabled(args)
     for epoch in range(1, args.epochs + 1):
-        bar = tqdm(train_loader, desc=f"{args.mode} epoch {epoch}/{args.epochs}", leave=False) \
-            if show_bar else train_loader
+        bar = progress(train_loader, f"{args.mode} epoch {epoch}/{args.epochs}", show_bar)
         for x, y in bar:
             optimizer.zero_grad()
             out = model(x)
+            # with ghost clipping, this backward() is the double backward of the DP criterion
             loss = criterion(out, y)
             loss.backward()
             optimizer.step()
             steps += 1
             if show_bar:
-                acc = (out.argmax(-1) == y).float().mean().item() if len(y) else float("nan")
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", eps=f"{eps:.2f}")
-            if args.max_steps is not None and steps >= args.max_steps:
+                show_batch(bar, loss, out, y, eps)
+            if out_of_steps(steps, args.max_steps):
                 break
         eps = privacy_engine.get_epsilon(args.delta)
-        if args.max_steps is not None and steps >= args.max_steps:
+        if out_of_steps(steps, args.max_steps):
             break
     elapsed = time.time() - start
     return {
@@ -147,10 +138,7 @@ def train_one_mode(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = make_parser(__doc__)
     p.add_argument("--mode", default="both", choices=["both", "hooks", "ghost"],
                    help="both: run hooks and ghost, each in a fresh process, and compare")
     p.add_argument("--data", default=DEFAULT_DATA)
@@ -161,13 +149,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64, help="expected batch size")
     p.add_argument("--lr", type=float, default=0.03, help="Adam learning rate")
-    p.add_argument("--sigma", type=float, default=1.0, help="noise multiplier")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    add_privacy_args(p, sigma=1.0)
+    add_run_args(p)
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # child -> parent
     return p.parse_args(argv)
 
@@ -175,8 +158,7 @@ def parse_args(argv=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     if args.mode != "both":
         result = train_one_mode(args)
         if args.json:

@@ -8,7 +8,6 @@ the RDP (Mironov 2017), PRV (Gopi et al. 2021) and GDP (Dong et al. 2019, a CLT 
 that can under-report) accountants. Writes a PNG (matplotlib, ``pip install matplotlib``).
 """
 
-import argparse
 import contextlib
 import io
 import math
@@ -18,11 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digits  # noqa: E402 (sibling example)
-
-try:
-    from tqdm import tqdm
-except ImportError:  # progress bars are optional
-    tqdm = None
+from _common import make_parser, tqdm  # noqa: E402 (the examples' shared helpers)
 
 
 def accountant_curves(sigma, sample_rate, epochs, delta):
@@ -48,10 +43,7 @@ def run_digits(extra):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = make_parser(__doc__)
     p.add_argument("--output", default="privacy_utility.png", help="PNG file to write")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 0.8, 1.2, 2.5],
                    help="noise multipliers, one DP run each")

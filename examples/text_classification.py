@@ -9,29 +9,30 @@ classifies the topic of the short sentences shipped in ``examples/data/sentences
 ``--layout seq-first`` runs the same model on ``(seq, batch)`` tensors with ``batch_first=False``.
 """
 
-import argparse
 import os
+import sys
 import time
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-try:
-    from tqdm import tqdm
-except ImportError:  # progress bars are optional
-    tqdm = None
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import (  # noqa: E402 (the examples' shared helpers, next to this script)
+    add_privacy_args,
+    add_run_args,
+    bars_enabled,
+    evaluate,
+    make_parser,
+    out_of_steps,
+    read_tsv,
+    set_threads,
+    train_epoch,
+)
+
 DEFAULT_DATA = os.path.join(HERE, "data", "sentences.tsv")
 PAD, UNK = 0, 1
-
-
-def read_tsv(path):
-    """``[(label, text), ...]`` from a two-column TSV file with a header line."""
-    with open(path, encoding="utf8") as f:
-        next(f)
-        return [tuple(line.rstrip("\n").split("\t", 1)) for line in f if line.strip()]
 
 
 def encode(rows, vocab=None, labels=None, max_len=None):
@@ -91,46 +92,25 @@ class TinyTransformer(nn.Module):
         return self.head(pooled).squeeze(seq_dim)
 
 
-def evaluate(model, loader, batch_first):
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            x = x if batch_first else x.t()
-            correct += (model(x).argmax(-1) == y).sum().item()
-            total += len(y)
-    model.train()
-    return correct / max(total, 1)
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = make_parser(__doc__)
     p.add_argument("--data", default=DEFAULT_DATA, help="TSV file: label<TAB>sentence")
     p.add_argument("--layout", default="batch-first", choices=["batch-first", "seq-first"])
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128, help="expected batch size")
     p.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
-    p.add_argument("--sigma", type=float, default=1.5, help="noise multiplier")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--delta", type=float, default=1e-5)
+    add_privacy_args(p, sigma=1.5)
     p.add_argument("--accountant", default="prv", choices=["prv", "rdp", "gdp"])
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--disable-dp", action="store_true")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    add_run_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     torch.manual_seed(args.seed)
     batch_first = args.layout == "batch-first"
 
@@ -160,36 +140,23 @@ def main(argv=None):
         )
 
     start, steps, eps = time.time(), 0, float("nan")
-    show_bar = tqdm is not None and not args.no_progress
+    show_bar = bars_enabled(args)
+    # the loaders yield (N, L) word ids; the seq-first model takes (L, N)
+    prepare = None if batch_first else torch.t
     for epoch in range(1, args.epochs + 1):
-        total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False) if show_bar \
-            else train_loader
-        for x, y in bar:
-            optimizer.zero_grad()
-            out = model(x if batch_first else x.t())
-            # an empty Poisson batch still takes a (noise-only) step
-            loss = criterion(out, y) if len(y) else out.sum() * 0.0
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(y)
-            correct += (out.argmax(-1) == y).sum().item()
-            seen += len(y)
-            steps += 1
-            if show_bar:
-                bar.set_postfix(loss=f"{total_loss / max(seen, 1):.3f}",
-                                acc=f"{correct / max(seen, 1):.3f}", eps=f"{eps:.2f}")
-            if args.max_steps is not None and steps >= args.max_steps:
-                break
+        stats, steps = train_epoch(
+            model, optimizer, criterion, train_loader, desc=f"epoch {epoch}/{args.epochs}",
+            show_bar=show_bar, eps=eps, steps=steps, max_steps=args.max_steps, prepare=prepare,
+        )
         if privacy_engine is not None:
             eps = privacy_engine.get_epsilon(args.delta)
         if epoch % 5 == 0 or epoch == args.epochs or args.max_steps is not None:
-            print(f"epoch {epoch:3d} | loss {total_loss / max(seen, 1):.4f} | train acc "
-                  f"{correct / max(seen, 1):.3f} | test acc "
-                  f"{evaluate(model, test_loader, batch_first):.3f} | eps {eps:.2f}")
-        if args.max_steps is not None and steps >= args.max_steps:
+            print(f"epoch {epoch:3d} | loss {stats.loss():.4f} | train acc "
+                  f"{stats.accuracy:.3f} | test acc "
+                  f"{evaluate(model, test_loader, prepare):.3f} | eps {eps:.2f}")
+        if out_of_steps(steps, args.max_steps):
             break
-    test_acc = evaluate(model, test_loader, batch_first)
+    test_acc = evaluate(model, test_loader, prepare)
     privacy = (f"eps {eps:.2f}, delta {args.delta}" if privacy_engine is not None
                else "without privacy")
     print(f"RESULT: test accuracy {test_acc:.3f} ({len(labels)} classes) {privacy}, "

@@ -261,18 +261,7 @@ class DPDataLoader(DataLoader):
                 "its batches cannot be turned into Poisson batches. Build the DPDataLoader "
                 "directly with DPDataLoader(dataset, sample_rate=...)."
             )
-        kwargs = dict(
-            num_workers=data_loader.num_workers,
-            pin_memory=data_loader.pin_memory,
-            timeout=data_loader.timeout,
-            worker_init_fn=data_loader.worker_init_fn,
-            multiprocessing_context=data_loader.multiprocessing_context,
-            persistent_workers=data_loader.persistent_workers,
-        )
-        if data_loader.num_workers > 0:
-            kwargs["prefetch_factor"] = data_loader.prefetch_factor
-        if getattr(data_loader, "pin_memory_device", ""):
-            kwargs["pin_memory_device"] = data_loader.pin_memory_device
+        kwargs = _worker_settings(data_loader)
         collate_fn = data_loader.collate_fn
         if isinstance(collate_fn, CollateFnWithEmpty):
             collate_fn = collate_fn.collator_fn
@@ -286,6 +275,25 @@ class DPDataLoader(DataLoader):
             rand_on_empty=rand_on_empty,
             **kwargs,
         )
+
+
+def _worker_settings(data_loader: DataLoader) -> dict:
+    """The ``DataLoader`` keyword arguments that say how ``data_loader`` loads its batches
+    (workers, pinning, timeouts), for a loader that re-batches the same dataset."""
+    kwargs = dict(
+        num_workers=data_loader.num_workers,
+        pin_memory=data_loader.pin_memory,
+        timeout=data_loader.timeout,
+        worker_init_fn=data_loader.worker_init_fn,
+        multiprocessing_context=data_loader.multiprocessing_context,
+        persistent_workers=data_loader.persistent_workers,
+    )
+    # DataLoader rejects prefetch_factor without workers.
+    if data_loader.num_workers > 0:
+        kwargs["prefetch_factor"] = data_loader.prefetch_factor
+    if getattr(data_loader, "pin_memory_device", ""):
+        kwargs["pin_memory_device"] = data_loader.pin_memory_device
+    return kwargs
 
 
 def _sampler_generator(data_loader: DataLoader):

@@ -7,7 +7,10 @@ examples/data/make_names.py`` rewrites the committed file byte for byte.
 """
 
 import os
-import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _generate import distinct_rows, write_tsv  # noqa: E402 (shared with make_sentences.py)
 
 LANGUAGES = {
     "aldan": {  # soft, vowel-heavy, ends in -a/-ia/-el
@@ -25,28 +28,17 @@ LANGUAGES = {
 }
 
 
+def _draw_name(rng, parts):
+    stem = "".join(rng.choice(parts["syllables"]) for _ in range(rng.randint(1, 3)))
+    return (stem + rng.choice(parts["endings"])).capitalize()
+
+
 def make_names(per_language: int = 150, seed: int = 0):
-    rng = random.Random(seed)
-    rows = []
-    for label, parts in LANGUAGES.items():
-        seen = set()
-        while len(seen) < per_language:
-            stem = "".join(rng.choice(parts["syllables"]) for _ in range(rng.randint(1, 3)))
-            name = (stem + rng.choice(parts["endings"])).capitalize()
-            if name not in seen:
-                seen.add(name)
-                rows.append((label, name))
-    rng.shuffle(rows)
-    return rows
+    return distinct_rows(LANGUAGES, per_language, _draw_name, seed)
 
 
 def main():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "names.tsv")
-    with open(path, "w", encoding="utf8", newline="\n") as f:
-        f.write("label\tname\n")
-        for label, name in make_names():
-            f.write(f"{label}\t{name}\n")
-    print(f"wrote {path}")
+    write_tsv("names.tsv", ("label", "name"), make_names())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ must look at the topic words (not the sentence shape) to classify them.
 """
 
 import os
-import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _generate import distinct_rows, write_tsv  # noqa: E402 (shared with make_names.py)
 
 TOPICS = {
     "sports": {
@@ -54,31 +57,20 @@ TEMPLATES = [
 ]
 
 
+def _draw_sentence(rng, words):
+    sentence = rng.choice(TEMPLATES).format(
+        who=rng.choice(words["who"]), did=rng.choice(words["did"]),
+        what=rng.choice(words["what"]), when=rng.choice(WHEN), how=rng.choice(HOW),
+    )
+    return " ".join(sentence.split())
+
+
 def make_sentences(per_topic: int = 200, seed: int = 0):
-    rng = random.Random(seed)
-    rows = []
-    for topic, words in TOPICS.items():
-        seen = set()
-        while len(seen) < per_topic:
-            sentence = rng.choice(TEMPLATES).format(
-                who=rng.choice(words["who"]), did=rng.choice(words["did"]),
-                what=rng.choice(words["what"]), when=rng.choice(WHEN), how=rng.choice(HOW),
-            )
-            sentence = " ".join(sentence.split())
-            if sentence not in seen:
-                seen.add(sentence)
-                rows.append((topic, sentence))
-    rng.shuffle(rows)
-    return rows
+    return distinct_rows(TOPICS, per_topic, _draw_sentence, seed)
 
 
 def main():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sentences.tsv")
-    with open(path, "w", encoding="utf8", newline="\n") as f:
-        f.write("label\tsentence\n")
-        for label, sentence in make_sentences():
-            f.write(f"{label}\t{sentence}\n")
-    print(f"wrote {path}")
+    write_tsv("sentences.tsv", ("label", "sentence"), make_sentences())
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ is correct. Use the ``"prv"`` accountant (tight) for the claim; ``"rdp"`` over-r
 makes the audit weaker.
 """
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -134,6 +135,52 @@ def _default_engine_factory(accountant: str) -> Callable[[], Any]:
     return lambda: PrivacyEngine(accountant=accountant)
 
 
+@contextlib.contextmanager
+def _audit_runtime():
+    # The audited models are tiny: intra-op threads only add synchronisation (measured 60x slower
+    # per step with 2 threads on a loaded 2-core machine), so run single-threaded and restore.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            # The inputs of an audited model do not require grad, which torch reports once per
+            # backward for the per-sample hooks; it is expected here.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _make_private(factory, model, criterion, dataset, batch_size, lr, kw):
+    """``(engine, module, dp_optimizer, dp_loader)`` for one audited SGD run (ghost mode excluded
+    by ``_check_engine_kwargs``, so ``make_private`` returns a triple)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    loader = DataLoader(dataset, batch_size=batch_size)
+    engine = factory()
+    made = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, criterion=criterion, **kw
+    )
+    return engine, made[0], made[1], made[-1]
+
+
+def _batches(loader, steps: int):
+    """``steps`` batches of ``loader``, starting a new epoch whenever it runs out."""
+    batches = iter(loader)
+    for _ in range(steps):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        yield batch
+
+
+def _backward(module, dp_optimizer, criterion, batch):
+    *inputs, target = batch
+    dp_optimizer.zero_grad()
+    criterion(module(*inputs), target).backward()
+
+
 def run_canary_experiment(
     model_fn: Callable[[], nn.Module],
     data,
@@ -174,22 +221,12 @@ def run_canary_experiment(
     criterion = nn.CrossEntropyLoss() if criterion is None else criterion
     canary_norm = 10.0 * float(kw["max_grad_norm"]) if canary_norm is None else canary_norm
     factory = privacy_engine_factory or _default_engine_factory(accountant)
-    # The audited models are tiny: intra-op threads only add synchronisation (measured 60x slower
-    # per step with 2 threads on a loaded 2-core machine), so run single-threaded and restore.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with warnings.catch_warnings():
-            # The inputs of an audited model do not require grad, which torch reports once per
-            # backward for the per-sample hooks; it is expected here.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            return _run_experiment(
-                model_fn, dataset, kw, included, steps=steps, batch_size=batch_size, lr=lr,
-                criterion=criterion, canary_norm=canary_norm, delta=delta, factory=factory,
-                seed=seed,
-            )
-    finally:
-        torch.set_num_threads(threads)
+    with _audit_runtime():
+        return _run_experiment(
+            model_fn, dataset, kw, included, steps=steps, batch_size=batch_size, lr=lr,
+            criterion=criterion, canary_norm=canary_norm, delta=delta, factory=factory,
+            seed=seed,
+        )
 
 
 def _run_experiment(
@@ -204,27 +241,15 @@ def _run_experiment(
     for r in range(runs):
         torch.manual_seed(seed * 1_000_003 + r)
         model = CanaryModule(model_fn(), num_canaries, batch_dim=batch_dim)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-        loader = DataLoader(dataset, batch_size=batch_size)
-        engine = factory()
-        made = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion, **kw
+        engine, module, dp_optimizer, dp_loader = _make_private(
+            factory, model, criterion, dataset, batch_size, lr, kw
         )
-        module, dp_optimizer, dp_loader = made[0], made[1], made[-1]
         sample_rate = getattr(dp_loader, "sample_rate", None) or 1.0 / len(dp_loader)
         canary = model.canary.weight
         start = canary.detach().clone()
         member = torch.as_tensor(included[r])
-        batches = iter(dp_loader)
-        for _ in range(steps):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                batches = iter(dp_loader)
-                batch = next(batches)
-            *inputs, target = batch
-            dp_optimizer.zero_grad()
-            criterion(module(*inputs), target).backward()
+        for batch in _batches(dp_loader, steps):
+            _backward(module, dp_optimizer, criterion, batch)
             in_batch = member & (torch.rand(num_canaries, generator=gen) < sample_rate)
             rows = dirac_canary_gradients(in_batch, canary_norm, dtype=canary.dtype)
             insert_canary_gradients(dp_optimizer.params, canary, rows, generator=gen)
@@ -419,40 +444,22 @@ def audit_dp_sgd_input_canary(
 
     scores = np.zeros(trials)
     eps_claimed = math.nan
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for r in range(trials):
-                torch.manual_seed(seed)
-                model = model_fn()
-                theta0 = _flat_params(model)
-                torch.manual_seed(seed * 1_000_003 + r + 1)
-                ds = ConcatDataset([dataset, canary_ds]) if included[r] else dataset
-                optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-                engine = factory()
-                made = engine.make_private(
-                    module=model, optimizer=optimizer, criterion=criterion,
-                    data_loader=DataLoader(ds, batch_size=batch_size), **kw,
-                )
-                module, dp_optimizer, dp_loader = made[0], made[1], made[-1]
-                batches = iter(dp_loader)
-                for _ in range(steps):
-                    try:
-                        batch = next(batches)
-                    except StopIteration:
-                        batches = iter(dp_loader)
-                        batch = next(batches)
-                    *inputs, target = batch
-                    dp_optimizer.zero_grad()
-                    criterion(module(*inputs), target).backward()
-                    dp_optimizer.step()
-                scores[r] = float(torch.dot(theta0 - _flat_params(model), u)) / lr
-                if included[r] and math.isnan(eps_claimed):
-                    eps_claimed = float(engine.get_epsilon(delta))
-    finally:
-        torch.set_num_threads(threads)
+    with _audit_runtime():
+        for r in range(trials):
+            torch.manual_seed(seed)
+            model = model_fn()
+            theta0 = _flat_params(model)
+            torch.manual_seed(seed * 1_000_003 + r + 1)
+            ds = ConcatDataset([dataset, canary_ds]) if included[r] else dataset
+            engine, module, dp_optimizer, dp_loader = _make_private(
+                factory, model, criterion, ds, batch_size, lr, kw
+            )
+            for batch in _batches(dp_loader, steps):
+                _backward(module, dp_optimizer, criterion, batch)
+                dp_optimizer.step()
+            scores[r] = float(torch.dot(theta0 - _flat_params(model), u)) / lr
+            if included[r] and math.isnan(eps_claimed):
+                eps_claimed = float(engine.get_epsilon(delta))
     detail = eps_lower_from_scores(
         scores[included], scores[~included], delta=delta, confidence=confidence,
         method=threshold_method, seed=seed,

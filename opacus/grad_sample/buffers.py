@@ -25,9 +25,13 @@ _pools: "weakref.WeakKeyDictionary[object, Dict[str, torch.Tensor]]" = (
 )
 
 
+# A private torch API (present since 2.1); without it nothing is pooled.
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def _only_the_pool_holds(buf: torch.Tensor) -> bool:
     # The pool's tensor holds one reference and the temporary ``untyped_storage()`` another.
-    return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2
+    return _storage_use_count(buf.untyped_storage()._cdata) == 2
 
 
 def reusable_empty(
@@ -48,7 +52,8 @@ def reusable_empty(
     for s in shape:
         numel *= s
     if (
-        torch.device(device).type != "cpu"
+        _storage_use_count is None
+        or torch.device(device).type != "cpu"
         or numel * dtype.itemsize < MIN_POOLED_BYTES
         or torch.is_grad_enabled()
     ):

@@ -55,5 +55,6 @@ def compute_embedding_norm_sample(
         summed = summed / counts.unsqueeze(1)
     norms_sq = torch.zeros(batch, dtype=b.dtype, device=b.device)
     owner = torch.div(unique_keys, vocab, rounding_mode="floor")
-    norms_sq.index_add_(0, owner, summed.pow(2).sum(dim=1))
+    # vector_norm reduces without a (K, dim) squared copy (long sequences: K ~ B * T).
+    norms_sq.index_add_(0, owner, torch.linalg.vector_norm(summed, dim=1).square_())
     return {layer.weight: norms_sq.sqrt()}

@@ -10,41 +10,21 @@ clipping, setting the total bound rescales every per-layer bound by the same fac
 from typing import Callable
 
 from opacus.optimizers import DPOptimizer
+from opacus.schedulers._base import _check_step_size, _OptimizerAttributeScheduler
 
 
-class _GradClipScheduler(object):
+class _GradClipScheduler(_OptimizerAttributeScheduler):
     """Base class: subclasses implement ``get_max_grad_norm()`` for epoch ``last_epoch``."""
 
-    def __init__(self, optimizer: DPOptimizer, *, last_epoch=-1):
-        if not hasattr(optimizer, "max_grad_norm"):
-            raise TypeError(
-                f"clip-bound schedulers drive a DPOptimizer (with max_grad_norm), got "
-                f"{type(optimizer).__name__}; pass the optimizer returned by make_private"
-            )
-        self.optimizer = optimizer
-        self.last_epoch = last_epoch
-        self.step()
-
-    def state_dict(self):
-        """Every attribute except the optimizer and callables (which cannot be pickled)."""
-        return {
-            key: value
-            for key, value in self.__dict__.items()
-            if key != "optimizer" and not callable(value)
-        }
-
-    def load_state_dict(self, state_dict):
-        """Restore the attributes saved by ``state_dict``."""
-        self.__dict__.update(state_dict)
+    _attribute = "max_grad_norm"
+    _family = "clip-bound schedulers"
 
     def get_max_grad_norm(self):
         """The clip bound for the current ``last_epoch``."""
         raise NotImplementedError
 
-    def step(self):
-        """Advance one epoch and write the new clip bound into the optimizer."""
-        self.last_epoch += 1
-        self.optimizer.max_grad_norm = self.get_max_grad_norm()
+    def _get_value(self):
+        return self.get_max_grad_norm()
 
 
 class ExponentialGradClip(_GradClipScheduler):
@@ -55,9 +35,7 @@ class ExponentialGradClip(_GradClipScheduler):
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def get_max_grad_norm(self):
-        if self.last_epoch == 0:
-            return self.optimizer.max_grad_norm
-        return self.optimizer.max_grad_norm * self.gamma
+        return self._exponential_value()
 
 
 class LambdaGradClip(_GradClipScheduler):
@@ -84,13 +62,10 @@ class StepGradClip(_GradClipScheduler):
     def __init__(
         self, optimizer: DPOptimizer, *, step_size: int, gamma: float, last_epoch: int = -1
     ):
-        if step_size <= 0:
-            raise ValueError(f"step_size must be a positive integer, got {step_size}")
+        _check_step_size(step_size)
         self.step_size = step_size
         self.gamma = gamma
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def get_max_grad_norm(self):
-        if self.last_epoch == 0 or self.last_epoch % self.step_size != 0:
-            return self.optimizer.max_grad_norm
-        return self.gamma * self.optimizer.max_grad_norm
+        return self._stepped_value()

@@ -8,41 +8,21 @@ advances ``last_epoch`` and writes the new value.  The accountant hook reads
 from typing import Callable
 
 from opacus.optimizers import DPOptimizer
+from opacus.schedulers._base import _check_step_size, _OptimizerAttributeScheduler
 
 
-class _NoiseScheduler(object):
+class _NoiseScheduler(_OptimizerAttributeScheduler):
     """Base class: subclasses implement ``get_noise_multiplier()`` for epoch ``last_epoch``."""
 
-    def __init__(self, optimizer: DPOptimizer, *, last_epoch=-1):
-        if not hasattr(optimizer, "noise_multiplier"):
-            raise TypeError(
-                f"noise schedulers drive a DPOptimizer (with noise_multiplier), got "
-                f"{type(optimizer).__name__}; pass the optimizer returned by make_private"
-            )
-        self.optimizer = optimizer
-        self.last_epoch = last_epoch
-        self.step()
-
-    def state_dict(self):
-        """Every attribute except the optimizer and callables (which cannot be pickled)."""
-        return {
-            key: value
-            for key, value in self.__dict__.items()
-            if key != "optimizer" and not callable(value)
-        }
-
-    def load_state_dict(self, state_dict):
-        """Restore the attributes saved by ``state_dict``."""
-        self.__dict__.update(state_dict)
+    _attribute = "noise_multiplier"
+    _family = "noise schedulers"
 
     def get_noise_multiplier(self):
         """The noise multiplier for the current ``last_epoch``."""
         raise NotImplementedError
 
-    def step(self):
-        """Advance one epoch and write the new noise multiplier into the optimizer."""
-        self.last_epoch += 1
-        self.optimizer.noise_multiplier = self.get_noise_multiplier()
+    def _get_value(self):
+        return self.get_noise_multiplier()
 
 
 class ExponentialNoise(_NoiseScheduler):
@@ -53,9 +33,7 @@ class ExponentialNoise(_NoiseScheduler):
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def get_noise_multiplier(self):
-        if self.last_epoch == 0:
-            return self.optimizer.noise_multiplier
-        return self.optimizer.noise_multiplier * self.gamma
+        return self._exponential_value()
 
 
 class LambdaNoise(_NoiseScheduler):
@@ -82,13 +60,10 @@ class StepNoise(_NoiseScheduler):
     def __init__(
         self, optimizer: DPOptimizer, *, step_size: int, gamma: float, last_epoch: int = -1
     ):
-        if step_size <= 0:
-            raise ValueError(f"step_size must be a positive integer, got {step_size}")
+        _check_step_size(step_size)
         self.step_size = step_size
         self.gamma = gamma
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def get_noise_multiplier(self):
-        if self.last_epoch == 0 or self.last_epoch % self.step_size != 0:
-            return self.optimizer.noise_multiplier
-        return self.gamma * self.optimizer.noise_multiplier
+        return self._stepped_value()

@@ -12,6 +12,7 @@ from typing import Iterator, List
 
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+from opacus.data_loader import _worker_settings
 from opacus.optimizers.optimizer import DPOptimizer
 from opacus.utils.uniform_sampler import (
     DistributedUniformWithReplacementSampler,
@@ -128,26 +129,16 @@ def wrap_data_loader(*, data_loader: DataLoader, max_batch_size: int, optimizer:
             "The data loader has no batch sampler (batch_size=None): there are no logical "
             "batches to split."
         )
-    kwargs = dict(
-        num_workers=data_loader.num_workers,
-        collate_fn=data_loader.collate_fn,
-        pin_memory=data_loader.pin_memory,
-        timeout=data_loader.timeout,
-        worker_init_fn=data_loader.worker_init_fn,
-        multiprocessing_context=data_loader.multiprocessing_context,
-        generator=data_loader.generator,
-        persistent_workers=data_loader.persistent_workers,
-    )
-    if data_loader.num_workers > 0:
-        kwargs["prefetch_factor"] = data_loader.prefetch_factor
     return _SplitDataLoader(
         dataset=data_loader.dataset,
+        collate_fn=data_loader.collate_fn,
+        generator=data_loader.generator,
         batch_sampler=BatchSplittingSampler(
             sampler=data_loader.batch_sampler,
             max_batch_size=max_batch_size,
             optimizer=optimizer,
         ),
-        **kwargs,
+        **_worker_settings(data_loader),
     )
 
 

@@ -175,6 +175,24 @@ def _check_adaptive_optimizer(optimizer) -> None:
         )
 
 
+def _set_adaptive_knobs(
+    owner, optimizer, target_unclipped_quantile, min_clipbound, max_clipbound,
+    clipbound_learning_rate, initial_noise_multiplier,
+) -> None:
+    """Validate the clip-bound update's knobs and the optimizer; store the knobs on ``owner``
+    (the adaptive loss wrapper, or the per-batch loss tensor it hands them to)."""
+    _validate_knobs(
+        target_unclipped_quantile, min_clipbound, max_clipbound, clipbound_learning_rate,
+        initial_noise_multiplier,
+    )
+    _check_adaptive_optimizer(optimizer)
+    owner.target_unclipped_quantile = target_unclipped_quantile
+    owner.min_clipbound = min_clipbound
+    owner.max_clipbound = max_clipbound
+    owner.clipbound_learning_rate = clipbound_learning_rate
+    owner.initial_noise_multiplier = initial_noise_multiplier
+
+
 def _cpu_generator(optimizer) -> Optional[torch.Generator]:
     # The count is a CPU scalar: a user generator on another device cannot draw it.
     generator = getattr(optimizer, "generator", None)
@@ -203,16 +221,10 @@ class DPTensorFastGradientAdaptiveClipping(DPTensorFastGradientClipping):
         initial_noise_multiplier: float = 1.0,
     ):
         super().__init__(module, optimizer, loss_per_sample, loss_reduction)
-        _validate_knobs(
-            target_unclipped_quantile, min_clipbound, max_clipbound, clipbound_learning_rate,
-            initial_noise_multiplier,
+        _set_adaptive_knobs(
+            self, optimizer, target_unclipped_quantile, min_clipbound, max_clipbound,
+            clipbound_learning_rate, initial_noise_multiplier,
         )
-        _check_adaptive_optimizer(optimizer)
-        self.target_unclipped_quantile = target_unclipped_quantile
-        self.min_clipbound = min_clipbound
-        self.max_clipbound = max_clipbound
-        self.clipbound_learning_rate = clipbound_learning_rate
-        self.initial_noise_multiplier = initial_noise_multiplier
         self.unclipped_num_std = unclipped_num_std_for(initial_noise_multiplier)
 
     def _check_step_is_real(self) -> None:
@@ -301,16 +313,10 @@ class DPLossFastGradientAdaptiveClipping(DPLossFastGradientClipping):
         initial_noise_multiplier: float = 1.0,
     ):
         super().__init__(module, optimizer, criterion, loss_reduction)
-        _validate_knobs(
-            target_unclipped_quantile, min_clipbound, max_clipbound, clipbound_learning_rate,
-            initial_noise_multiplier,
+        _set_adaptive_knobs(
+            self, optimizer, target_unclipped_quantile, min_clipbound, max_clipbound,
+            clipbound_learning_rate, initial_noise_multiplier,
         )
-        _check_adaptive_optimizer(optimizer)
-        self.target_unclipped_quantile = target_unclipped_quantile
-        self.min_clipbound = min_clipbound
-        self.max_clipbound = max_clipbound
-        self.clipbound_learning_rate = clipbound_learning_rate
-        self.initial_noise_multiplier = initial_noise_multiplier
 
     def __call__(
         self, input, target, shape: Optional[Sequence[int]] = None
