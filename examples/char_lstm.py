@@ -17,17 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import (  # noqa: E402 (the examples' shared helpers, next to this script)
-    add_privacy_args,
-    add_run_args,
-    bars_enabled,
-    evaluate,
-    make_parser,
-    out_of_steps,
-    read_tsv,
-    set_threads,
-    train_epoch,
-)
+import _common as common  # noqa: E402 (the examples' shared helpers, next to this script)
 
 DEFAULT_DATA = os.path.join(HERE, "data", "names.tsv")
 PAD = 0
@@ -58,26 +48,26 @@ class CharLSTM(nn.Module):
 
 
 def parse_args(argv=None):
-    p = make_parser(__doc__)
+    p = common.make_parser(__doc__)
     p.add_argument("--data", default=DEFAULT_DATA, help="TSV file: label<TAB>name")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64, help="expected batch size")
     p.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
-    add_privacy_args(p, sigma=1.5)
+    common.add_privacy_args(p, sigma=1.5)
     p.add_argument("--accountant", default="prv", choices=["prv", "rdp", "gdp"])
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--max-len", type=int, default=12, help="names are cut to their last letters")
     p.add_argument("--disable-dp", action="store_true")
-    add_run_args(p)
+    common.add_run_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    set_threads(args)
+    common.set_threads(args)
     torch.manual_seed(args.seed)
 
-    rows = read_tsv(args.data)
+    rows = common.read_tsv(args.data)
     n_test = len(rows) // 5
     # Ids 1.. for letters seen in training, len+1 for unseen ones, 0 for padding.
     letters = sorted({c for _, name in rows[n_test:] for c in name.lower()})
@@ -105,9 +95,9 @@ def main(argv=None):
         )
 
     start, steps, eps = time.time(), 0, float("nan")
-    show_bar = bars_enabled(args)
+    show_bar = common.bars_enabled(args)
     for epoch in range(1, args.epochs + 1):
-        stats, steps = train_epoch(
+        stats, steps = common.train_epoch(
             model, optimizer, criterion, train_loader, desc=f"epoch {epoch}/{args.epochs}",
             show_bar=show_bar, eps=eps, steps=steps, max_steps=args.max_steps,
         )
@@ -115,11 +105,11 @@ def main(argv=None):
             eps = privacy_engine.get_epsilon(args.delta)
         if epoch % 5 == 0 or epoch == args.epochs or args.max_steps is not None:
             print(f"epoch {epoch:3d} | loss {stats.loss():.4f} | train acc "
-                  f"{stats.accuracy:.3f} | test acc {evaluate(model, test_loader):.3f}"
+                  f"{stats.accuracy:.3f} | test acc {common.evaluate(model, test_loader):.3f}"
                   f" | eps {eps:.2f}")
-        if out_of_steps(steps, args.max_steps):
+        if common.out_of_steps(steps, args.max_steps):
             break
-    test_acc = evaluate(model, test_loader)
+    test_acc = common.evaluate(model, test_loader)
     privacy = (f"eps {eps:.2f}, delta {args.delta}" if privacy_engine is not None
                else "without privacy")
     print(f"RESULT: test accuracy {test_acc:.3f} ({len(labels)} classes) {privacy}, "

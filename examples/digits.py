@@ -18,16 +18,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402 (the examples' shared helpers, next to this script)
-    add_privacy_args,
-    add_run_args,
-    bars_enabled,
-    evaluate,
-    make_parser,
-    out_of_steps,
-    set_threads,
-    train_epoch,
-)
+import _common as common  # noqa: E402 (the examples' shared helpers, next to this script)
 
 
 def load_digits_tensors(seed: int):
@@ -94,7 +85,7 @@ def make_model(dataset: str = "digits") -> nn.Module:
 
 
 def parse_args(argv=None):
-    p = make_parser(__doc__)
+    p = common.make_parser(__doc__)
     p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "cifar10"])
     p.add_argument("--data-root", default="./data", help="where torchvision data sets live")
     p.add_argument("--download", action="store_true", help="let torchvision download the data")
@@ -106,12 +97,12 @@ def parse_args(argv=None):
         help="SGD learning rate (default 0.5 with DP, whose clipping shrinks the gradients; 0.2 "
         "without)",
     )
-    add_privacy_args(p, sigma=1.0)
+    common.add_privacy_args(p, sigma=1.0)
     p.add_argument("--target-epsilon", type=float, default=None)
     p.add_argument("--accountant", default="prv", choices=["prv", "rdp", "gdp"])
     p.add_argument("--grad-sample-mode", default="hooks", choices=["hooks", "functorch", "ew"])
     p.add_argument("--disable-dp", action="store_true")
-    add_run_args(
+    common.add_run_args(
         p, threads_help="torch threads; tiny models run fastest on one (0 keeps torch's default)"
     )
     return p.parse_args(argv)
@@ -119,7 +110,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    set_threads(args)
+    common.set_threads(args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     if args.dataset == "digits":
@@ -138,7 +129,7 @@ def main(argv=None):
         from opacus import PrivacyEngine
 
         privacy_engine = PrivacyEngine(accountant=args.accountant)
-        common = dict(
+        engine_args = dict(
             module=model,
             optimizer=optimizer,
             data_loader=train_loader,
@@ -147,14 +138,14 @@ def main(argv=None):
         )
         if args.target_epsilon is not None:
             model, optimizer, train_loader = privacy_engine.make_private_with_epsilon(
-                **common,
+                **engine_args,
                 target_epsilon=args.target_epsilon,
                 target_delta=args.delta,
                 epochs=args.epochs,
             )
         else:
             model, optimizer, train_loader = privacy_engine.make_private(
-                **common, noise_multiplier=args.sigma
+                **engine_args, noise_multiplier=args.sigma
             )
         print(
             f"DP-SGD: noise multiplier {optimizer.noise_multiplier:.3f}, "
@@ -164,7 +155,7 @@ def main(argv=None):
     start = time.time()
     eps = float("nan")
     steps = 0
-    show_bar = bars_enabled(args)
+    show_bar = common.bars_enabled(args)
     for epoch in range(1, args.epochs + 1):
         if privacy_engine is not None:
             from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -177,24 +168,24 @@ def main(argv=None):
         else:
             ctx = _NullContext(train_loader)
         with ctx as loader:
-            stats, steps = train_epoch(
+            stats, steps = common.train_epoch(
                 model, optimizer, criterion, loader, desc=f"epoch {epoch}/{args.epochs}",
                 show_bar=show_bar, eps=eps, steps=steps, max_steps=args.max_steps,
                 per_batch_loss=True,
             )
         if privacy_engine is not None:
             eps = privacy_engine.get_epsilon(args.delta)
-        test_acc = evaluate(model, test_loader)
+        test_acc = common.evaluate(model, test_loader)
         eps_text = f" | eps {eps:.2f} (delta={args.delta})" if privacy_engine is not None else ""
         print(
             f"epoch {epoch:3d} | loss {stats.loss(per_batch=True):.4f}"
             f" | train acc {stats.accuracy:.3f}"
             f" | test acc {test_acc:.3f}{eps_text}"
         )
-        if out_of_steps(steps, args.max_steps):
+        if common.out_of_steps(steps, args.max_steps):
             break
     elapsed = time.time() - start
-    test_acc = evaluate(model, test_loader)
+    test_acc = common.evaluate(model, test_loader)
     if privacy_engine is not None:
         print(
             f"RESULT: test accuracy {test_acc:.3f} at eps {eps:.2f}, delta {args.delta} "

@@ -22,23 +22,12 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402 (the examples' shared helpers, next to this script)
-    add_privacy_args,
-    add_run_args,
-    bars_enabled,
-    evaluate,
-    make_parser,
-    out_of_steps,
-    progress,
-    set_threads,
-    sgd_step,
-    show_batch,
-)
+import _common as common  # noqa: E402 (the examples' shared helpers, next to this script)
 from digits import load_digits_tensors, make_model  # noqa: E402 (sibling example)
 
 
 def parse_args(argv=None):
-    p = make_parser(__doc__)
+    p = common.make_parser(__doc__)
     p.add_argument("--spawn", action="store_true",
                    help="start the processes here with torch.multiprocessing instead of torchrun")
     p.add_argument("--world-size", type=int, default=2, help="processes to start with --spawn")
@@ -46,8 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64,
                    help="expected LOGICAL batch size, summed over all processes")
     p.add_argument("--lr", type=float, default=0.5)
-    add_privacy_args(p, sigma=1.0)
-    add_run_args(p, threads_help="torch threads per process")
+    common.add_privacy_args(p, sigma=1.0)
+    common.add_run_args(p, threads_help="torch threads per process")
     return p.parse_args(argv)
 
 
@@ -55,7 +44,7 @@ def train(rank, world_size, args):
     from opacus import PrivacyEngine
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
-    set_threads(args)
+    common.set_threads(args)
     # Same seed everywhere: identical data split; DPDDP broadcasts rank 0's weights anyway.
     torch.manual_seed(args.seed)
     train_set, test_set = load_digits_tensors(args.seed)
@@ -76,22 +65,22 @@ def train(rank, world_size, args):
         print(f"{world_size} processes, {type(optimizer).__name__}, expected batch "
               f"{optimizer.expected_batch_size} per process")
     start, steps, eps = time.time(), 0, float("nan")
-    show_bar = lead and bars_enabled(args)
+    show_bar = lead and common.bars_enabled(args)
     for epoch in range(1, args.epochs + 1):
-        bar = progress(train_loader, f"epoch {epoch}/{args.epochs}", show_bar)
+        bar = common.progress(train_loader, f"epoch {epoch}/{args.epochs}", show_bar)
         for x, y in bar:
             # an empty Poisson batch still takes part in the all-reduce (with a zero loss)
-            out, loss = sgd_step(model, optimizer, criterion, x, y)
+            out, loss = common.sgd_step(model, optimizer, criterion, x, y)
             steps += 1
             if show_bar:
-                show_batch(bar, loss, out, y, eps)
-            if out_of_steps(steps, args.max_steps):
+                common.show_batch(bar, loss, out, y, eps)
+            if common.out_of_steps(steps, args.max_steps):
                 break
         eps = privacy_engine.get_epsilon(args.delta)
         if lead:
-            print(f"epoch {epoch:3d} | test acc {evaluate(model, DataLoader(test_set, 256)):.3f}"
-                  f" | eps {eps:.2f}")
-        if out_of_steps(steps, args.max_steps):
+            test_acc = common.evaluate(model, DataLoader(test_set, 256))
+            print(f"epoch {epoch:3d} | test acc {test_acc:.3f} | eps {eps:.2f}")
+        if common.out_of_steps(steps, args.max_steps):
             break
 
     # The replicas must still be equal: all ranks applied the same all-reduced, noised update.
@@ -100,7 +89,7 @@ def train(rank, world_size, args):
     dist.all_gather(gathered, flat)
     in_sync = all(torch.equal(gathered[0], g) for g in gathered[1:])
     if lead:
-        test_acc = evaluate(model, DataLoader(test_set, batch_size=256))
+        test_acc = common.evaluate(model, DataLoader(test_set, batch_size=256))
         print(f"RESULT: test accuracy {test_acc:.3f} at eps {eps:.2f}, delta {args.delta}, "
               f"{world_size} processes, {steps} steps in {time.time() - start:.1f}s, "
               f"replicas in sync: {in_sync}")

@@ -25,18 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import (  # noqa: E402 (the examples' shared helpers, next to this script)
-    add_privacy_args,
-    add_run_args,
-    bars_enabled,
-    evaluate,
-    make_parser,
-    out_of_steps,
-    progress,
-    read_tsv,
-    set_threads,
-    show_batch,
-)
+import _common as common  # noqa: E402 (the examples' shared helpers, next to this script)
 
 DEFAULT_DATA = os.path.join(HERE, "data", "sentences.tsv")
 
@@ -50,7 +39,7 @@ def hashed_ngrams(text, buckets, max_len):
 
 
 def load(path, buckets, max_len):
-    rows = read_tsv(path)
+    rows = common.read_tsv(path)
     labels = {name: i for i, name in enumerate(sorted({label for label, _ in rows}))}
     x = torch.tensor([hashed_ngrams(text, buckets, max_len) for _, text in rows])
     y = torch.tensor([labels[label] for label, _ in rows])
@@ -110,9 +99,9 @@ def train_one_mode(args):
 
     peak_before = peak_rss_mib()
     start, steps, eps = time.time(), 0, float("nan")
-    show_bar = bars_enabled(args)
+    show_bar = common.bars_enabled(args)
     for epoch in range(1, args.epochs + 1):
-        bar = progress(train_loader, f"{args.mode} epoch {epoch}/{args.epochs}", show_bar)
+        bar = common.progress(train_loader, f"{args.mode} epoch {epoch}/{args.epochs}", show_bar)
         for x, y in bar:
             optimizer.zero_grad()
             out = model(x)
@@ -122,23 +111,23 @@ def train_one_mode(args):
             optimizer.step()
             steps += 1
             if show_bar:
-                show_batch(bar, loss, out, y, eps)
-            if out_of_steps(steps, args.max_steps):
+                common.show_batch(bar, loss, out, y, eps)
+            if common.out_of_steps(steps, args.max_steps):
                 break
         eps = privacy_engine.get_epsilon(args.delta)
-        if out_of_steps(steps, args.max_steps):
+        if common.out_of_steps(steps, args.max_steps):
             break
     elapsed = time.time() - start
     return {
         "mode": args.mode, "params": n_params, "steps": steps,
         "seconds_per_step": elapsed / max(steps, 1),
         "peak_rss_mib": peak_rss_mib(), "training_peak_mib": peak_rss_mib() - peak_before,
-        "test_acc": evaluate(model, test_loader), "eps": eps,
+        "test_acc": common.evaluate(model, test_loader), "eps": eps,
     }
 
 
 def parse_args(argv=None):
-    p = make_parser(__doc__)
+    p = common.make_parser(__doc__)
     p.add_argument("--mode", default="both", choices=["both", "hooks", "ghost"],
                    help="both: run hooks and ghost, each in a fresh process, and compare")
     p.add_argument("--data", default=DEFAULT_DATA)
@@ -149,8 +138,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64, help="expected batch size")
     p.add_argument("--lr", type=float, default=0.03, help="Adam learning rate")
-    add_privacy_args(p, sigma=1.0)
-    add_run_args(p)
+    common.add_privacy_args(p, sigma=1.0)
+    common.add_run_args(p)
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # child -> parent
     return p.parse_args(argv)
 
@@ -158,7 +147,7 @@ def parse_args(argv=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    set_threads(args)
+    common.set_threads(args)
     if args.mode != "both":
         result = train_one_mode(args)
         if args.json:

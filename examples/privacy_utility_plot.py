@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digits  # noqa: E402 (sibling example)
-from _common import make_parser, tqdm  # noqa: E402 (the examples' shared helpers)
+import _common as common  # noqa: E402 (the examples' shared helpers)
 
 
 def accountant_curves(sigma, sample_rate, epochs, delta):
@@ -43,7 +43,7 @@ def run_digits(extra):
 
 
 def parse_args(argv=None):
-    p = make_parser(__doc__)
+    p = common.make_parser(__doc__)
     p.add_argument("--output", default="privacy_utility.png", help="PNG file to write")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 0.8, 1.2, 2.5],
                    help="noise multipliers, one DP run each")
@@ -69,17 +69,17 @@ def main(argv=None):
                          "(or `pip install -e '.[examples]'`)") from exc
 
     start = time.time()
-    common = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+    shared = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
               "--delta", str(args.delta)]
     if args.max_steps is not None:
-        common += ["--max-steps", str(args.max_steps)]
+        shared += ["--max-steps", str(args.max_steps)]
     runs = [("non-private", ["--disable-dp"])] + [
         (f"sigma={s:g}", ["--sigma", str(s)]) for s in args.sigmas
     ]
-    bar = tqdm(runs, desc="digits runs") if tqdm is not None and not args.no_progress else runs
+    bar = common.tqdm(runs, desc="digits runs") if common.bars_enabled(args) else runs
     points = {}
     for label, extra in bar:
-        points[label] = run_digits(common + extra)
+        points[label] = run_digits(shared + extra)
         if bar is not runs:
             acc, eps = points[label]
             bar.set_postfix(run=label, acc=f"{acc:.3f}", eps=f"{eps:.2f}")

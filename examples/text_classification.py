@@ -19,17 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import (  # noqa: E402 (the examples' shared helpers, next to this script)
-    add_privacy_args,
-    add_run_args,
-    bars_enabled,
-    evaluate,
-    make_parser,
-    out_of_steps,
-    read_tsv,
-    set_threads,
-    train_epoch,
-)
+import _common as common  # noqa: E402 (the examples' shared helpers, next to this script)
 
 DEFAULT_DATA = os.path.join(HERE, "data", "sentences.tsv")
 PAD, UNK = 0, 1
@@ -93,28 +83,28 @@ class TinyTransformer(nn.Module):
 
 
 def parse_args(argv=None):
-    p = make_parser(__doc__)
+    p = common.make_parser(__doc__)
     p.add_argument("--data", default=DEFAULT_DATA, help="TSV file: label<TAB>sentence")
     p.add_argument("--layout", default="batch-first", choices=["batch-first", "seq-first"])
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128, help="expected batch size")
     p.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
-    add_privacy_args(p, sigma=1.5)
+    common.add_privacy_args(p, sigma=1.5)
     p.add_argument("--accountant", default="prv", choices=["prv", "rdp", "gdp"])
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--disable-dp", action="store_true")
-    add_run_args(p)
+    common.add_run_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    set_threads(args)
+    common.set_threads(args)
     torch.manual_seed(args.seed)
     batch_first = args.layout == "batch-first"
 
-    rows = read_tsv(args.data)
+    rows = common.read_tsv(args.data)
     n_test = len(rows) // 5
     train_ids, train_y, vocab, labels, max_len = encode(rows[n_test:])
     test_ids, test_y, *_ = encode(rows[:n_test], vocab, labels, max_len)
@@ -140,11 +130,11 @@ def main(argv=None):
         )
 
     start, steps, eps = time.time(), 0, float("nan")
-    show_bar = bars_enabled(args)
+    show_bar = common.bars_enabled(args)
     # the loaders yield (N, L) word ids; the seq-first model takes (L, N)
     prepare = None if batch_first else torch.t
     for epoch in range(1, args.epochs + 1):
-        stats, steps = train_epoch(
+        stats, steps = common.train_epoch(
             model, optimizer, criterion, train_loader, desc=f"epoch {epoch}/{args.epochs}",
             show_bar=show_bar, eps=eps, steps=steps, max_steps=args.max_steps, prepare=prepare,
         )
@@ -153,10 +143,10 @@ def main(argv=None):
         if epoch % 5 == 0 or epoch == args.epochs or args.max_steps is not None:
             print(f"epoch {epoch:3d} | loss {stats.loss():.4f} | train acc "
                   f"{stats.accuracy:.3f} | test acc "
-                  f"{evaluate(model, test_loader, prepare):.3f} | eps {eps:.2f}")
-        if out_of_steps(steps, args.max_steps):
+                  f"{common.evaluate(model, test_loader, prepare):.3f} | eps {eps:.2f}")
+        if common.out_of_steps(steps, args.max_steps):
             break
-    test_acc = evaluate(model, test_loader, prepare)
+    test_acc = common.evaluate(model, test_loader, prepare)
     privacy = (f"eps {eps:.2f}, delta {args.delta}" if privacy_engine is not None
                else "without privacy")
     print(f"RESULT: test accuracy {test_acc:.3f} ({len(labels)} classes) {privacy}, "

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEBSITE = os.path.join(ROOT, "website")
-REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "reference", "opacus-1.6-api.md")
+REFERENCE = os.path.join(ROOT, "tests", "reference", "opacus-1.6-api.md")
 
 
 def _gen_api():

@@ -34,7 +34,13 @@ def on_config(config):
     return config
 
 
+CHANGELOG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "CHANGELOG.md")
+
+
 def on_files(files, config):
     for rel, text in _pages.items():
         files.append(File.generated(config, rel, content=text))
+    # The changelog page is the repository's CHANGELOG.md itself, so the two cannot drift apart.
+    with open(CHANGELOG, encoding="utf8") as f:
+        files.append(File.generated(config, "changelog.md", content=f.read()))
     return files

@@ -23,6 +23,11 @@ from opacus.grad_sample.functorch import (
     prepare_layer,
 )
 from opacus.grad_sample.gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule
+from opacus.grad_sample.safety_checks import (
+    SKIP_BATCH_MIXING_CHECK_ATTR,
+    ModelStructure,
+    batch_mixing_mismatch,
+)
 from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN, DPRNNBase, RNNLinear
 from opacus.utils.module_utils import (
     has_trainable_params,
@@ -141,10 +146,24 @@ class GradSampleHooks(AbstractGradSampleHooks):
         strict: raise on layers whose per-sample gradients cannot be computed (else warn and
             leave them without hooks).
         force_functorch: use ``torch.func`` for every layer, even those with a grad sampler.
+
+    Safety checks (both raise instead of letting a silently wrong gradient through):
+
+    * Sample mixing: the ``torch.func`` fallback is only right for layers whose output row ``i``
+      depends on sample ``i`` alone. The first training forward (with hooks enabled and a batch
+      of at least 2) of every layer without a grad sampler compares the batched output with the
+      layer's outputs on single samples, once per layer, and raises naming the layer on a
+      mismatch. Switch it off for the whole model with ``check_batch_mixing = False`` on this
+      object, or for one layer (class or instance) with ``_opacus_skip_batch_mixing_check =
+      True``. Random forwards (dropout) are not probed: the fallback refuses them anyway.
+    * Structure: the submodules and trainable parameters are fingerprinted when the hooks are
+      installed; a forward of a model changed since then (layers added, removed, replaced,
+      parameters unfrozen) raises, listing the changes.
     """
 
     GRAD_SAMPLERS = registry.GRAD_SAMPLERS
     NORM_SAMPLERS = registry.NORM_SAMPLERS
+    check_batch_mixing = True
 
     def __init__(
         self,
@@ -187,6 +206,8 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._finish_queued = False
         self._first_layer: Optional[Tuple[str, int]] = None
         self._called_this_forward: set = set()
+        self._probed: set = set()
+        self._structure: Optional[ModelStructure] = None
 
     # ------------------------------------------------------------- validation
     @classmethod
@@ -266,6 +287,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self.force_functorch = force_functorch
         root = self._module
         names = {mod: name for name, mod in root.named_modules()}
+        self._structure = ModelStructure(root)
         self._hook_handles.append(root.register_forward_pre_hook(self._start_forward))
         for module in self.iterate_submodules(root):
             if id(module) in self._skipped:
@@ -310,6 +332,8 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self.hooks_enabled = True
 
     def _start_forward(self, module: nn.Module, _inputs) -> None:
+        if self._structure is not None:
+            self._structure.check(type(self).__name__)
         self._first_layer = None
         self._called_this_forward = set()
         if self._finish_queued:  # the last backward raised before it finished
@@ -344,8 +368,36 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 f"with a batch dimension (batch_first={self.batch_first})"
             )
         self._check_batch_size(module, batch)
+        if batch >= 2 and module not in self._probed:
+            self._probe_batch_mixing(module, activations, _forward_output)
         self._activations.setdefault(module, []).append(activations)
         self._max_batch_len[module] = max(self._max_batch_len.get(module, 0), batch)
+
+    def _probe_batch_mixing(self, module: nn.Module, activations: list, output) -> None:
+        # Registered samplers are exact by construction; only the generic fallback needs proof
+        # that the layer treats samples independently (see the class docstring).
+        self._probed.add(module)
+        if (
+            self._samplers.get(module) is not None
+            or not self.check_batch_mixing
+            or getattr(module, SKIP_BATCH_MIXING_CHECK_ATTR, False)
+        ):
+            return
+        dim = _batch_dim(module, self.batch_first)
+        mismatch = batch_mixing_mismatch(module, activations, output, dim)
+        if mismatch is None:
+            return
+        name = self._module_names[module]
+        raise RuntimeError(
+            f"layer '{name}' ({type(module).__name__}) has no grad sampler and its training-mode "
+            f"forward mixes samples across the batch (like BatchNorm): {mismatch}. Per-sample "
+            "gradients of such a layer are not defined, so DP-SGD's guarantee would not hold. "
+            "Replace it with a per-sample layer (e.g. GroupNorm/LayerNorm instead of BatchNorm). "
+            "If the layer is per-sample and the check misfired (e.g. randomness in its forward), "
+            "register an exact grad sampler with opacus.grad_sample.register_grad_sampler, or set "
+            f"{SKIP_BATCH_MIXING_CHECK_ATTR} = True on the layer to skip this check "
+            f"(batch_first={self.batch_first}: the check reads the batch on dim {dim})."
+        )
 
     def _check_batch_size(self, module: nn.Module, batch: int) -> None:
         # Later calls of the same layer may see fewer samples (packed sequences); distinct

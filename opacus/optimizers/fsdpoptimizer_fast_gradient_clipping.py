@@ -58,6 +58,7 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
 
     def accumulate(self):
         """Add ``W * local shard of p.grad`` (the cross-rank clipped sum) to ``summed_grad``."""
+        self._consume_clipped_backward()
         for i, p in enumerate(self.params):
             clipped_sum = local_shard(self._clipped_sum_of(p, i)).detach() * self.world_size
             if getattr(p, "summed_grad", None) is None:

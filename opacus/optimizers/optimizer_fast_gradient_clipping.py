@@ -5,6 +5,12 @@ happens inside the loss's double backward (Lee & Kifer 2021; Li et al. 2022, "gh
 after ``loss.backward()``, ``p.grad`` already holds ``sum_i c_i * g_i``, the clipped sum.  This
 optimizer moves it into ``summed_grad`` (``accumulate``) and then noises and scales it exactly
 as ``DPOptimizer`` does; it never sees per-sample gradients.
+
+Because ``p.grad`` is trusted to be already clipped, a plain ``loss.backward()`` of an ordinary
+criterion would silently release *unclipped* gradients with noise calibrated to
+``max_grad_norm``.  The double backward therefore records itself on the optimizer
+(``_record_clipped_backward``) and ``accumulate`` refuses gradients that no clipped backward
+produced since the last step / ``zero_grad``.
 """
 
 from typing import Callable, Optional
@@ -40,6 +46,27 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
             secure_mode=secure_mode,
             **kwargs,
         )
+        # Clipped (double) backward passes since the gradients were last consumed or zeroed.
+        self._clipped_backward_count = 0
+
+    def _record_clipped_backward(self) -> None:
+        """Called by the double backward once ``p.grad`` holds a clipped sum."""
+        self._clipped_backward_count = getattr(self, "_clipped_backward_count", 0) + 1
+
+    def _consume_clipped_backward(self) -> None:
+        """Refuse gradients that did not come from a clipped backward; reset the record."""
+        if getattr(self, "_clipped_backward_count", 0) == 0 and any(
+            p.grad is not None for p in self.params
+        ):
+            raise RuntimeError(
+                f"{type(self).__name__}: p.grad is set but no clipped backward ran since the "
+                "last step/zero_grad, so p.grad holds UNCLIPPED gradients (a plain "
+                "loss.backward() of an ordinary criterion?) and releasing them would break "
+                "differential privacy. With grad_sample_mode='ghost' use the criterion returned "
+                "by make_private (DPLossFastGradientClipping): loss = criterion(output, target); "
+                "loss.backward(); and call optimizer.zero_grad() before each backward"
+            )
+        self._clipped_backward_count = 0
 
     @property
     def accumulated_iterations(self) -> int:
@@ -57,6 +84,7 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
 
     def accumulate(self):
         """Add ``p.grad`` (the clipped sum from the double backward) to ``p.summed_grad``."""
+        self._consume_clipped_backward()
         for i, p in enumerate(self.params):
             clipped_sum = self._clipped_sum_of(p, i)
             if getattr(p, "summed_grad", None) is None:
@@ -84,6 +112,7 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
 
     def zero_grad(self, set_to_none: bool = False):
         """Clear ``grad`` (and ``summed_grad`` unless the last step was skipped)."""
+        self._clipped_backward_count = 0
         for p in self.params:
             if not self._is_last_step_skipped:
                 p.summed_grad = None

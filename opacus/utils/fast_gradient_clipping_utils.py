@@ -125,6 +125,15 @@ def double_backward(
         (coef.to(loss_per_sample.dtype) * loss_per_sample).sum().backward()
     finally:
         module.enable_hooks()
+    _mark_clipped_backward(optimizer)
+
+
+def _mark_clipped_backward(optimizer) -> None:
+    """Tell the optimizer that ``p.grad`` now holds a clipped sum (it refuses ``p.grad`` left by
+    a plain, unclipped ``backward()`` otherwise)."""
+    record = getattr(optimizer, "_record_clipped_backward", None)
+    if record is not None:
+        record()
 
 
 class DPTensorFastGradientClipping(object):

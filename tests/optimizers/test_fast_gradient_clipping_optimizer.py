@@ -58,6 +58,7 @@ def test_optimizer_treats_grad_as_clipped_sum(loss_reduction):
     opt = _fgc(model, loss_reduction=loss_reduction)
     for p, s in zip(model.parameters(), _oracle_clipped_sums(model, x, y, 0.2)):
         p.grad = s.clone()
+    opt._record_clipped_backward()  # stands in for the double backward
     assert opt.accumulated_iterations == 1
     opt.step()
     ref_opt = DPOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1), noise_multiplier=0.0,
@@ -78,11 +79,13 @@ def test_optimizer_virtual_steps_and_noise_once():
             opt.signal_skip_step(True)
         for p, s in zip(model.parameters(), _oracle_clipped_sums(model, x[sl], y[sl], 0.2)):
             p.grad = s.clone()
+        opt._record_clipped_backward()  # stands in for the double backward
         opt.step()
         opt.zero_grad()
     opt_u = _fgc(union, noise_multiplier=1.0, generator=torch.Generator().manual_seed(2))
     for p, s in zip(union.parameters(), _oracle_clipped_sums(union, x, y, 0.2)):
         p.grad = s.clone()
+    opt_u._record_clipped_backward()  # stands in for the double backward
     opt_u.step()
     for p, q in zip(model.parameters(), union.parameters()):
         torch.testing.assert_close(p, q, atol=1e-10, rtol=1e-8)
@@ -94,6 +97,7 @@ def test_optimizer_noise_std():
     opt = DPOptimizerFastGradientClipping(torch.optim.SGD([p], lr=1.0), noise_multiplier=1.5,
                                           max_grad_norm=2.0, expected_batch_size=10,
                                           generator=torch.Generator().manual_seed(0))
+    opt._record_clipped_backward()
     assert opt.pre_step()
     assert abs(p.grad.std().item() / (1.5 * 2.0 / 10) - 1) < 0.03
 
@@ -266,6 +270,7 @@ def _fsdp_worker(rank, world_size, init_file):
             # what the ghost double backward produces on this rank: FSDP then averages it
             losses = F.cross_entropy(model(x[shard]), y[shard], reduction="none")
             (coefs * losses).sum().backward()
+            opt._record_clipped_backward()
             opt.step()
             full = [p.full_tensor() for p in model.parameters()]
             ref = small_model()
@@ -284,6 +289,7 @@ def _fsdp_worker(rank, world_size, init_file):
             torch.optim.SGD(big.parameters(), lr=1.0), noise_multiplier=2.0, max_grad_norm=0.5,
             expected_batch_size=4, generator=torch.Generator().manual_seed(rank))
         (big(torch.zeros(4, 200)) * 0).sum().backward()
+        opt._record_clipped_backward()
         opt.pre_step()
         full = big.weight.grad.full_tensor()
         assert abs(full.std().item() / (2.0 * 0.5 / 8) - 1) < 0.05
@@ -314,6 +320,7 @@ def _ddp_fgc_worker(rank, world_size, init_file):
             for p, s in zip(model.parameters(),
                             _oracle_clipped_sums(model, x[shard], y[shard], 0.2)):
                 p.grad = s.clone()
+            opt._record_clipped_backward()  # stands in for the double backward
             opt.step()
             ref_opt = DPOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1),
                                   expected_batch_size=8,
@@ -339,8 +346,88 @@ def test_fsdp_optimizer_without_process_group_is_the_plain_one():
     assert opt.world_size == 1
     for p, s in zip(model.parameters(), _oracle_clipped_sums(model, x, y, 0.2)):
         p.grad = s.clone()
+    opt._record_clipped_backward()  # stands in for the double backward
     opt.step()
     grads = dp_grads(ref, x, y, max_grad_norm=0.2, expected_batch_size=6)
     for p, q, g in zip(model.parameters(), ref.parameters(), grads):
         torch.testing.assert_close(p, q - 0.1 * g, atol=1e-10, rtol=1e-8)
     assert math.isfinite(opt.max_grad_norm)
+
+
+# ---------------------------------------------------------------- plain backward is refused
+def _ghost_setup(loss_reduction="mean", clip=0.2, **kw):
+    gsm = _gsm_fgc()(small_model(), loss_reduction=loss_reduction, max_grad_norm=clip)
+    opt = _fgc(gsm, max_grad_norm=clip, loss_reduction=loss_reduction, **kw)
+    crit = DPLossFastGradientClipping(gsm, opt, nn.CrossEntropyLoss(), loss_reduction)
+    return gsm, opt, crit
+
+
+def test_plain_backward_is_refused():
+    # The unclipped gradient of this batch has norm far above the bound: were p.grad trusted,
+    # the update would be unclipped while the noise is calibrated to max_grad_norm.
+    gsm, opt, _ = _ghost_setup(clip=1e-3, noise_multiplier=1.0)
+    before = [p.detach().clone() for p in gsm.parameters()]
+    x, y = batch(6)
+    F.cross_entropy(gsm(x), y).backward()
+    with pytest.raises(RuntimeError, match="no clipped backward.*DPLossFastGradientClipping"):
+        opt.step()
+    for p0, p in zip(before, gsm.parameters()):
+        assert torch.equal(p0, p.detach())
+
+
+def test_plain_backward_after_a_dp_step_is_refused():
+    gsm, opt, crit = _ghost_setup()
+    x, y = batch(6)
+    crit(gsm(x), y).backward()
+    opt.step()
+    opt.zero_grad()  # grads are zero tensors now (set_to_none=False)
+    F.cross_entropy(gsm(x), y).backward()
+    with pytest.raises(RuntimeError, match="UNCLIPPED"):
+        opt.step()
+    # a stale record does not survive zero_grad either
+    crit(gsm(x), y).backward()
+    opt.zero_grad()
+    F.cross_entropy(gsm(x), y).backward()
+    with pytest.raises(RuntimeError, match="UNCLIPPED"):
+        opt.step()
+
+
+def test_plain_backward_in_a_virtual_step_is_refused():
+    gsm, opt, crit = _ghost_setup()
+    x, y = batch(6)
+    opt.signal_skip_step(True)
+    crit(gsm(x[:3]), y[:3]).backward()
+    assert opt.step() is None
+    opt.zero_grad()
+    F.cross_entropy(gsm(x[3:]), y[3:]).backward()
+    with pytest.raises(RuntimeError, match="DPLossFastGradientClipping"):
+        opt.step()
+
+
+@pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
+def test_virtual_steps_with_ghost_module_equal_one_brute_force_step(loss_reduction):
+    gsm, opt, crit = _ghost_setup(loss_reduction)
+    ref = small_model()
+    x, y = batch(6)
+    for k, sl in enumerate([slice(0, 2), slice(2, 2), slice(2, 6)]):  # the middle one is empty
+        if k < 2:
+            opt.signal_skip_step(True)
+        crit(gsm(x[sl]), y[sl]).backward()
+        opt.step()
+        opt.zero_grad()
+    grads = dp_grads(ref, x, y, max_grad_norm=0.2,
+                     expected_batch_size=6 if loss_reduction == "mean" else None,
+                     loss_reduction=loss_reduction)
+    for p, q, g in zip(gsm.parameters(), small_model().parameters(), grads):
+        torch.testing.assert_close(p.detach(), q - 0.1 * g, atol=1e-10, rtol=1e-8)
+
+
+def test_fsdp_optimizer_refuses_plain_backward():
+    model = small_model()
+    opt = FSDPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=0.1),
+                                            noise_multiplier=1.0, max_grad_norm=0.2,
+                                            expected_batch_size=6)
+    x, y = batch(6)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="DPLossFastGradientClipping"):
+        opt.step()

@@ -49,6 +49,7 @@ from opacus.utils.fast_gradient_clipping_utils import (
     DPTensorFastGradientClipping,
     _batch_loss,
     _ghost_module,
+    _mark_clipped_backward,
     per_sample_loss,
 )
 
@@ -295,6 +296,7 @@ class DPTensorFastGradientAdaptiveClipping(DPTensorFastGradientClipping):
             (coef.to(self.loss_per_sample.dtype) * self.loss_per_sample).sum().backward()
         finally:
             module.enable_hooks()
+        _mark_clipped_backward(optimizer)
 
 
 class DPLossFastGradientAdaptiveClipping(DPLossFastGradientClipping):
