@@ -8,6 +8,7 @@ training path: the mixing probe runs once per layer, the structure check is a tu
 """
 
 import logging
+from itertools import chain
 from typing import List, Optional, Tuple
 
 import torch
@@ -96,9 +97,9 @@ def batch_mixing_mismatch(
     )
 
 
-def _walk(root: nn.Module) -> Tuple[list, Tuple[int, ...]]:
-    """Every module (breadth first, repeats kept, empty slots as None), trainable param ids."""
-    # Plain list growth and C-level ``extend``: this runs before every forward.
+def _walk(root: nn.Module) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """ids of every module (breadth first, repeats kept) and of every parameter they own."""
+    # Plain list growth and C-level ``extend``/``map``: this runs before every forward.
     modules = [root]
     i = 0
     while i < len(modules):
@@ -106,57 +107,50 @@ def _walk(root: nn.Module) -> Tuple[list, Tuple[int, ...]]:
         i += 1
         if m is not None:
             modules.extend(m._modules.values())
-    params = tuple(
-        id(p)
-        for m in modules
-        if m is not None
-        for p in m._parameters.values()
-        if p is not None and p.requires_grad
-    )
-    return modules, params
+    params = chain.from_iterable([m._parameters.values() for m in modules if m is not None])
+    return tuple(map(id, modules)), tuple(map(id, params))
 
 
 class ModelStructure:
     """Fingerprint of a model's structure at wrap time, checked cheaply at every forward.
 
-    The fingerprint is the tuple of ids of every submodule (the recorded modules are kept alive,
-    so no id can be recycled for a new module) and the tuple of ids of trainable parameters.
-    ``check`` rebuilds both tuples (one walk over ``_modules``: microseconds for 100 layers) and,
-    only if they differ, works out what changed. Freezing parameters is allowed (it only removes
-    gradients); adding, removing or replacing modules and unfreezing parameters is not: the new
-    pieces have no hooks, and hooks left on removed layers capture nothing.
+    The fingerprint is the tuple of ids of every submodule and of every parameter object (the
+    recorded modules are kept alive here, so no id can be recycled for a new object). ``check``
+    rebuilds both tuples (one walk over ``_modules``: tens of microseconds for 100 layers) and,
+    only if they differ, works out what changed: modules added, removed or replaced, parameters
+    added or replaced, or trainable parameters that were frozen at wrap time. The new pieces have
+    no hooks (and may mix samples, e.g. BatchNorm); hooks left on removed layers capture nothing.
+
+    ``requires_grad`` flags are not read on every forward (reading 200 flags costs more than the
+    rest of the walk): a parameter unfrozen after wrapping is reported when another change is, and
+    otherwise either belongs to a hooked layer (whose sampler reads ``requires_grad`` at backward
+    time, so its per-sample gradient is right) or gets no ``grad_sample``, which the optimizer
+    refuses. Freezing parameters is always allowed.
     """
 
     def __init__(self, root: nn.Module):
         self._root = root
-        self._modules, self._param_ids = _walk(root)
-        self._module_ids = tuple(map(id, self._modules))
-        self._trainable = frozenset(self._param_ids)
         self._named = list(root.named_modules(remove_duplicate=False))
+        self._module_ids, self._param_ids = _walk(root)
+        self._trainable = frozenset(id(p) for p in root.parameters() if p.requires_grad)
 
     def check(self, owner: str) -> None:
         """Raise ``RuntimeError`` if the model changed since the fingerprint was taken."""
-        modules, param_ids = _walk(self._root)
-        module_ids = tuple(map(id, modules))
-        if param_ids == self._param_ids and module_ids == self._module_ids:
+        module_ids, param_ids = _walk(self._root)
+        if module_ids == self._module_ids and param_ids == self._param_ids:
             return
-        changes = self._describe_changes()
-        if not changes:
-            # Only freezing (or a same-structure reorder of frozen params): record and go on.
-            self._param_ids = param_ids
-            if module_ids == self._module_ids:
-                return
-            changes = ["the order of submodules changed"]
+        changes = self.describe_changes() or ["the order of submodules or parameters changed"]
         raise RuntimeError(
             f"the model wrapped by {owner} changed after it was wrapped:\n  - "
             + "\n  - ".join(changes)
-            + "\nLayers added or replaced after wrapping get no per-sample gradient hooks (and may "
-            "mix samples, e.g. BatchNorm), so the privacy guarantee would not hold. Make the "
-            "changes before wrapping: re-run PrivacyEngine.make_private (or wrap again with "
-            "GradSampleModule) on the changed model."
+            + "\nLayers or parameters added or replaced after wrapping get no per-sample gradient "
+            "hooks (and may mix samples, e.g. BatchNorm), so the privacy guarantee would not hold. "
+            "Make the changes before wrapping: re-run PrivacyEngine.make_private (or wrap again "
+            "with GradSampleModule) on the changed model."
         )
 
-    def _describe_changes(self) -> List[str]:
+    def describe_changes(self) -> List[str]:
+        """Human-readable differences between the model now and at wrap time."""
         before = {name or "<root>": m for name, m in self._named}
         after = {
             name or "<root>": m for name, m in self._root.named_modules(remove_duplicate=False)
@@ -170,9 +164,14 @@ class ModelStructure:
             for n in after
             if n in before and after[n] is not before[n]
         ]
-        changes += [
-            f"parameter '{n}' is trainable but was not when the model was wrapped"
-            for n, p in self._root.named_parameters()
-            if p.requires_grad and id(p) not in self._trainable
-        ]
+        known = set(self._param_ids)
+        new_modules = {n for n in after if n not in before or after[n] is not before[n]}
+        for n, p in self._root.named_parameters(remove_duplicate=False):
+            owner = n.rsplit(".", 1)[0] if "." in n else "<root>"
+            if owner in new_modules:
+                continue  # reported with its module
+            if id(p) not in known:
+                changes.append(f"parameter '{n}' was added or replaced")
+            elif p.requires_grad and id(p) not in self._trainable:
+                changes.append(f"parameter '{n}' is trainable but was frozen at wrap time")
         return changes

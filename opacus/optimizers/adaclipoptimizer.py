@@ -1,17 +1,25 @@
 """``AdaClipDPOptimizer``: adaptive clipping to a target quantile of the gradient norms.
 
 Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially private learning with adaptive
-clipping", Algorithm 1.  Each step, with clip bound ``C``:
+clipping", Algorithm 1.  Each step, with clip bound ``C``, ``b_i = 1[||g_i|| <= C]`` and ``n`` the
+*expected* batch size (the actual size of a Poisson batch is private):
 
-* ``b = #{i : ||g_i|| <= C}`` (unclipped samples), released as ``b~ = (b + N(0, s^2)) / n`` with
-  ``s = unclipped_num_std`` and ``n`` the expected batch size;
+* the released statistic is the **centred** sum ``S = sum_i (b_i - 1/2)``, as
+  ``b~ = (S + N(0, s^2)) / n + 1/2`` with ``s = unclipped_num_std``;
 * after the update, ``C <- C * exp(-eta * (b~ - gamma))`` (geometric update toward the quantile
   ``gamma = target_unclipped_quantile``, ``eta = clipbound_learning_rate``), clamped to
   ``[min_clipbound, max_clipbound]``.
 
-Releasing ``b~`` costs privacy, so the gradient's noise multiplier is raised to keep the total at
-``noise_multiplier`` (Theorem 1 of the paper): ``sigma_grad = (sigma^-2 - (2 s)^-2)^(-1/2)``.
-``noise_multiplier`` stays the total (what the accountant must see).
+Privacy (Theorem 1 of the paper).  Under add/remove of one sample, ``S`` changes by
+``b_new - 1/2``, i.e. by exactly ``1/2``: its sensitivity is ``1/2``, whereas the uncentred count
+``sum_i b_i`` has sensitivity 1 (and would need twice the noise for the same cost).  A Gaussian
+mechanism with std ``s`` on a statistic of sensitivity ``1/2`` costs as much as one with std
+``2 s`` on sensitivity 1, i.e. zCDP ``rho = (1/2)^2 / (2 s^2) = 1 / (2 (2 s)^2)``.  The clipped
+gradient sum (sensitivity ``C``, noise std ``sigma_grad * C``) costs ``1 / (2 sigma_grad^2)``.
+zCDP adds up, so both releases together cost one Gaussian mechanism of multiplier ``sigma`` with
+``sigma^-2 = sigma_grad^-2 + (2 s)^-2``; the gradient therefore uses
+``sigma_grad = (sigma^-2 - (2 s)^-2)^(-1/2)`` and ``noise_multiplier`` stays the total ``sigma``
+(what the accountant must see).
 """
 
 import math
@@ -37,6 +45,19 @@ def gradient_noise_multiplier(noise_multiplier: float, unclipped_num_std: float)
             "budget); increase unclipped_num_std (the paper suggests about batch_size / 20)"
         )
     return (noise_multiplier ** -2 - (2 * unclipped_num_std) ** -2) ** -0.5
+
+
+def centred_unclipped_sum(norms: torch.Tensor, clip_bound: float) -> float:
+    """``sum_i (1[norms_i <= C] - 1/2)``: sensitivity 1/2 under add/remove (module docstring)."""
+    return float(clipping.unclipped_count(norms, clip_bound)) - norms.shape[0] / 2
+
+
+def unclipped_fraction(noisy_centred_sum: float, expected_batch_size: float) -> float:
+    """``S~ / n + 1/2``: the released unclipped fraction from the noisy centred sum ``S~``.
+
+    ``n`` is the *expected* batch size: dividing by the actual (private) one would leak it.
+    """
+    return noisy_centred_sum / expected_batch_size + 0.5
 
 
 class AdaClipDPOptimizer(DPOptimizer):
@@ -93,6 +114,8 @@ class AdaClipDPOptimizer(DPOptimizer):
         self.unclipped_num_std = unclipped_num_std
         self.sample_size = 0
         self.unclipped_num = 0.0
+        # The released (noisy) unclipped fraction of the last real step (module docstring).
+        self.unclipped_frac: Optional[float] = None
 
     def clip_and_accumulate(self):
         """Flat clipping at the current bound, also counting the unclipped samples."""
@@ -108,16 +131,20 @@ class AdaClipDPOptimizer(DPOptimizer):
         return sigma_grad * self.max_grad_norm
 
     def add_noise(self):
-        """Noise the gradient (``sigma_grad``) and the unclipped count (``unclipped_num_std``)."""
+        """Noise the gradient (``sigma_grad``) and the centred unclipped sum (std ``s``).
+
+        Sets ``unclipped_frac = (sum_i (b_i - 1/2) + N(0, s^2)) / n + 1/2`` (module docstring).
+        """
         super().add_noise()
-        count = torch.tensor(self.unclipped_num, dtype=torch.float64)
+        centred = torch.tensor(self.unclipped_num - self.sample_size / 2, dtype=torch.float64)
         count_noise = gaussian_noise(
             self.unclipped_num_std,
-            count,
+            centred,
             generator=self._count_generator(),
             secure_mode=self.secure_mode,
         )
-        self.unclipped_num = float(count + count_noise)
+        n = self.expected_batch_size * self.accumulated_iterations
+        self.unclipped_frac = unclipped_fraction(float(centred + count_noise), n)
 
     def _count_generator(self):
         # The count is a CPU scalar: a user generator on another device cannot draw it.
@@ -127,10 +154,10 @@ class AdaClipDPOptimizer(DPOptimizer):
 
     def update_max_grad_norm(self):
         """``C <- clamp(C * exp(-eta * (b~ - gamma)), min_clipbound, max_clipbound)``."""
-        n = self.expected_batch_size * self.accumulated_iterations
-        unclipped_frac = self.unclipped_num / n
+        if self.unclipped_frac is None:
+            raise ValueError("update_max_grad_norm() needs the noisy fraction: call add_noise()")
         self.max_grad_norm = self.max_grad_norm * math.exp(
-            -self.clipbound_learning_rate * (unclipped_frac - self.target_unclipped_quantile)
+            -self.clipbound_learning_rate * (self.unclipped_frac - self.target_unclipped_quantile)
         )
         self.max_grad_norm = min(self.max_clipbound, max(self.min_clipbound, self.max_grad_norm))
 

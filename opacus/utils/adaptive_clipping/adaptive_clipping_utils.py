@@ -4,8 +4,9 @@ Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially private learning with 
 clipping", Algorithm 1, fused with the two backward passes of ghost clipping (Li et al. 2022):
 
 1. first backward with the hooks on: per-sample gradient norms ``||g_i||``;
-2. noisy unclipped fraction ``b~ = (#{i : ||g_i|| <= C} + N(0, sigma_b^2)) / n``, ``n`` the
-   expected batch size (the actual size of a Poisson batch is private);
+2. noisy unclipped fraction ``b~ = (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / n + 1/2`` with
+   ``b_i = 1[||g_i|| <= C]`` and ``n`` the expected batch size (the actual size of a Poisson
+   batch is private); the sum is centred so that its add/remove sensitivity is 1/2 (below);
 3. geometric update ``C <- clamp(C * exp(-eta * (b~ - gamma)), min_clipbound, max_clipbound)``;
 4. second backward of ``sum_i min(1, C / ||g_i||) * L_i`` at the **new** ``C``.
 
@@ -15,14 +16,17 @@ the noise will be scaled by keeps the sensitivity equal to the noise scale; clip
 bound while ``max_grad_norm`` already holds a smaller new one would under-noise.  Privacy is
 the same as the paper's order (the new bound is post-processing of the released count).
 
-Privacy split (Theorem 1 of the paper): releasing the count with std ``sigma_b`` and the gradient
-with multiplier ``sigma_grad`` costs as much as one Gaussian mechanism with
-``sigma = (sigma_grad^-2 + (2 sigma_b)^-2)^(-1/2)``.  The optimizer's ``noise_multiplier`` stays
-that total ``sigma`` (what the accountant records and noise schedulers change) and the gradient
-noise uses ``sigma_grad = (sigma^-2 - (2 sigma_b)^-2)^(-1/2)``.  ``sigma_b`` is derived from
-``initial_noise_multiplier`` so that the count takes a fixed share ``COUNT_PRIVACY_SHARE`` of the
-budget ``sigma^-2``: ``(2 sigma_b)^-2 = share * sigma^-2``, i.e. ``sigma_b = 5 sigma`` for 1%,
-which costs the gradient 0.5% more noise.
+Privacy split (Theorem 1 of the paper): the centred sum changes by ``b_new - 1/2 = +-1/2`` when
+one sample is added or removed, so releasing it with std ``sigma_b`` costs zCDP
+``(1/2)^2 / (2 sigma_b^2) = 1 / (2 (2 sigma_b)^2)``; the gradient (sensitivity ``C``, std
+``sigma_grad * C``) costs ``1 / (2 sigma_grad^2)``; zCDP adds up, so both cost as much as one
+Gaussian mechanism with ``sigma = (sigma_grad^-2 + (2 sigma_b)^-2)^(-1/2)``.  (The uncentred
+count has sensitivity 1 and would cost four times as much.)  The optimizer's
+``noise_multiplier`` stays that total ``sigma`` (what the accountant records and noise
+schedulers change) and the gradient noise uses ``sigma_grad = (sigma^-2 - (2 sigma_b)^-2)^(-1/2)``.
+``sigma_b`` is derived from ``initial_noise_multiplier`` so that the count takes a fixed share
+``COUNT_PRIVACY_SHARE`` of the budget ``sigma^-2``: ``(2 sigma_b)^-2 = share * sigma^-2``, i.e.
+``sigma_b = 5 sigma`` for 1%, which costs the gradient 0.5% more noise.
 """
 
 import math
@@ -38,8 +42,11 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleHooksFastGradientClipping,
     GradSampleModuleFastGradientClipping,
 )
-from opacus.optimizers.adaclipoptimizer import gradient_noise_multiplier
-from opacus.optimizers.clipping import unclipped_count
+from opacus.optimizers.adaclipoptimizer import (
+    centred_unclipped_sum,
+    gradient_noise_multiplier,
+    unclipped_fraction,
+)
 from opacus.optimizers.noise import gaussian_noise
 from opacus.optimizers.optimizer import DPOptimizer
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
@@ -92,13 +99,17 @@ def noisy_unclipped_fraction(
     generator: Optional[torch.Generator] = None,
     secure_mode: bool = False,
 ) -> float:
-    """``(#{i : norms_i <= C} + N(0, sigma_b^2)) / n`` (Andrew et al. 2021, Algorithm 1).
+    """``(sum_i (1[norms_i <= C] - 1/2) + N(0, sigma_b^2)) / n + 1/2`` (Andrew et al. 2021).
 
-    ``generator``: a CPU generator (the count is a CPU scalar) or ``None``.
+    The centred sum has add/remove sensitivity 1/2, which is what the ``(2 sigma_b)`` privacy
+    split assumes (``opacus.optimizers.adaclipoptimizer``); ``n`` is the expected batch size,
+    never the actual (private) one.  ``generator``: a CPU generator or ``None``.
     """
-    count = torch.tensor(float(unclipped_count(norms, clip_bound)), dtype=torch.float64)
-    noise = gaussian_noise(unclipped_num_std, count, generator=generator, secure_mode=secure_mode)
-    return float(count + noise) / expected_batch_size
+    centred = torch.tensor(centred_unclipped_sum(norms, clip_bound), dtype=torch.float64)
+    noise = gaussian_noise(
+        unclipped_num_std, centred, generator=generator, secure_mode=secure_mode
+    )
+    return unclipped_fraction(float(centred + noise), expected_batch_size)
 
 
 def updated_clip_bound(
