@@ -53,13 +53,14 @@ def _oracle_grads(model, x, y):
     return per_sample, flat.norm(dim=1)
 
 
-def _setup(model, *, clip, noise=0.0, initial_noise=0.0, reduction="mean", generator=None, **kw):
+def _setup(model, *, clip, noise=0.0, initial_noise=0.0, reduction="mean", generator=None,
+           expected_batch_size=B, **kw):
     gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=clip, loss_reduction=reduction)
     optimizer = DPOptimizerFastGradientAdaptiveClipping(
         torch.optim.SGD(gsm.parameters(), lr=0.1),
         noise_multiplier=noise,
         max_grad_norm=clip,
-        expected_batch_size=B,
+        expected_batch_size=expected_batch_size,
         loss_reduction=reduction,
         generator=generator,
     )
@@ -71,18 +72,20 @@ def _setup(model, *, clip, noise=0.0, initial_noise=0.0, reduction="mean", gener
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("quantile,lr", [(0.5, 0.2), (0.9, 1.0), (0.1, 3.0)])
-def test_bound_and_clipped_sum_match_hand_computation(reduction, quantile, lr):
+@pytest.mark.parametrize("quantile,lr,n", [(0.5, 0.2, B), (0.9, 1.0, 13), (0.1, 3.0, 5)])
+def test_bound_and_clipped_sum_match_hand_computation(reduction, quantile, lr, n):
+    # n: the expected batch size (the actual one is B): the released fraction is the centred
+    # sum over the B samples divided by n, plus 1/2 (Andrew et al. 2021; module docstring).
     model = _model()
     x, y = _data()
     per_sample, norms = _oracle_grads(model, x, y)
     clip = float(norms.sort().values[2])  # 3 of 8 samples unclipped
-    expected_frac = float((norms <= clip).sum()) / B
+    expected_frac = float(((norms <= clip).double() - 0.5).sum()) / n + 0.5
     expected_bound = min(1e8, max(1e-3, clip * math.exp(-lr * (expected_frac - quantile))))
 
     gsm, optimizer, criterion = _setup(
         model, clip=clip, reduction=reduction, target_unclipped_quantile=quantile,
-        clipbound_learning_rate=lr, min_clipbound=1e-3,
+        clipbound_learning_rate=lr, min_clipbound=1e-3, expected_batch_size=n,
     )
     loss = criterion(gsm(x), y)
     assert isinstance(loss, DPTensorFastGradientAdaptiveClipping)
@@ -149,14 +152,61 @@ def test_bound_is_clamped_to_min_max(all_clipped):
         assert optimizer.max_grad_norm == pytest.approx(hi if all_clipped else lo)
 
 
+def _count_sensitivity(trials=150, seed=0):
+    """Largest change, in units of the sum (times n), of the noiseless released fraction when one
+    sample is added to or removed from a random batch of norms: the add/remove sensitivity."""
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for _ in range(trials):
+        size = int(torch.randint(1, 12, (1,), generator=g))
+        n = int(torch.randint(1, 20, (1,), generator=g))
+        norms = torch.rand(size + 1, generator=g, dtype=torch.float64) * 4
+        clip = float(torch.rand(1, generator=g)) * 4
+        whole, less = (
+            noisy_unclipped_fraction(v, clip, unclipped_num_std=0.0, expected_batch_size=n)
+            for v in (norms, norms[:-1])
+        )
+        worst = max(worst, abs(whole - less) * n)
+    return worst
+
+
+def test_released_statistic_has_sensitivity_one_half():
+    assert _count_sensitivity() == pytest.approx(0.5)  # <= 1/2 always, and attained
+
+
+def test_released_statistic_sensitivity_through_backward():
+    # neighbouring batches through the whole backward: the released fraction is read back
+    # from the bound update (frac = q - log(C'/C) / lr)
+    clip, lr = 1.0, 1e-3
+    x, y = _data()
+    fracs = []
+    for rows in (slice(0, B), slice(0, B - 1)):
+        gsm, optimizer, criterion = _setup(
+            _model(), clip=clip, clipbound_learning_rate=lr, min_clipbound=1e-6
+        )
+        criterion(gsm(x[rows]), y[rows]).backward()
+        fracs.append(0.5 - math.log(optimizer.max_grad_norm / clip) / lr)
+    assert abs(fracs[0] - fracs[1]) * B == pytest.approx(0.5, abs=1e-6)
+
+
 @pytest.mark.parametrize("sigma", [0.3, 1.0, 4.0])
-def test_privacy_split_recombines_to_the_total_noise_multiplier(sigma):
+def test_gradient_and_count_releases_compose_to_one_gaussian_of_multiplier_sigma(sigma):
+    # zCDP from first principles: a Gaussian of std `std` on a statistic of sensitivity `sens`
+    # is rho = sens^2 / (2 std^2)-zCDP, and rho adds up under composition.
+    def rho(sens, std):
+        return sens ** 2 / (2 * std ** 2)
+
+    clip = 0.8
     sigma_b = unclipped_num_std_for(sigma)
-    assert (2 * sigma_b) ** -2 == pytest.approx(COUNT_PRIVACY_SHARE * sigma**-2)
-    sigma_grad = gradient_noise_multiplier(sigma, sigma_b)
-    # Theorem 1 (Andrew et al. 2021): the two releases cost one Gaussian of multiplier sigma.
-    assert (sigma_grad**-2 + (2 * sigma_b) ** -2) ** -0.5 == pytest.approx(sigma)
-    assert sigma_grad > sigma
+    optimizer = DPOptimizerFastGradientAdaptiveClipping(
+        torch.optim.SGD(_model().parameters(), lr=0.1), noise_multiplier=sigma,
+        max_grad_norm=clip, expected_batch_size=B, unclipped_num_std=sigma_b,
+    )
+    grad_rho = rho(clip, optimizer._noise_std())  # the clipped sum: sensitivity C
+    count_rho = rho(_count_sensitivity(trials=60), sigma_b)
+    assert grad_rho + count_rho == pytest.approx(rho(1.0, sigma))
+    # the count takes the documented share of the budget
+    assert count_rho == pytest.approx(COUNT_PRIVACY_SHARE * rho(1.0, sigma))
 
 
 def test_count_noise_has_std_sigma_b():
@@ -173,6 +223,13 @@ def test_count_noise_has_std_sigma_b():
     assert noisy_unclipped_fraction(norms, 1.0, unclipped_num_std=0.0, expected_batch_size=B) == (
         exact
     )
+    # expected batch size 10 != actual 8: centred sum (4 - 8 / 2) / 10 + 1/2
+    assert noisy_unclipped_fraction(
+        norms, 1.0, unclipped_num_std=0.0, expected_batch_size=10
+    ) == pytest.approx(0.5)
+    assert noisy_unclipped_fraction(
+        norms, 2.5, unclipped_num_std=0.0, expected_batch_size=10
+    ) == pytest.approx((7 - 4) / 10 + 0.5)
     assert fracs.mean().item() == pytest.approx(exact, abs=4 * sigma_b / B / math.sqrt(4000))
     assert fracs.std().item() == pytest.approx(sigma_b / B, rel=0.05)
 
@@ -337,3 +394,14 @@ def test_privacy_engine_adaptive_clipping_secure_mode_runs():
     criterion(module(x), y).backward()
     optimizer.step()
     assert optimizer.max_grad_norm >= 1.0  # min_clipbound defaults to 1
+
+
+def test_plain_backward_is_refused_by_the_adaptive_optimizer():
+    x, y = _data()
+    gsm, optimizer, criterion = _setup(_model(), clip=1e-3, noise=1.0, initial_noise=1.0)
+    F.cross_entropy(gsm(x), y).backward()  # not the adaptive criterion: unclipped p.grad
+    with pytest.raises(RuntimeError, match="DPLossFastGradientClipping"):
+        optimizer.step()
+    optimizer.zero_grad()
+    criterion(gsm(x), y).backward()
+    optimizer.step()  # the adaptive criterion's double backward is accepted

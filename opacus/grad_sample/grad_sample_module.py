@@ -388,6 +388,9 @@ class GradSampleHooks(AbstractGradSampleHooks):
         if mismatch is None:
             return
         name = self._module_names[module]
+        # This forward will not be backpropagated: forget what earlier layers captured in it.
+        self._activations.clear()
+        self._max_batch_len.clear()
         raise RuntimeError(
             f"layer '{name}' ({type(module).__name__}) has no grad sampler and its training-mode "
             f"forward mixes samples across the batch (like BatchNorm): {mismatch}. Per-sample "
@@ -395,8 +398,9 @@ class GradSampleHooks(AbstractGradSampleHooks):
             "Replace it with a per-sample layer (e.g. GroupNorm/LayerNorm instead of BatchNorm). "
             "If the layer is per-sample and the check misfired (e.g. randomness in its forward), "
             "register an exact grad sampler with opacus.grad_sample.register_grad_sampler, or set "
-            f"{SKIP_BATCH_MIXING_CHECK_ATTR} = True on the layer to skip this check "
-            f"(batch_first={self.batch_first}: the check reads the batch on dim {dim})."
+            f"{SKIP_BATCH_MIXING_CHECK_ATTR} = True on the layer to skip this check. The check "
+            f"read the batch on dim {dim} (batch_first={self.batch_first}): if the batch is "
+            "elsewhere, fix the wrapper's batch_first."
         )
 
     def _check_batch_size(self, module: nn.Module, batch: int) -> None:

@@ -94,6 +94,11 @@ def test_time_major_layout_wrong_flag_is_caught_by_oracle():
     x = torch.randn(3, 5, 4)
     expected = brute_force_grad_samples(model, x, batch_dim=1)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    # The batch-mixing probe sees TimeCumsum mix along the dim the wrong flag calls the batch.
+    with pytest.raises(RuntimeError, match=r"'1' \(TimeCumsum\).*fix the wrapper's batch_first"):
+        gsm(x)
+    gsm.zero_grad()
+    gsm.check_batch_mixing = False
     actual = _run(gsm, x, "sum")
     assert actual["0.weight"].shape != expected["0.weight"].shape
 

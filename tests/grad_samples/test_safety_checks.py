@@ -104,8 +104,12 @@ def test_probe_skipped_in_eval_and_no_grad():
 
 def test_probe_can_be_switched_off():
     gsm = GradSampleModule(_mixing_model())
+    with pytest.raises(RuntimeError, match="mixes samples"):
+        gsm(torch.randn(4, 3))
+    assert not gsm._activations  # the failed forward left nothing behind
     gsm.check_batch_mixing = False
-    gsm(torch.randn(4, 3))
+    _step(gsm, torch.randn(4, 3))
+    assert gsm._module[0].weight.grad_sample.shape == (4, 3, 3)
     model = _mixing_model()
     model[1][1]._opacus_skip_batch_mixing_check = True
     GradSampleModule(model)(torch.randn(4, 3))

@@ -8,7 +8,13 @@ import torch.nn as nn
 
 from opacus.optimizers import AdaClipDPOptimizer
 from opacus.optimizers.adaclipoptimizer import gradient_noise_multiplier
-from tests.optimizers.dp_reference import batch, dp_grads, set_grad_samples, small_model
+from tests.optimizers.dp_reference import (
+    batch,
+    dp_grads,
+    oracle_grad_samples,
+    set_grad_samples,
+    small_model,
+)
 
 NORMS = torch.tensor([0.5, 1.0, 1.5, 2.5, 3.0, 4.0, 6.0, 9.0])
 
@@ -67,7 +73,9 @@ def test_virtual_steps_accumulate_counts():
     assert opt.unclipped_num == 3 and opt.sample_size == 3
     ps[0].grad_sample = torch.tensor([[4.0, 0, 0]], dtype=torch.float64)
     assert opt.pre_step()
-    assert opt.max_grad_norm == pytest.approx(2.0 * math.exp(-0.2 * (3 / 8 - 0.5)))
+    # centred sum over the 4 samples of the logical batch: 3 * (1/2) + 1 * (-1/2) = 1
+    assert opt.unclipped_frac == pytest.approx(1 / 8 + 0.5)
+    assert opt.max_grad_norm == pytest.approx(2.0 * math.exp(-0.2 * (1 / 8 + 0.5 - 0.5)))
 
 
 def test_noiseless_gradient_matches_flat_brute_force():
@@ -84,8 +92,7 @@ def test_noiseless_gradient_matches_flat_brute_force():
         torch.testing.assert_close(p.grad, e)
 
 
-def test_gradient_noise_multiplier_formula_and_std():
-    assert gradient_noise_multiplier(1.0, 2.0) == pytest.approx((1 - 1 / 16) ** -0.5)
+def test_gradient_noise_std_and_errors():
     assert gradient_noise_multiplier(0.0, 0.0) == 0.0
     with pytest.raises(ValueError, match="unclipped_num_std"):
         gradient_noise_multiplier(1.0, 0.5)
@@ -93,9 +100,9 @@ def test_gradient_noise_multiplier_formula_and_std():
     p.grad_sample = torch.zeros(2, 40000)
     opt = _adaclip([p], noise_multiplier=1.0, unclipped_num_std=2.0, max_grad_norm=0.5,
                    expected_batch_size=1, generator=torch.Generator().manual_seed(0))
+    claimed = opt._noise_std()  # the std the composition test below accounts for
     opt.pre_step()
-    expected = (1 - 1 / 16) ** -0.5 * 0.5
-    assert abs(p.grad.std().item() / expected - 1) < 0.03
+    assert abs(p.grad.std().item() / claimed - 1) < 0.03
     assert opt.noise_multiplier == 1.0  # the accountant sees the total
 
 
@@ -106,12 +113,77 @@ def test_unclipped_count_noise_std():
     draws = []
     for _ in range(2000):
         p.summed_grad = torch.zeros(1, dtype=torch.float64)
-        opt.unclipped_num = 5.0
+        opt.unclipped_num, opt.sample_size = 5.0, 6
         opt.add_noise()
-        draws.append(opt.unclipped_num - 5.0)
+        # released fraction = (centred sum + noise) / n + 1/2, centred sum = 5 - 6 / 2
+        draws.append((opt.unclipped_frac - 0.5) * 8 - 2.0)
     d = torch.tensor(draws)
     assert abs(d.std().item() / 3.0 - 1) < 0.08  # relative sd of the estimate: 1.6%
     assert abs(d.mean().item()) < 5 * 3.0 / math.sqrt(2000)
+
+
+# ------------------------------------------------ the released statistic (Andrew et al. 2021)
+def test_released_fraction_matches_centred_hand_computation_from_oracle_norms():
+    # actual batch 6, expected 10: the centred statistic differs from the raw count / n
+    model = small_model()
+    x, y = batch(6)
+    gs = oracle_grad_samples(model, x, y)
+    norms = torch.cat([g.flatten(1) for g in gs.values()], dim=1).norm(dim=1)
+    clip = float(norms.sort().values[1])  # 2 of 6 unclipped
+    opt = AdaClipDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                             target_unclipped_quantile=0.3, clipbound_learning_rate=0.7,
+                             max_clipbound=10.0, min_clipbound=1e-4, unclipped_num_std=1.0,
+                             max_grad_norm=clip, expected_batch_size=10)
+    set_grad_samples(model, x, y)
+    opt.unclipped_num_std = 0.0  # noise off (the constructor validated the split)
+    assert opt.pre_step()
+    b = (norms <= clip).double()
+    frac = float((b - 0.5).sum()) / 10 + 0.5  # = 0.4, not the raw 2 / 10
+    assert opt.unclipped_frac == pytest.approx(frac)
+    assert frac != pytest.approx(float(b.sum()) / 10)
+    assert opt.max_grad_norm == pytest.approx(clip * math.exp(-0.7 * (frac - 0.3)))
+
+
+def _released_fraction(norms, clip, n):
+    """The optimizer's noiseless released fraction for one batch with these per-sample norms."""
+    opt = _adaclip(_params_with_norms(norms), max_grad_norm=clip, expected_batch_size=n)
+    opt.pre_step()
+    return opt.unclipped_frac
+
+
+def count_sensitivity(released, trials=150, seed=0):
+    """Largest change of ``released(norms, clip, n)`` (in units of the sum, i.e. times ``n``) when
+    one sample is added to or removed from a random batch: the add/remove sensitivity."""
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for _ in range(trials):
+        size = int(torch.randint(1, 12, (1,), generator=g))
+        n = int(torch.randint(1, 20, (1,), generator=g))
+        norms = torch.rand(size + 1, generator=g, dtype=torch.float64) * 4
+        clip = float(torch.rand(1, generator=g)) * 4
+        whole, less = released(norms, clip, n), released(norms[:-1], clip, n)
+        worst = max(worst, abs(whole - less) * n)
+    return worst
+
+
+def test_released_statistic_has_sensitivity_one_half():
+    sens = count_sensitivity(_released_fraction)
+    assert sens == pytest.approx(0.5)  # <= 1/2 always, and attained
+
+
+@pytest.mark.parametrize("sigma,s", [(0.5, 1.0), (1.0, 2.0), (3.0, 20.0)])
+def test_gradient_and_count_releases_compose_to_one_gaussian_of_multiplier_sigma(sigma, s):
+    # zCDP from first principles: a Gaussian of std `std` on a statistic of sensitivity `sens`
+    # is rho = sens^2 / (2 std^2)-zCDP, and rho adds up under composition.
+    def rho(sens, std):
+        return sens ** 2 / (2 * std ** 2)
+
+    clip = 0.7
+    opt = _adaclip(_params_with_norms(NORMS), noise_multiplier=sigma, unclipped_num_std=s,
+                   max_grad_norm=clip)
+    grad_rho = rho(clip, opt._noise_std())  # the clipped sum: sensitivity C
+    count_rho = rho(count_sensitivity(_released_fraction, trials=60), s)
+    assert grad_rho + count_rho == pytest.approx(rho(1.0, sigma))
 
 
 def test_state_dict_round_trip():
