@@ -39,4 +39,5 @@ class DifferentiallyPrivateDistributedDataParallel(nn.Module):
                 dist.broadcast(t.data, src=0)
 
     def forward(self, *args, **kwargs):
+        """Call the wrapped model: ``self.module(*args, **kwargs)``, with no gradient hooks."""
         return self.module(*args, **kwargs)

@@ -42,6 +42,15 @@ def check_step(owner: str, noise_multiplier: float, sample_rate: float) -> None:
 
 
 def check_delta(owner: str, delta: float) -> None:
+    """Validate a target ``delta``, which must be a real number in the open interval (0, 1).
+
+    Args:
+        owner: Name of the caller, used as the prefix of the error message.
+        delta: Target delta of (epsilon, delta)-DP.
+
+    Raises:
+        ValueError: If ``delta`` is not a real number, is NaN, or lies outside (0, 1).
+    """
     if not isinstance(delta, numbers.Real) or not 0 < delta < 1 or math.isnan(delta):
         raise ValueError(f"{owner}: delta must be in (0, 1), got {delta!r}.")
 

@@ -26,6 +26,7 @@ class GaussianAccountant(IAccountant):
 
     @classmethod
     def mechanism(cls) -> str:
+        """Registry name of the Gaussian-DP (CLT) accountant: ``"gdp"`` (``create_accountant``)."""
         return "gdp"
 
     def get_epsilon(self, delta: float, poisson: bool = True, **kwargs) -> float:

@@ -59,6 +59,7 @@ class PRVAccountant(IAccountant):
 
     @classmethod
     def mechanism(cls) -> str:
+        """Registry name of the PRV accountant: ``"prv"`` (see ``create_accountant``)."""
         return "prv"
 
     def _settings(self) -> Dict[Tuple[float, float], int]:

@@ -28,6 +28,7 @@ class RDPAccountant(IAccountant):
 
     @classmethod
     def mechanism(cls) -> str:
+        """Registry name of the Renyi-DP accountant: ``"rdp"`` (see ``create_accountant``)."""
         return "rdp"
 
     def get_privacy_spent(

@@ -44,9 +44,23 @@ class CanaryModule(nn.Module):
 
     @property
     def num_canaries(self) -> int:
+        """Number of canary coordinates, i.e. the size of ``canary.weight`` (shape ``(1, n)``)."""
         return self.canary.in_features
 
     def forward(self, *args, **kwargs):
+        """Run the wrapped model and add a zero-valued term that touches the canary layer.
+
+        Args:
+            *args, **kwargs: Passed unchanged to ``model``. The batch size is read from
+                ``args[0].shape[batch_dim]`` when the first positional input is a tensor, else 1.
+
+        Returns:
+            The model's output tensor, numerically unchanged; the canary layer takes part in the
+            graph so ``GradSampleModule`` computes its (zero) per-sample gradients.
+
+        Raises:
+            TypeError: If the model does not return a tensor.
+        """
         out = self.model(*args, **kwargs)
         if not torch.is_tensor(out):
             raise TypeError(

@@ -80,9 +80,15 @@ class AuditResult:
 
     @property
     def violation(self) -> bool:
+        """True when ``eps_lower > eps_claimed``: measured leakage exceeds the claimed epsilon."""
         return self.eps_lower > self.eps_claimed
 
     def summary(self) -> str:
+        """One-line human-readable report of the audit, ending in ``VIOLATION`` or ``ok``.
+
+        Example: ``eps_lower=0.412 eps_claimed=2.000 delta=1e-05 confidence=0.95 trials=1000
+        runs=1 method=one-run: ok``.
+        """
         verdict = "VIOLATION" if self.violation else "ok"
         return (
             f"eps_lower={self.eps_lower:.3f} eps_claimed={self.eps_claimed:.3f} "

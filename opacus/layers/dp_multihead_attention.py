@@ -36,10 +36,24 @@ class SequenceBias(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
+        """Re-draw ``bias`` (shape ``(embed_dim,)``) from N(0, 2 / (1 + embed_dim)) in place."""
         # Same initialisation as nn.MultiheadAttention's bias_k / bias_v of shape (1, 1, E).
         nn.init.normal_(self.bias, std=math.sqrt(2.0 / (1 + self.embed_dim)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate ``bias`` to every sequence as one extra final step.
+
+        Args:
+            x: ``(L, N, E)``, or ``(N, L, E)`` when ``batch_first``, with ``E == embed_dim``.
+
+        Returns:
+            ``(L + 1, N, E)`` (or ``(N, L + 1, E)``) whose last step is ``bias`` for every sample.
+
+        Example:
+            >>> sb = SequenceBias(4, batch_first=True)
+            >>> sb(torch.zeros(2, 3, 4)).shape
+            torch.Size([2, 4, 4])
+        """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             layout = "(N, L, E)" if self.batch_first else "(L, N, E)"
             raise ValueError(
@@ -53,6 +67,7 @@ class SequenceBias(nn.Module):
         return torch.cat([x, self.bias.view(1, 1, e).expand(1, n, e)], dim=0)
 
     def extra_repr(self) -> str:
+        """Constructor arguments shown in ``repr(module)``."""
         return f"embed_dim={self.embed_dim}, batch_first={self.batch_first}"
 
 
@@ -133,6 +148,11 @@ class DPMultiheadAttention(nn.Module):
 
     @property
     def add_bias_kv(self) -> bool:
+        """Whether learned ``bias_k`` / ``bias_v`` steps are appended to keys and values.
+
+        True when the module was built with ``add_bias_kv=True`` (``seq_bias_k`` and
+        ``seq_bias_v`` are then :class:`SequenceBias` layers), as in ``nn.MultiheadAttention``.
+        """
         return self.seq_bias_k is not None
 
     def _reset_parameters(self):
@@ -347,6 +367,7 @@ class DPMultiheadAttention(nn.Module):
         return mask
 
     def extra_repr(self) -> str:
+        """Constructor arguments shown in ``repr(module)`` (the linear layers print themselves)."""
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, "
             f"vdim={self.vdim}, add_zero_attn={self.add_zero_attn}, batch_first={self.batch_first}"

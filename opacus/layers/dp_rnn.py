@@ -82,6 +82,7 @@ class DPRNNCellBase(nn.Module):
 
     @property
     def output_size(self) -> int:
+        """Size of the hidden state ``h`` the cell outputs (``hidden_size``)."""
         return self.hidden_size
 
     def reset_parameters(self) -> None:
@@ -97,6 +98,7 @@ class DPRNNCellBase(nn.Module):
                 module.max_batch_len = max_batch_length
 
     def zero_state(self, batch_size: int, reference: torch.Tensor):
+        """All-zero initial state ``(batch_size, output_size)``, dtype/device of ``reference``."""
         h = reference.new_zeros(batch_size, self.output_size)
         return h
 
@@ -132,6 +134,10 @@ class DPRNNCell(DPRNNCellBase):
         self.nonlinearity = nonlinearity
 
     def step(self, input_gates, hx):
+        """``act(input_gates + hh(hx))``: the new hidden state ``(batch, hidden_size)``.
+
+        ``input_gates`` is ``ih(x_t)`` of shape ``(batch, hidden_size)``; ``hx`` is ``h_{t-1}``.
+        """
         pre = input_gates + self.hh(hx)
         return torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)
 
@@ -141,6 +147,17 @@ class DPRNNCell(DPRNNCellBase):
         hx: Optional[torch.Tensor] = None,
         batch_size_t: Optional[int] = None,
     ) -> torch.Tensor:
+        """One time step, like ``torch.nn.RNNCell``.
+
+        Args:
+            input: ``(batch, input_size)`` input ``x_t``.
+            hx: ``(batch, hidden_size)`` previous state; zeros when ``None``.
+            batch_size_t: For packed sequences, the number of sequences still running at this
+                step: only the first ``batch_size_t`` rows of ``hx`` are used.
+
+        Returns:
+            The new hidden state, ``(batch, hidden_size)``.
+        """
         return self._forward(input, hx, batch_size_t)
 
 
@@ -151,6 +168,11 @@ class DPGRUCell(DPRNNCellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=3)
 
     def step(self, input_gates, hx):
+        """GRU update from ``input_gates = ih(x_t)`` ``(batch, 3 * hidden_size)`` and ``hx``.
+
+        ``r = sigmoid(x_r + h_r)``, ``z = sigmoid(x_z + h_z)``, ``n = tanh(x_n + r * h_n)`` with
+        ``(h_r, h_z, h_n) = hh(hx)``; returns ``(1 - z) * n + z * hx``, ``(batch, hidden_size)``.
+        """
         x_r, x_z, x_n = input_gates.chunk(3, dim=1)
         h_r, h_z, h_n = self.hh(hx).chunk(3, dim=1)
         r = torch.sigmoid(x_r + h_r)
@@ -164,6 +186,17 @@ class DPGRUCell(DPRNNCellBase):
         hx: Optional[torch.Tensor] = None,
         batch_size_t: Optional[int] = None,
     ) -> torch.Tensor:
+        """One time step, like ``torch.nn.GRUCell``.
+
+        Args:
+            input: ``(batch, input_size)`` input ``x_t``.
+            hx: ``(batch, hidden_size)`` previous state; zeros when ``None``.
+            batch_size_t: For packed sequences, the number of sequences still running at this
+                step: only the first ``batch_size_t`` rows of ``hx`` are used.
+
+        Returns:
+            The new hidden state, ``(batch, hidden_size)``.
+        """
         return self._forward(input, hx, batch_size_t)
 
 
@@ -178,15 +211,23 @@ class DPLSTMCell(DPRNNCellBase):
 
     @property
     def output_size(self) -> int:
+        """Size of the output ``h``: ``proj_size`` when projecting, else ``hidden_size``."""
         return self.proj_size if self.proj_size > 0 else self.hidden_size
 
     def zero_state(self, batch_size: int, reference: torch.Tensor):
+        """Zero ``(h, c)``: ``(batch_size, output_size)`` and ``(batch_size, hidden_size)``."""
         return (
             reference.new_zeros(batch_size, self.output_size),
             reference.new_zeros(batch_size, self.hidden_size),
         )
 
     def step(self, input_gates, hx):
+        """LSTM update from ``input_gates = ih(x_t)`` ``(batch, 4 * hidden_size)`` and ``(h, c)``.
+
+        ``c' = sigmoid(f) * c + sigmoid(i) * tanh(g)``, ``h' = sigmoid(o) * tanh(c')`` (then
+        ``h' = hr(h')`` when ``proj_size > 0``), with gates ``i, f, g, o`` of
+        ``input_gates + hh(h)``. Returns ``(h', c')``.
+        """
         h, c = hx
         gates = input_gates + self.hh(h)
         i, f, g, o = gates.chunk(4, dim=1)
@@ -202,6 +243,18 @@ class DPLSTMCell(DPRNNCellBase):
         hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         batch_size_t: Optional[int] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One time step, like ``torch.nn.LSTMCell``.
+
+        Args:
+            input: ``(batch, input_size)`` input ``x_t``.
+            hx: ``(h, c)`` of shapes ``(batch, output_size)`` and ``(batch, hidden_size)``;
+                zeros when ``None``.
+            batch_size_t: For packed sequences, the number of sequences still running at this
+                step: only the first ``batch_size_t`` rows of ``h`` and ``c`` are used.
+
+        Returns:
+            The new ``(h, c)``.
+        """
         return self._forward(input, hx, batch_size_t)
 
 
@@ -296,6 +349,7 @@ class DPRNNBase(RenameParamsMixin, nn.Module):
 
     @property
     def output_size(self) -> int:
+        """Per-direction size of ``output`` and ``h_n``: ``proj_size`` or else ``hidden_size``."""
         return self.proj_size if self.proj_size > 0 else self.hidden_size
 
     def initialize_cells(self):
@@ -334,6 +388,27 @@ class DPRNNBase(RenameParamsMixin, nn.Module):
         input: Union[torch.Tensor, PackedSequence],
         state_init: Optional[State] = None,
     ) -> Tuple[Union[torch.Tensor, PackedSequence], State]:
+        """Run the whole sequence through every layer and direction, like ``torch.nn.RNN/GRU/LSTM``.
+
+        Args:
+            input: ``(L, N, H_in)`` (``(N, L, H_in)`` with ``batch_first``), unbatched
+                ``(L, H_in)``, or a ``PackedSequence``.
+            state_init: Initial state ``h_0`` of shape ``(num_layers * D, N, H_out)``, or
+                ``(h_0, c_0)`` for LSTM with ``c_0`` of shape ``(num_layers * D, N, hidden_size)``
+                (``D`` = 2 if bidirectional else 1; no ``N`` dim for unbatched input). Zeros
+                when ``None``. The batch is on dim 1 here whatever ``batch_first`` is.
+
+        Returns:
+            ``(output, h_n)``, or ``(output, (h_n, c_n))`` for LSTM. ``output`` has the layout of
+            ``input`` with last dim ``D * H_out`` (a ``PackedSequence`` for packed input);
+            ``h_n``/``c_n`` have the shapes of ``h_0``/``c_0``.
+
+        Example:
+            >>> lstm = DPLSTM(input_size=3, hidden_size=5, batch_first=True)
+            >>> out, (h_n, c_n) = lstm(torch.randn(2, 7, 3))
+            >>> out.shape, h_n.shape
+            (torch.Size([2, 7, 5]), torch.Size([1, 2, 5]))
+        """
         is_packed = isinstance(input, PackedSequence)
         if is_packed:
             # pad_packed_sequence restores the caller's batch order (unsorted_indices).

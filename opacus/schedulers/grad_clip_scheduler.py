@@ -35,6 +35,11 @@ class ExponentialGradClip(_GradClipScheduler):
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def get_max_grad_norm(self):
+        """Clip bound for ``last_epoch``: the optimizer's current one times ``gamma``.
+
+        Epoch 0 keeps the initial value; ``step()`` writes the result back, so epoch ``k`` gets
+        ``C_0 * gamma^k``.
+        """
         return self._exponential_value()
 
 
@@ -53,6 +58,10 @@ class LambdaGradClip(_GradClipScheduler):
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def get_max_grad_norm(self):
+        """Clip bound for ``last_epoch``: ``base_max_grad_norm * scheduler_function(k)``.
+
+        ``k`` is ``last_epoch``; ``base_max_grad_norm`` is the optimizer's value at construction.
+        """
         return self.base_max_grad_norm * self.scheduler_function(self.last_epoch)
 
 
@@ -68,4 +77,7 @@ class StepGradClip(_GradClipScheduler):
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def get_max_grad_norm(self):
+        """Clip bound for ``last_epoch``: the current one times ``gamma`` when ``last_epoch`` is a
+        positive multiple of ``step_size``, else unchanged (so ``C_0 * gamma^(k // step_size)``).
+        """
         return self._stepped_value()

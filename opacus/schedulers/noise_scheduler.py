@@ -33,6 +33,11 @@ class ExponentialNoise(_NoiseScheduler):
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def get_noise_multiplier(self):
+        """Noise multiplier for ``last_epoch``: the optimizer's current one times ``gamma``.
+
+        Epoch 0 keeps the initial value; ``step()`` writes the result back, so epoch ``k`` gets
+        ``sigma_0 * gamma^k``.
+        """
         return self._exponential_value()
 
 
@@ -51,6 +56,10 @@ class LambdaNoise(_NoiseScheduler):
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def get_noise_multiplier(self):
+        """Noise multiplier for ``last_epoch``: ``base_noise_multiplier * noise_lambda(k)``.
+
+        ``k`` is ``last_epoch``; ``base_noise_multiplier`` is the optimizer's value at construction.
+        """
         return self.base_noise_multiplier * self.noise_lambda(self.last_epoch)
 
 
@@ -66,4 +75,8 @@ class StepNoise(_NoiseScheduler):
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def get_noise_multiplier(self):
+        """Noise multiplier for ``last_epoch``: the current one times ``gamma`` when ``last_epoch``
+        is a positive multiple of ``step_size``, else unchanged (``sigma_0 gamma^(k // step_size)``
+        at epoch ``k``).
+        """
         return self._stepped_value()

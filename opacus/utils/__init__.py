@@ -1,0 +1,1 @@
+"""Utilities: Poisson samplers, virtual batches, module walking, tensor helpers, clipping helpers."""

@@ -85,6 +85,15 @@ class ModelWithLoss(nn.Module):
         self.criterion = nn.L1Loss(reduction=loss_reduction)
 
     def forward(self, x):
+        """Scalar L1 loss of ``wrapped_module(x)`` against zeros (mean or sum per the reduction).
+
+        Args:
+            x: The wrapped module's input (a tensor or ``PackedSequence``).
+
+        Returns:
+            A 0-d tensor. Tuple outputs (recurrent layers) use their first element; a
+            ``PackedSequence`` output uses its ``.data``.
+        """
         out = self.wrapped_module(x)
         if isinstance(out, tuple):  # recurrent layers return (output, state)
             out = out[0]

@@ -68,10 +68,12 @@ class Domain:
 
     @property
     def dt(self) -> float:
+        """Grid step ``(t_max - t_min) / (size - 1)``."""
         return (self.t_max - self.t_min) / (self.size - 1)
 
     @property
     def ts(self) -> np.ndarray:
+        """The ``size`` grid points ``t_min, t_min + dt, ..., t_max`` as a float64 array."""
         return np.linspace(self.t_min, self.t_max, self.size)
 
     def grid_offset(self) -> int:

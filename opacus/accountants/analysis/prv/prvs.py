@@ -233,16 +233,26 @@ class TruncatedPrivacyRandomVariable:
             )
 
     def pdf(self, t):
+        """Density of the truncated PRV at ``t`` (scalar or array; same shape returned).
+
+        The untruncated density divided by the mass kept in ``[t_min, t_max]``; 0 outside it.
+        """
         t = np.asarray(t, dtype=np.float64)
         inside = (t >= self.t_min) & (t <= self.t_max)
         return np.where(inside, self.prv.pdf(t) / self.remaining_mass, 0.0)
 
     def cdf(self, t):
+        """P(Y <= t | t_min <= Y <= t_max): 0 below ``t_min``, 1 from ``t_max`` on (elementwise)."""
         t = np.asarray(t, dtype=np.float64)
         value = (self.prv.cdf(t) - self._cdf_min) / self.remaining_mass
         return np.where(t < self.t_min, 0.0, np.where(t >= self.t_max, 1.0, value))
 
     def sf(self, t):
+        """P(Y > t | t_min <= Y <= t_max), elementwise; 1 below ``t_min``, 0 from ``t_max`` on.
+
+        Computed from the underlying PRV's survival function when it has one, so that small
+        upper-tail probabilities keep their relative precision.
+        """
         t = np.asarray(t, dtype=np.float64)
         if hasattr(self.prv, "sf"):
             value = (self.prv.sf(t) - self._sf_max) / self.remaining_mass
