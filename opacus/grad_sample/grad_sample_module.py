@@ -570,6 +570,3 @@ class GradSampleModule(GradSampleHooks, AbstractGradSampleModule):
             strict=strict,
             force_functorch=force_functorch,
         )
-
-    def forward(self, *args, **kwargs):
-        return self._module(*args, **kwargs)

@@ -273,6 +273,3 @@ class GradSampleModuleFastGradientClipping(
             max_grad_norm=max_grad_norm,
             use_ghost_clipping=use_ghost_clipping,
         )
-
-    def forward(self, *args, **kwargs):
-        return self._module(*args, **kwargs)

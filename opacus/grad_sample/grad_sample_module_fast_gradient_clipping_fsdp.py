@@ -125,6 +125,3 @@ class GradSampleModuleFastGradientClippingFSDP(
             m, batch_first, loss_reduction, strict, force_functorch, max_grad_norm,
             use_ghost_clipping,
         )
-
-    def forward(self, *args, **kwargs):
-        return self._module(*args, **kwargs)

@@ -96,6 +96,3 @@ class GradSampleModuleFastGradientClippingTP(
             force_functorch=force_functorch,
             max_grad_norm=max_grad_norm,
         )
-
-    def forward(self, *args, **kwargs):
-        return self._module(*args, **kwargs)

@@ -100,6 +100,7 @@ class AbstractGradSampleModule(nn.Module, AbstractGradSampleHooks, ABC):
         )
 
     def forward(self, *args, **kwargs):
+        """Run the wrapped module on the same arguments; the hooks record what DP-SGD needs."""
         return self._module(*args, **kwargs)
 
     def __getattr__(self, item):

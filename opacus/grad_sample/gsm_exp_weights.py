@@ -51,6 +51,8 @@ class GradSampleModuleExpandedWeights(AbstractGradSampleModule):
         self._call_for_per_sample_grads = call
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
+        """Run the wrapped module through torch's per-sample-gradient context (batch on dim 0 of
+        ``x``), so that the next backward fills ``p.grad_sample``."""
         batch_size = x.shape[0]
         wrapped = self._call_for_per_sample_grads(
             self._module,

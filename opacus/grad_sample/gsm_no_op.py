@@ -38,4 +38,5 @@ class GradSampleModuleNoOp(GradSampleHooksNoOp, AbstractGradSampleModule):
         )
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
+        """Run the wrapped module unchanged (no hooks: per-sample gradients come from elsewhere)."""
         return self._module(x, *args, **kwargs)
