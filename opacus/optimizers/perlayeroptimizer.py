@@ -35,6 +35,7 @@ def validated_per_layer_norms(optimizer: Optimizer, max_grad_norm: Sequence[floa
 
 
 def _get_total_norm(self) -> float:
+    """L2 norm of the per-layer bounds: the sensitivity of the concatenated clipped gradient."""
     return math.sqrt(sum(c * c for c in self.max_grad_norms))
 
 

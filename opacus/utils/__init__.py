@@ -1,1 +1,1 @@
-"""Utilities: Poisson samplers, virtual batches, module walking, tensor helpers, clipping helpers."""
+"""Utilities: Poisson samplers, virtual batches, module walking, tensor and clipping helpers."""
