@@ -8,6 +8,7 @@ summed into ``p._current_grad_sample``; when the autograd engine finishes the pa
 promoted into ``p.grad_sample``, which also accumulates over several backward passes.
 """
 
+import functools
 import logging
 import warnings
 from functools import partial
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from opacus.grad_sample import registry
+from opacus.grad_sample.registry import SUMS_OVER_SEQUENCE_ATTR
 from opacus.grad_sample.functorch import (
     ft_compute_per_sample_gradient,
     per_sample_gradient,
@@ -121,6 +123,33 @@ def promote_current_grad_sample(p: nn.Parameter) -> None:
     p.grad_sample = existing + current
 
 
+def _concat_calls(
+    activations: List[torch.Tensor], backprops: List[torch.Tensor], max_batch_len: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Join the calls of one layer along a sequence dim: ``(max_batch_len, sum_t T_t, d)``.
+
+    A packed sequence's later steps see only the first ``b_t`` samples; their missing rows are
+    zero in both tensors, so they add nothing to ``sum_t b_t a_t^T`` (the sampler's contraction).
+    """
+    a = [x.reshape(x.shape[0], -1, x.shape[-1]) for x in activations]
+    b = [g.reshape(g.shape[0], -1, g.shape[-1]) for g in backprops]
+    if all(x.shape[0] == max_batch_len for x in a):
+        return torch.cat(a, dim=1), torch.cat(b, dim=1)
+
+    def padded(parts):
+        out = parts[0].new_zeros(
+            (max_batch_len, sum(x.shape[1] for x in parts), parts[0].shape[-1]),
+            dtype=functools.reduce(torch.promote_types, (x.dtype for x in parts)),
+        )
+        start = 0
+        for x in parts:
+            out[: x.shape[0], start: start + x.shape[1]] = x
+            start += x.shape[1]
+        return out
+
+    return padded(a), padded(b)
+
+
 def _batch_dim(module: nn.Module, batch_first: bool) -> int:
     if batch_first or getattr(module, "_batch_dim_always_first", False):
         return 0
@@ -202,6 +231,9 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._samplers: Dict[nn.Module, Optional[Callable]] = {}
         self._module_names: Dict[nn.Module, str] = {}
         self._pending: Dict[int, nn.Parameter] = {}
+        # Repeated calls of a layer whose sampler sums over the sequence dim (RNN time steps):
+        # (activations, backprops, max_batch_len) per call, contracted once per backward.
+        self._deferred: Dict[nn.Module, List[tuple]] = {}
         self._consumed_this_pass: set = set()
         self._finish_queued = False
         self._first_layer: Optional[Tuple[str, int]] = None
@@ -495,12 +527,45 @@ class GradSampleHooks(AbstractGradSampleHooks):
         batch_first: bool,
     ):
         """Full backward hook: per-sample gradients of this call, summed into the parameters."""
-        call = self._take_call(module, forward_output, loss_reduction, batch_first)
+        # Per-sample gradients are linear in the backprops, so "mean"'s factor B can go on
+        # whichever is smaller: the backprops (e.g. a wide Linear) or the sampler's output (e.g.
+        # a convolution on a large image, whose backprops dwarf its kernel).
+        call = self._take_call(module, forward_output, "sum", batch_first)
         if call is None:
             return
-        activations, backprops, max_batch_len, _ = call
+        activations, backprops, max_batch_len, only_call = call
+        sampler = self._samplers[module]
+        scale = max_batch_len if loss_reduction == "mean" else None
+        if scale is not None:
+            params = module.parameters(recurse=sampler is not None)
+            out_numel = backprops.shape[0] * sum(p.numel() for p in params if p.requires_grad)
+            if only_call and out_numel < backprops.numel():
+                grad_samples = self._per_sample_grads(module, activations, backprops)
+                self._accumulate({p: g * scale for p, g in grad_samples.items()}, max_batch_len)
+                return
+            backprops = backprops * scale
+        if (
+            not only_call
+            and backprops.shape[0] > 0
+            and getattr(sampler, SUMS_OVER_SEQUENCE_ATTR, False)
+        ):
+            # One (B, d_out, sum_t T_t) @ (B, sum_t T_t, d_in) product at the end of the pass
+            # replaces one product and one (B, d_out, d_in) accumulation per call.
+            self._deferred.setdefault(module, []).append((activations, backprops, max_batch_len))
+            return
         grad_samples = self._per_sample_grads(module, activations, backprops)
         self._accumulate(grad_samples, max_batch_len)
+
+    def _flush_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, {}
+        for module, calls in deferred.items():
+            max_batch_len = max(c[2] for c in calls)
+            activations, backprops = _concat_calls(
+                [c[0][0] for c in calls], [c[1] for c in calls], max_batch_len
+            )
+            self._accumulate(
+                self._per_sample_grads(module, [activations], backprops), max_batch_len
+            )
 
     def _accumulate(self, grad_samples: Dict[nn.Parameter, torch.Tensor], max_batch_len: int):
         for p, gs in grad_samples.items():
@@ -516,6 +581,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
 
     def _drop_pending(self) -> None:
+        self._deferred = {}
         for p in self._pending.values():
             if hasattr(p, "_current_grad_sample"):
                 del p._current_grad_sample
@@ -524,6 +590,11 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._finish_queued = False
 
     def _finish_backward(self) -> None:
+        try:
+            self._flush_deferred()
+        except Exception:
+            self._drop_pending()
+            raise
         pending = list(self._pending.values())
         if not self._grad_accumulation_allowed and any(
             getattr(p, "grad_sample", None) is not None for p in pending

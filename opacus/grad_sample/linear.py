@@ -14,7 +14,11 @@ import torch
 import torch.nn as nn
 
 from opacus.grad_sample.buffers import reusable_empty
-from opacus.grad_sample.registry import register_grad_sampler, register_norm_sampler
+from opacus.grad_sample.registry import (
+    SUMS_OVER_SEQUENCE_ATTR,
+    register_grad_sampler,
+    register_norm_sampler,
+)
 
 
 def _as_sequences(activations: torch.Tensor, backprops: torch.Tensor, min_dtype=None):
@@ -64,6 +68,9 @@ def compute_linear_grad_sample(
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = b.sum(dim=1)
     return ret
+
+
+setattr(compute_linear_grad_sample, SUMS_OVER_SEQUENCE_ATTR, True)
 
 
 def _weight_norm_squared(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,12 @@ GRAD_SAMPLERS: Dict[Type[nn.Module], Callable] = {}
 NORM_SAMPLERS: Dict[Type[nn.Module], Callable] = {}
 
 
+# A grad sampler with this attribute set to True computes ``sum_t b_{i,t} a_{i,t}^T`` over the
+# dims between batch and features of a single activation: several calls of its layer can then
+# be joined along that dim and contracted once (the hooks do so for RNN time steps).
+SUMS_OVER_SEQUENCE_ATTR = "_sums_over_sequence"
+
+
 def _as_classes(target_class_or_classes):
     if isinstance(target_class_or_classes, type):
         return [target_class_or_classes]
