@@ -42,14 +42,20 @@ def main():
     t_rdp_warm, c_rdp_warm, _ = best_of(lambda: rdp.get_epsilon(DELTA), 7)
     t_gnm, c_gnm, sigma = best_of(
         lambda: get_noise_multiplier(
-            target_epsilon=eps_prv, target_delta=DELTA, sample_rate=Q, steps=STEPS,
+            target_epsilon=eps_prv,
+            target_delta=DELTA,
+            sample_rate=Q,
+            steps=STEPS,
             accountant="prv",
         ),
         3,
     )
     t_gnm_rdp, c_gnm_rdp, sigma_rdp = best_of(
         lambda: get_noise_multiplier(
-            target_epsilon=eps_prv, target_delta=DELTA, sample_rate=Q, steps=STEPS,
+            target_epsilon=eps_prv,
+            target_delta=DELTA,
+            sample_rate=Q,
+            steps=STEPS,
             accountant="rdp",
         ),
         3,

@@ -40,8 +40,13 @@ def _run(logical: int, physical: int, width: int, seed: int = 0) -> int:
     n = logical * 4
     data = TensorDataset(torch.randn(n, width), torch.randint(0, 10, (n,)))
     model = GradSampleModule(
-        nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                      nn.Linear(width, 10))
+        nn.Sequential(
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, 10),
+        )
     )
     optimizer = DPOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1),
@@ -49,8 +54,9 @@ def _run(logical: int, physical: int, width: int, seed: int = 0) -> int:
         max_grad_norm=1.0,
         expected_batch_size=logical,
     )
-    loader = DPDataLoader(data, sample_rate=logical / n,
-                          generator=torch.Generator().manual_seed(seed))
+    loader = DPDataLoader(
+        data, sample_rate=logical / n, generator=torch.Generator().manual_seed(seed)
+    )
     criterion = nn.CrossEntropyLoss()
     with BatchMemoryManager(
         data_loader=loader, max_physical_batch_size=physical, optimizer=optimizer

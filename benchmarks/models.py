@@ -30,7 +30,10 @@ class Workload:
 def _mlp(size: str) -> nn.Module:
     hidden = 512 if size == "full" else 16
     return nn.Sequential(
-        nn.Linear(256, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(256, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
         nn.Linear(hidden, 10),
     )
 
@@ -38,9 +41,16 @@ def _mlp(size: str) -> nn.Module:
 def _cnn(size: str) -> nn.Module:
     c = 16 if size == "full" else 2
     return nn.Sequential(
-        nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(2 * c * 8 * 8, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Conv2d(3, c, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c, 2 * c, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * c * 8 * 8, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
 
 
@@ -122,6 +132,7 @@ def _attention_batch(batch_first: bool):
         t, d = (16, 64) if size == "full" else (3, 8)
         x = torch.randn(batch, t, d)
         return (x if batch_first else x.transpose(0, 1).contiguous()), _labels(batch)
+
     return make
 
 
@@ -129,37 +140,47 @@ WORKLOADS: Dict[str, Workload] = {
     w.name: w
     for w in [
         Workload(
-            "mlp", _mlp, lambda b, s: (torch.randn(b, 256), _labels(b)),
+            "mlp",
+            _mlp,
+            lambda b, s: (torch.randn(b, 256), _labels(b)),
             description="MLP 256-512-512-10",
         ),
         Workload(
-            "cnn", _cnn, lambda b, s: (torch.randn(b, 3, 32, 32), _labels(b)),
+            "cnn",
+            _cnn,
+            lambda b, s: (torch.randn(b, 3, 32, 32), _labels(b)),
             description="2 conv + 2 linear on 3x32x32",
         ),
         Workload(
-            "embedding", lambda s: TokenClassifier(_vocab(s), 64 if s == "full" else 8),
+            "embedding",
+            lambda s: TokenClassifier(_vocab(s), 64 if s == "full" else 8),
             lambda b, s: (torch.randint(0, _vocab(s), (b, _seq_len(s))), _labels(b)),
             description="Embedding(5000, 64) + Linear(64, 10), 32 tokens",
         ),
         Workload(
-            "lstm", lambda s: LSTMClassifier(64 if s == "full" else 4),
+            "lstm",
+            lambda s: LSTMClassifier(64 if s == "full" else 4),
             lambda b, s: (torch.randn(b, 16 if s == "full" else 3, 32), _labels(b)),
             description="DPLSTM(32, 64), 16 steps + Linear",
         ),
         Workload(
-            "attention_bf", lambda s: AttentionBlock(*((64, 4) if s == "full" else (8, 2)), True),
-            _attention_batch(True), batch_first=True,
+            "attention_bf",
+            lambda s: AttentionBlock(*((64, 4) if s == "full" else (8, 2)), True),
+            _attention_batch(True),
+            batch_first=True,
             description="DPMultiheadAttention block, batch_first=True, 16 tokens, dim 64",
         ),
         Workload(
-            "attention_sf", lambda s: AttentionBlock(*((64, 4) if s == "full" else (8, 2)), False),
-            _attention_batch(False), batch_first=False,
+            "attention_sf",
+            lambda s: AttentionBlock(*((64, 4) if s == "full" else (8, 2)), False),
+            _attention_batch(False),
+            batch_first=False,
             description="DPMultiheadAttention block, sequence-first, 16 tokens, dim 64",
         ),
         Workload(
-            "longseq", lambda s: LongSequenceModel(_vocab(s), 64 if s == "full" else 8),
-            lambda b, s: (torch.randint(0, _vocab(s), (b, 1024 if s == "full" else 6)),
-                          _labels(b)),
+            "longseq",
+            lambda s: LongSequenceModel(_vocab(s), 64 if s == "full" else 8),
+            lambda b, s: (torch.randint(0, _vocab(s), (b, 1024 if s == "full" else 6)), _labels(b)),
             description="Embedding(5000, 64) + 3 Linear, 1024 tokens (memory target)",
         ),
     ]

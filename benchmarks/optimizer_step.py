@@ -22,9 +22,16 @@ from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 
 def small_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
 
 
@@ -78,8 +85,12 @@ def main():
                 p.grad_sample = None
             F.cross_entropy(gsm(x), y).backward()
 
-        rows.append(("GradSampleModule (hooks) forward + backward",
-                     timed(hooks_backward, args.repeats, device)))
+        rows.append(
+            (
+                "GradSampleModule (hooks) forward + backward",
+                timed(hooks_backward, args.repeats, device),
+            )
+        )
 
     grad_samples = [torch.randn(b, *p.shape, device=device) for p in params]
 
@@ -88,12 +99,25 @@ def main():
             p.grad_sample = g
             p.summed_grad = None
 
-    flat = DPOptimizer(torch.optim.SGD(params, lr=0.01), noise_multiplier=1.0, max_grad_norm=1.0,
-                       expected_batch_size=b)
-    per_layer = DPPerLayerOptimizer(torch.optim.SGD(params, lr=0.01), noise_multiplier=1.0,
-                                    max_grad_norm=[1.0] * len(params), expected_batch_size=b)
-    secure = DPOptimizer(torch.optim.SGD(params, lr=0.01), noise_multiplier=1.0,
-                         max_grad_norm=1.0, expected_batch_size=b, secure_mode=True)
+    flat = DPOptimizer(
+        torch.optim.SGD(params, lr=0.01),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=b,
+    )
+    per_layer = DPPerLayerOptimizer(
+        torch.optim.SGD(params, lr=0.01),
+        noise_multiplier=1.0,
+        max_grad_norm=[1.0] * len(params),
+        expected_batch_size=b,
+    )
+    secure = DPOptimizer(
+        torch.optim.SGD(params, lr=0.01),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=b,
+        secure_mode=True,
+    )
 
     def clip_flat():
         fresh(flat)
@@ -114,6 +138,7 @@ def main():
             for p in params:
                 p.summed_grad = torch.zeros_like(p)
             opt.add_noise()
+
         return run
 
     def full_step():
@@ -130,8 +155,10 @@ def main():
     ]
 
     n_params = sum(p.numel() for p in params)
-    print(f"Small CNN, {n_params} parameters, batch {b}, device {device}, "
-          f"{torch.get_num_threads()} threads\n")
+    print(
+        f"Small CNN, {n_params} parameters, batch {b}, device {device}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     print("| stage | median ms |")
     print("| --- | ---: |")
     for name, ms in rows:

@@ -43,8 +43,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _median_times(steps: Dict[str, Callable[[], None]], repeats: int, warmup: int,
-                  device: torch.device) -> Dict[str, Dict[str, float]]:
+def _median_times(
+    steps: Dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
+) -> Dict[str, Dict[str, float]]:
     """Median CPU and wall ms of each step, the steps run in alternation."""
     for _ in range(warmup):
         for fn in steps.values():
@@ -59,8 +60,10 @@ def _median_times(steps: Dict[str, Callable[[], None]], repeats: int, warmup: in
             _sync(device)
             cpu[name].append((time.process_time() - c0) * 1e3)
             wall[name].append((time.perf_counter() - w0) * 1e3)
-    return {k: {"cpu_ms": statistics.median(cpu[k]), "wall_ms": statistics.median(wall[k])}
-            for k in steps}
+    return {
+        k: {"cpu_ms": statistics.median(cpu[k]), "wall_ms": statistics.median(wall[k])}
+        for k in steps
+    }
 
 
 def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
@@ -106,6 +109,7 @@ def _plain_step(model: nn.Module, x, y) -> Callable[[], None]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -115,9 +119,15 @@ def _dp_step(model: nn.Module, x, y, mode: str, batch_first: bool) -> Callable[[
     dataset = torch.utils.data.TensorDataset(torch.zeros(n, 1))
     loader = torch.utils.data.DataLoader(dataset, batch_size=n)
     out = PrivacyEngine().make_private(
-        module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
-        max_grad_norm=1.0, batch_first=batch_first, poisson_sampling=False,
-        grad_sample_mode=mode, criterion=nn.CrossEntropyLoss(),
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        batch_first=batch_first,
+        poisson_sampling=False,
+        grad_sample_mode=mode,
+        criterion=nn.CrossEntropyLoss(),
     )
     if mode == "ghost":
         module, optimizer, criterion, _ = out
@@ -129,6 +139,7 @@ def _dp_step(model: nn.Module, x, y, mode: str, batch_first: bool) -> Callable[[
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -149,15 +160,21 @@ def bench_model(w: Workload, modes: List[str], args, device: torch.device) -> Li
         except Exception as e:  # report, keep benchmarking the other rows
             rows.append({"model": w.name, "mode": mode, "error": f"{type(e).__name__}: {e}"})
             continue
-        rows.append({
-            "model": w.name, "mode": mode,
-            "plain_ms": t["plain"]["cpu_ms"], "dp_ms": t["dp"]["cpu_ms"],
-            "ratio": t["dp"]["cpu_ms"] / t["plain"]["cpu_ms"],
-            "plain_wall_ms": t["plain"]["wall_ms"], "dp_wall_ms": t["dp"]["wall_ms"],
-            "wall_ratio": t["dp"]["wall_ms"] / t["plain"]["wall_ms"],
-            "plain_peak_mb": mem_plain / 2**20, "dp_peak_mb": mem_dp / 2**20,
-            "mem_ratio": mem_dp / mem_plain if mem_plain else float("nan"),
-        })
+        rows.append(
+            {
+                "model": w.name,
+                "mode": mode,
+                "plain_ms": t["plain"]["cpu_ms"],
+                "dp_ms": t["dp"]["cpu_ms"],
+                "ratio": t["dp"]["cpu_ms"] / t["plain"]["cpu_ms"],
+                "plain_wall_ms": t["plain"]["wall_ms"],
+                "dp_wall_ms": t["dp"]["wall_ms"],
+                "wall_ratio": t["dp"]["wall_ms"] / t["plain"]["wall_ms"],
+                "plain_peak_mb": mem_plain / 2**20,
+                "dp_peak_mb": mem_dp / 2**20,
+                "mem_ratio": mem_dp / mem_plain if mem_plain else float("nan"),
+            }
+        )
     return rows
 
 
@@ -172,22 +189,44 @@ def bench_accountants(quick: bool) -> List[dict]:
     for name, acc in [("rdp", RDPAccountant()), ("prv", PRVAccountant())]:
         acc.history = [(1.0, 1e-3, steps)]
         wall, cpu, eps = best_of(lambda: acc.get_epsilon(1e-5), 1 if quick else 3)
-        rows.append({"what": f"{name} get_epsilon ({steps} steps)", "wall_ms": wall * 1e3,
-                     "cpu_ms": cpu * 1e3, "value": eps})
+        rows.append(
+            {
+                "what": f"{name} get_epsilon ({steps} steps)",
+                "wall_ms": wall * 1e3,
+                "cpu_ms": cpu * 1e3,
+                "value": eps,
+            }
+        )
     if not quick:
-        wall, cpu, sigma = best_of(lambda: get_noise_multiplier(
-            target_epsilon=2.0, target_delta=1e-5, sample_rate=1e-3, steps=steps,
-            accountant="rdp"), 1)
-        rows.append({"what": f"rdp get_noise_multiplier ({steps} steps)", "wall_ms": wall * 1e3,
-                     "cpu_ms": cpu * 1e3, "value": sigma})
+        wall, cpu, sigma = best_of(
+            lambda: get_noise_multiplier(
+                target_epsilon=2.0,
+                target_delta=1e-5,
+                sample_rate=1e-3,
+                steps=steps,
+                accountant="rdp",
+            ),
+            1,
+        )
+        rows.append(
+            {
+                "what": f"rdp get_noise_multiplier ({steps} steps)",
+                "wall_ms": wall * 1e3,
+                "cpu_ms": cpu * 1e3,
+                "value": sigma,
+            }
+        )
     return rows
 
 
 def to_markdown(rows: List[dict], acc_rows: List[dict], header: str) -> str:
-    lines = [header, "",
-             "| model | mode | plain ms | DP ms | ratio (cpu) | ratio (wall) | plain peak MB "
-             "| DP peak MB | mem ratio |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        header,
+        "",
+        "| model | mode | plain ms | DP ms | ratio (cpu) | ratio (wall) | plain peak MB "
+        "| DP peak MB | mem ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['mode']} | error: {r['error'][:80]} |||||||")
@@ -195,11 +234,14 @@ def to_markdown(rows: List[dict], acc_rows: List[dict], header: str) -> str:
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['plain_ms']:.2f} | {r['dp_ms']:.2f} | "
             f"{r['ratio']:.2f} | {r['wall_ratio']:.2f} | {r['plain_peak_mb']:.2f} | "
-            f"{r['dp_peak_mb']:.2f} | {r['mem_ratio']:.2f} |")
+            f"{r['dp_peak_mb']:.2f} | {r['mem_ratio']:.2f} |"
+        )
     if acc_rows:
         lines += ["", "| accountant | wall ms | cpu ms | value |", "| --- | ---: | ---: | ---: |"]
-        lines += [f"| {r['what']} | {r['wall_ms']:.1f} | {r['cpu_ms']:.1f} | {r['value']:.4f} |"
-                  for r in acc_rows]
+        lines += [
+            f"| {r['what']} | {r['wall_ms']:.1f} | {r['cpu_ms']:.1f} | {r['value']:.4f} |"
+            for r in acc_rows
+        ]
     return "\n".join(lines)
 
 
@@ -209,12 +251,19 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--models", default=",".join(WORKLOADS),
-                   help=f"comma-separated subset of {','.join(WORKLOADS)}")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of "
-                   + ",".join(MODES))
-    p.add_argument("--quick", action="store_true",
-                   help="tiny models, 2 repeats, short accountant runs (smoke test)")
+    p.add_argument(
+        "--models",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated subset of {','.join(WORKLOADS)}",
+    )
+    p.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES)
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny models, 2 repeats, short accountant runs (smoke test)",
+    )
     p.add_argument("--no-accountants", action="store_true")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--device", default="cpu")
@@ -232,20 +281,28 @@ def main(argv: Optional[List[str]] = None) -> dict:
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in models if m not in WORKLOADS] + [m for m in modes if m not in MODES]
     if unknown:
-        raise SystemExit(f"unknown --models/--modes {unknown}; choose from "
-                         f"{list(WORKLOADS)} and {list(MODES)}")
+        raise SystemExit(
+            f"unknown --models/--modes {unknown}; choose from "
+            f"{list(WORKLOADS)} and {list(MODES)}"
+        )
     rows = []
     for name in models:
         rows += bench_model(WORKLOADS[name], modes, args, device)
     acc_rows = [] if args.no_accountants else bench_accountants(args.quick)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    header = (f"batch {args.batch_size}, {args.threads} thread(s), device {device}, "
-              f"{cores} cores available, load average {os.getloadavg()[0]:.2f}, torch "
-              f"{torch.__version__}; medians of {args.repeats} alternating repeats; ratio = DP "
-              "step / non-private step (process CPU time)")
+    header = (
+        f"batch {args.batch_size}, {args.threads} thread(s), device {device}, "
+        f"{cores} cores available, load average {os.getloadavg()[0]:.2f}, torch "
+        f"{torch.__version__}; medians of {args.repeats} alternating repeats; ratio = DP "
+        "step / non-private step (process CPU time)"
+    )
     print(to_markdown(rows, acc_rows, header))
-    result = {"config": {k: v for k, v in vars(args).items()}, "header": header,
-              "rows": rows, "accountants": acc_rows}
+    result = {
+        "config": {k: v for k, v in vars(args).items()},
+        "header": header,
+        "rows": rows,
+        "accountants": acc_rows,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -108,8 +108,18 @@ class EpochStats:
 
 
 def train_epoch(
-    model, optimizer, criterion, loader, *, desc, show_bar, eps, steps, max_steps,
-    prepare=None, per_batch_loss=False,
+    model,
+    optimizer,
+    criterion,
+    loader,
+    *,
+    desc,
+    show_bar,
+    eps,
+    steps,
+    max_steps,
+    prepare=None,
+    per_batch_loss=False,
 ):
     """One pass over ``loader`` with :func:`sgd_step`, stopping at ``max_steps`` in total.
 
@@ -123,8 +133,11 @@ def train_epoch(
         stats.add(loss, out, y)
         steps += 1
         if show_bar:
-            bar.set_postfix(loss=f"{stats.loss(per_batch_loss):.3f}",
-                            acc=f"{stats.accuracy:.3f}", eps=f"{eps:.2f}")
+            bar.set_postfix(
+                loss=f"{stats.loss(per_batch_loss):.3f}",
+                acc=f"{stats.accuracy:.3f}",
+                eps=f"{eps:.2f}",
+            )
         if out_of_steps(steps, max_steps):
             break
     return stats, steps

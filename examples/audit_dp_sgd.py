@@ -88,8 +88,11 @@ def main():
     data = (x, torch.randint(0, 2, (args.samples,), generator=g))
     engine_kwargs = dict(noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm)
     common = dict(
-        steps=args.steps, batch_size=args.batch_size, delta=args.delta,
-        confidence=args.confidence, privacy_engine_factory=engine_factory(SABOTAGE[args.sabotage]),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        delta=args.delta,
+        confidence=args.confidence,
+        privacy_engine_factory=engine_factory(SABOTAGE[args.sabotage]),
         seed=args.seed,
     )
 
@@ -98,8 +101,12 @@ def main():
 
     start = time.time()
     classical = audit_dp_sgd(
-        model_fn, data, engine_kwargs, trials=args.trials,
-        canaries_per_run=args.canaries_per_run, **common,
+        model_fn,
+        data,
+        engine_kwargs,
+        trials=args.trials,
+        canaries_per_run=args.canaries_per_run,
+        **common,
     )
     one_run = audit_dp_sgd_one_run(
         model_fn, data, engine_kwargs, num_canaries=args.num_canaries, **common

@@ -28,7 +28,7 @@ def encode(rows, chars, labels, max_len):
     ids = torch.full((len(rows), max_len), PAD, dtype=torch.long)
     for i, (_, name) in enumerate(rows):
         codes = [chars.get(c, len(chars) + 1) for c in name.lower()][-max_len:]
-        ids[i, max_len - len(codes):] = torch.tensor(codes, dtype=torch.long)
+        ids[i, max_len - len(codes) :] = torch.tensor(codes, dtype=torch.long)
     y = torch.tensor([labels[label] for label, _ in rows], dtype=torch.long)
     return ids, y
 
@@ -75,10 +75,13 @@ def main(argv=None):
     labels = {name: i for i, name in enumerate(sorted({label for label, _ in rows}))}
     train_x, train_y = encode(rows[n_test:], chars, labels, args.max_len)
     test_x, test_y = encode(rows[:n_test], chars, labels, args.max_len)
-    print(f"{len(train_y)} training / {len(test_y)} test names, {len(chars)} letters, "
-          f"labels {sorted(labels, key=labels.get)}")
-    train_loader = DataLoader(TensorDataset(train_x, train_y), batch_size=args.batch_size,
-                              shuffle=True)
+    print(
+        f"{len(train_y)} training / {len(test_y)} test names, {len(chars)} letters, "
+        f"labels {sorted(labels, key=labels.get)}"
+    )
+    train_loader = DataLoader(
+        TensorDataset(train_x, train_y), batch_size=args.batch_size, shuffle=True
+    )
     test_loader = DataLoader(TensorDataset(test_x, test_y), batch_size=256)
 
     model = CharLSTM(len(chars) + 2, len(labels), hidden=args.hidden)
@@ -90,30 +93,45 @@ def main(argv=None):
 
         privacy_engine = PrivacyEngine(accountant=args.accountant)
         model, optimizer, train_loader = privacy_engine.make_private(
-            module=model, optimizer=optimizer, data_loader=train_loader,
-            noise_multiplier=args.sigma, max_grad_norm=args.max_grad_norm,
+            module=model,
+            optimizer=optimizer,
+            data_loader=train_loader,
+            noise_multiplier=args.sigma,
+            max_grad_norm=args.max_grad_norm,
         )
 
     start, steps, eps = time.time(), 0, float("nan")
     show_bar = common.bars_enabled(args)
     for epoch in range(1, args.epochs + 1):
         stats, steps = common.train_epoch(
-            model, optimizer, criterion, train_loader, desc=f"epoch {epoch}/{args.epochs}",
-            show_bar=show_bar, eps=eps, steps=steps, max_steps=args.max_steps,
+            model,
+            optimizer,
+            criterion,
+            train_loader,
+            desc=f"epoch {epoch}/{args.epochs}",
+            show_bar=show_bar,
+            eps=eps,
+            steps=steps,
+            max_steps=args.max_steps,
         )
         if privacy_engine is not None:
             eps = privacy_engine.get_epsilon(args.delta)
         if epoch % 5 == 0 or epoch == args.epochs or args.max_steps is not None:
-            print(f"epoch {epoch:3d} | loss {stats.loss():.4f} | train acc "
-                  f"{stats.accuracy:.3f} | test acc {common.evaluate(model, test_loader):.3f}"
-                  f" | eps {eps:.2f}")
+            print(
+                f"epoch {epoch:3d} | loss {stats.loss():.4f} | train acc "
+                f"{stats.accuracy:.3f} | test acc {common.evaluate(model, test_loader):.3f}"
+                f" | eps {eps:.2f}"
+            )
         if common.out_of_steps(steps, args.max_steps):
             break
     test_acc = common.evaluate(model, test_loader)
-    privacy = (f"eps {eps:.2f}, delta {args.delta}" if privacy_engine is not None
-               else "without privacy")
-    print(f"RESULT: test accuracy {test_acc:.3f} ({len(labels)} classes) {privacy}, "
-          f"{steps} steps in {time.time() - start:.1f}s")
+    privacy = (
+        f"eps {eps:.2f}, delta {args.delta}" if privacy_engine is not None else "without privacy"
+    )
+    print(
+        f"RESULT: test accuracy {test_acc:.3f} ({len(labels)} classes) {privacy}, "
+        f"{steps} steps in {time.time() - start:.1f}s"
+    )
     return test_acc, eps
 
 

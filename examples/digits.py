@@ -93,7 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="expected logical batch size")
     p.add_argument("--max-physical-batch-size", type=int, default=32)
     p.add_argument(
-        "--lr", type=float, default=None,
+        "--lr",
+        type=float,
+        default=None,
         help="SGD learning rate (default 0.5 with DP, whose clipping shrinks the gradients; 0.2 "
         "without)",
     )
@@ -169,8 +171,15 @@ def main(argv=None):
             ctx = _NullContext(train_loader)
         with ctx as loader:
             stats, steps = common.train_epoch(
-                model, optimizer, criterion, loader, desc=f"epoch {epoch}/{args.epochs}",
-                show_bar=show_bar, eps=eps, steps=steps, max_steps=args.max_steps,
+                model,
+                optimizer,
+                criterion,
+                loader,
+                desc=f"epoch {epoch}/{args.epochs}",
+                show_bar=show_bar,
+                eps=eps,
+                steps=steps,
+                max_steps=args.max_steps,
                 per_batch_loss=True,
             )
         if privacy_engine is not None:

@@ -28,12 +28,19 @@ from digits import load_digits_tensors, make_model  # noqa: E402 (sibling exampl
 
 def parse_args(argv=None):
     p = common.make_parser(__doc__)
-    p.add_argument("--spawn", action="store_true",
-                   help="start the processes here with torch.multiprocessing instead of torchrun")
+    p.add_argument(
+        "--spawn",
+        action="store_true",
+        help="start the processes here with torch.multiprocessing instead of torchrun",
+    )
     p.add_argument("--world-size", type=int, default=2, help="processes to start with --spawn")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="expected LOGICAL batch size, summed over all processes")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="expected LOGICAL batch size, summed over all processes",
+    )
     p.add_argument("--lr", type=float, default=0.5)
     common.add_privacy_args(p, sigma=1.0)
     common.add_run_args(p, threads_help="torch threads per process")
@@ -54,16 +61,20 @@ def train(rank, world_size, args):
     # make_private sees the process group and DPDDP: a distributed Poisson sampler (each rank its
     # shard) and DistributedDPOptimizer.
     model, optimizer, train_loader = privacy_engine.make_private(
-        module=model, optimizer=optimizer,
+        module=model,
+        optimizer=optimizer,
         data_loader=DataLoader(train_set, batch_size=args.batch_size),
-        noise_multiplier=args.sigma, max_grad_norm=args.max_grad_norm,
+        noise_multiplier=args.sigma,
+        max_grad_norm=args.max_grad_norm,
     )
     torch.manual_seed(args.seed + 1 + rank)  # independent Poisson draws per rank
     criterion = nn.CrossEntropyLoss()
     lead = rank == 0
     if lead:
-        print(f"{world_size} processes, {type(optimizer).__name__}, expected batch "
-              f"{optimizer.expected_batch_size} per process")
+        print(
+            f"{world_size} processes, {type(optimizer).__name__}, expected batch "
+            f"{optimizer.expected_batch_size} per process"
+        )
     start, steps, eps = time.time(), 0, float("nan")
     show_bar = lead and common.bars_enabled(args)
     for epoch in range(1, args.epochs + 1):
@@ -90,15 +101,21 @@ def train(rank, world_size, args):
     in_sync = all(torch.equal(gathered[0], g) for g in gathered[1:])
     if lead:
         test_acc = common.evaluate(model, DataLoader(test_set, batch_size=256))
-        print(f"RESULT: test accuracy {test_acc:.3f} at eps {eps:.2f}, delta {args.delta}, "
-              f"{world_size} processes, {steps} steps in {time.time() - start:.1f}s, "
-              f"replicas in sync: {in_sync}")
+        print(
+            f"RESULT: test accuracy {test_acc:.3f} at eps {eps:.2f}, delta {args.delta}, "
+            f"{world_size} processes, {steps} steps in {time.time() - start:.1f}s, "
+            f"replicas in sync: {in_sync}"
+        )
+    # Tear down together: a rank that destroys its process group while a peer still uses the
+    # connection can abort in gloo's threads.
+    dist.barrier()
     return in_sync
 
 
 def _spawned(rank, world_size, init_file, args):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
     try:
         train(rank, world_size, args)
     finally:
@@ -112,12 +129,18 @@ def main(argv=None):
 
         with tempfile.TemporaryDirectory() as tmp:
             # a file rendezvous: no port to pick, nothing left behind
-            mp.spawn(_spawned, args=(args.world_size, os.path.join(tmp, "rendezvous"), args),
-                     nprocs=args.world_size, join=True)
+            mp.spawn(
+                _spawned,
+                args=(args.world_size, os.path.join(tmp, "rendezvous"), args),
+                nprocs=args.world_size,
+                join=True,
+            )
         return
     if "RANK" not in os.environ:
-        raise SystemExit("not started by torchrun: run `torchrun --nproc_per_node=2 "
-                         "examples/distributed.py`, or pass --spawn")
+        raise SystemExit(
+            "not started by torchrun: run `torchrun --nproc_per_node=2 "
+            "examples/distributed.py`, or pass --spawn"
+        )
     dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT
     try:
         train(dist.get_rank(), dist.get_world_size(), args)

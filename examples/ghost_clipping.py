@@ -44,8 +44,11 @@ def load(path, buckets, max_len):
     x = torch.tensor([hashed_ngrams(text, buckets, max_len) for _, text in rows])
     y = torch.tensor([labels[label] for label, _ in rows])
     n_test = len(rows) // 5
-    return (TensorDataset(x[n_test:], y[n_test:]), TensorDataset(x[:n_test], y[:n_test]),
-            len(labels))
+    return (
+        TensorDataset(x[n_test:], y[n_test:]),
+        TensorDataset(x[:n_test], y[:n_test]),
+        len(labels),
+    )
 
 
 class NGramModel(nn.Module):
@@ -86,9 +89,13 @@ def train_one_mode(args):
 
     privacy_engine = PrivacyEngine(accountant="prv")
     private = privacy_engine.make_private(
-        module=model, optimizer=optimizer, data_loader=train_loader,
-        criterion=nn.CrossEntropyLoss(), noise_multiplier=args.sigma,
-        max_grad_norm=args.max_grad_norm, grad_sample_mode=args.mode,
+        module=model,
+        optimizer=optimizer,
+        data_loader=train_loader,
+        criterion=nn.CrossEntropyLoss(),
+        noise_multiplier=args.sigma,
+        max_grad_norm=args.max_grad_norm,
+        grad_sample_mode=args.mode,
     )
     if args.mode == "ghost":
         # ghost mode also returns a criterion whose backward() does the double backward
@@ -119,17 +126,25 @@ def train_one_mode(args):
             break
     elapsed = time.time() - start
     return {
-        "mode": args.mode, "params": n_params, "steps": steps,
+        "mode": args.mode,
+        "params": n_params,
+        "steps": steps,
         "seconds_per_step": elapsed / max(steps, 1),
-        "peak_rss_mib": peak_rss_mib(), "training_peak_mib": peak_rss_mib() - peak_before,
-        "test_acc": common.evaluate(model, test_loader), "eps": eps,
+        "peak_rss_mib": peak_rss_mib(),
+        "training_peak_mib": peak_rss_mib() - peak_before,
+        "test_acc": common.evaluate(model, test_loader),
+        "eps": eps,
     }
 
 
 def parse_args(argv=None):
     p = common.make_parser(__doc__)
-    p.add_argument("--mode", default="both", choices=["both", "hooks", "ghost"],
-                   help="both: run hooks and ghost, each in a fresh process, and compare")
+    p.add_argument(
+        "--mode",
+        default="both",
+        choices=["both", "hooks", "ghost"],
+        help="both: run hooks and ghost, each in a fresh process, and compare",
+    )
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--buckets", type=int, default=32768, help="hashed n-gram vocabulary size")
     p.add_argument("--dim", type=int, default=64)
@@ -153,10 +168,12 @@ def main(argv=None):
         if args.json:
             print("MEASURED " + json.dumps(result))
         else:
-            print(f"RESULT: {args.mode}: peak RSS {result['peak_rss_mib']:.0f} MiB "
-                  f"(+{result['training_peak_mib']:.0f} MiB while training), "
-                  f"{1000 * result['seconds_per_step']:.0f} ms/step, test accuracy "
-                  f"{result['test_acc']:.3f} at eps {result['eps']:.2f}")
+            print(
+                f"RESULT: {args.mode}: peak RSS {result['peak_rss_mib']:.0f} MiB "
+                f"(+{result['training_peak_mib']:.0f} MiB while training), "
+                f"{1000 * result['seconds_per_step']:.0f} ms/step, test accuracy "
+                f"{result['test_acc']:.3f} at eps {result['eps']:.2f}"
+            )
         return result
 
     results = {}
@@ -164,20 +181,26 @@ def main(argv=None):
         # a fresh interpreter per mode: ru_maxrss is a high-water mark that never goes down
         child = subprocess.run(
             [sys.executable, os.path.abspath(__file__), *argv, "--mode", mode, "--json"],
-            stdout=subprocess.PIPE, text=True, check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
         )
         line = [ln for ln in child.stdout.splitlines() if ln.startswith("MEASURED ")][-1]
-        results[mode] = json.loads(line[len("MEASURED "):])
+        results[mode] = json.loads(line[len("MEASURED ") :])
     print(f"model: {results['hooks']['params']:,} parameters, batch size {args.batch_size}")
     print(f"{'mode':6s} {'peak RSS':>10s} {'+training':>10s} {'ms/step':>8s} {'test acc':>9s}")
     for mode, r in results.items():
-        print(f"{mode:6s} {r['peak_rss_mib']:8.0f}MB {r['training_peak_mib']:8.0f}MB "
-              f"{1000 * r['seconds_per_step']:8.0f} {r['test_acc']:9.3f}")
+        print(
+            f"{mode:6s} {r['peak_rss_mib']:8.0f}MB {r['training_peak_mib']:8.0f}MB "
+            f"{1000 * r['seconds_per_step']:8.0f} {r['test_acc']:9.3f}"
+        )
     hooks, ghost = results["hooks"], results["ghost"]
     ratio = hooks["training_peak_mib"] / max(ghost["training_peak_mib"], 1.0)
-    print(f"RESULT: training memory hooks {hooks['training_peak_mib']:.0f} MiB vs ghost "
-          f"{ghost['training_peak_mib']:.0f} MiB ({ratio:.1f}x less); test accuracy hooks "
-          f"{hooks['test_acc']:.3f}, ghost {ghost['test_acc']:.3f} at eps {ghost['eps']:.2f}")
+    print(
+        f"RESULT: training memory hooks {hooks['training_peak_mib']:.0f} MiB vs ghost "
+        f"{ghost['training_peak_mib']:.0f} MiB ({ratio:.1f}x less); test accuracy hooks "
+        f"{hooks['test_acc']:.3f}, ghost {ghost['test_acc']:.3f} at eps {ghost['eps']:.2f}"
+    )
     return results
 
 

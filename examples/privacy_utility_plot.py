@@ -16,8 +16,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import digits  # noqa: E402 (sibling example)
 import _common as common  # noqa: E402 (the examples' shared helpers)
+import digits  # noqa: E402 (sibling example)
 
 
 def accountant_curves(sigma, sample_rate, epochs, delta):
@@ -45,8 +45,13 @@ def run_digits(extra):
 def parse_args(argv=None):
     p = common.make_parser(__doc__)
     p.add_argument("--output", default="privacy_utility.png", help="PNG file to write")
-    p.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 0.8, 1.2, 2.5],
-                   help="noise multipliers, one DP run each")
+    p.add_argument(
+        "--sigmas",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.8, 1.2, 2.5],
+        help="noise multipliers, one DP run each",
+    )
     p.add_argument("--epochs", type=int, default=10, help="epochs of each digits run")
     p.add_argument("--max-steps", type=int, default=None, help="cut each run short (testing)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -65,12 +70,20 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise SystemExit("this example draws with matplotlib: `pip install matplotlib` "
-                         "(or `pip install -e '.[examples]'`)") from exc
+        raise SystemExit(
+            "this example draws with matplotlib: `pip install matplotlib` "
+            "(or `pip install -e '.[examples]'`)"
+        ) from exc
 
     start = time.time()
-    shared = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-              "--delta", str(args.delta)]
+    shared = [
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--delta",
+        str(args.delta),
+    ]
     if args.max_steps is not None:
         shared += ["--max-steps", str(args.max_steps)]
     runs = [("non-private", ["--disable-dp"])] + [
@@ -90,8 +103,9 @@ def main(argv=None):
 
     n_train = len(digits.load_digits_tensors(0)[0])
     sample_rate = 1 / math.ceil(n_train / args.batch_size)  # as make_private: 1 / len(loader)
-    curves = accountant_curves(args.accountant_sigma, sample_rate, args.accountant_epochs,
-                               args.delta)
+    curves = accountant_curves(
+        args.accountant_sigma, sample_rate, args.accountant_epochs, args.delta
+    )
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     eps_acc = sorted((eps, acc, label) for label, (acc, eps) in points.items())
@@ -115,13 +129,17 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(args.output, dpi=100)
     last = {name: eps[-1] for name, eps in curves.items()}
-    print(f"after {args.accountant_epochs} epochs: " +
-          ", ".join(f"{k.upper()} eps {v:.2f}" for k, v in last.items()))
+    print(
+        f"after {args.accountant_epochs} epochs: "
+        + ", ".join(f"{k.upper()} eps {v:.2f}" for k, v in last.items())
+    )
     best = max(points.items(), key=lambda kv: kv[1][0])
     all_eps = [eps for _, eps in points.values()]
-    print(f"RESULT: wrote {args.output}: {len(points)} DP runs, eps {min(all_eps):.2f}"
-          f"..{max(all_eps):.2f}, best DP accuracy {best[1][0]:.3f} "
-          f"({best[0]}) vs {baseline_acc:.3f} non-private, in {time.time() - start:.0f}s")
+    print(
+        f"RESULT: wrote {args.output}: {len(points)} DP runs, eps {min(all_eps):.2f}"
+        f"..{max(all_eps):.2f}, best DP accuracy {best[1][0]:.3f} "
+        f"({best[0]}) vs {baseline_acc:.3f} non-private, in {time.time() - start:.0f}s"
+    )
 
 
 if __name__ == "__main__":

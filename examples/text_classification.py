@@ -108,14 +108,18 @@ def main(argv=None):
     n_test = len(rows) // 5
     train_ids, train_y, vocab, labels, max_len = encode(rows[n_test:])
     test_ids, test_y, *_ = encode(rows[:n_test], vocab, labels, max_len)
-    print(f"{len(train_y)} training / {len(test_y)} test sentences, {len(vocab)} words, "
-          f"labels {sorted(labels, key=labels.get)}")
-    train_loader = DataLoader(TensorDataset(train_ids, train_y), batch_size=args.batch_size,
-                              shuffle=True)
+    print(
+        f"{len(train_y)} training / {len(test_y)} test sentences, {len(vocab)} words, "
+        f"labels {sorted(labels, key=labels.get)}"
+    )
+    train_loader = DataLoader(
+        TensorDataset(train_ids, train_y), batch_size=args.batch_size, shuffle=True
+    )
     test_loader = DataLoader(TensorDataset(test_ids, test_y), batch_size=256)
 
-    model = TinyTransformer(len(vocab) + 2, len(labels), max_len, args.dim, args.heads,
-                            batch_first=batch_first)
+    model = TinyTransformer(
+        len(vocab) + 2, len(labels), max_len, args.dim, args.heads, batch_first=batch_first
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     criterion = nn.CrossEntropyLoss()
     privacy_engine = None
@@ -124,8 +128,11 @@ def main(argv=None):
 
         privacy_engine = PrivacyEngine(accountant=args.accountant)
         model, optimizer, train_loader = privacy_engine.make_private(
-            module=model, optimizer=optimizer, data_loader=train_loader,
-            noise_multiplier=args.sigma, max_grad_norm=args.max_grad_norm,
+            module=model,
+            optimizer=optimizer,
+            data_loader=train_loader,
+            noise_multiplier=args.sigma,
+            max_grad_norm=args.max_grad_norm,
             batch_first=batch_first,
         )
 
@@ -135,22 +142,35 @@ def main(argv=None):
     prepare = None if batch_first else torch.t
     for epoch in range(1, args.epochs + 1):
         stats, steps = common.train_epoch(
-            model, optimizer, criterion, train_loader, desc=f"epoch {epoch}/{args.epochs}",
-            show_bar=show_bar, eps=eps, steps=steps, max_steps=args.max_steps, prepare=prepare,
+            model,
+            optimizer,
+            criterion,
+            train_loader,
+            desc=f"epoch {epoch}/{args.epochs}",
+            show_bar=show_bar,
+            eps=eps,
+            steps=steps,
+            max_steps=args.max_steps,
+            prepare=prepare,
         )
         if privacy_engine is not None:
             eps = privacy_engine.get_epsilon(args.delta)
         if epoch % 5 == 0 or epoch == args.epochs or args.max_steps is not None:
-            print(f"epoch {epoch:3d} | loss {stats.loss():.4f} | train acc "
-                  f"{stats.accuracy:.3f} | test acc "
-                  f"{common.evaluate(model, test_loader, prepare):.3f} | eps {eps:.2f}")
+            print(
+                f"epoch {epoch:3d} | loss {stats.loss():.4f} | train acc "
+                f"{stats.accuracy:.3f} | test acc "
+                f"{common.evaluate(model, test_loader, prepare):.3f} | eps {eps:.2f}"
+            )
         if common.out_of_steps(steps, args.max_steps):
             break
     test_acc = common.evaluate(model, test_loader, prepare)
-    privacy = (f"eps {eps:.2f}, delta {args.delta}" if privacy_engine is not None
-               else "without privacy")
-    print(f"RESULT: test accuracy {test_acc:.3f} ({len(labels)} classes) {privacy}, "
-          f"layout {args.layout}, {steps} steps in {time.time() - start:.1f}s")
+    privacy = (
+        f"eps {eps:.2f}, delta {args.delta}" if privacy_engine is not None else "without privacy"
+    )
+    print(
+        f"RESULT: test accuracy {test_acc:.3f} ({len(labels)} classes) {privacy}, "
+        f"layout {args.layout}, {steps} steps in {time.time() - start:.1f}s"
+    )
     return test_acc, eps
 
 

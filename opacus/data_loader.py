@@ -112,9 +112,7 @@ class CollateFnWithEmpty:
                 "sample), as DPDataLoader does."
             )
         make = [
-            _empty_field(
-                s, d, batch_first=self.batch_first, rand_on_empty=self.rand_on_empty
-            )
+            _empty_field(s, d, batch_first=self.batch_first, rand_on_empty=self.rand_on_empty)
             for s, d in zip(self.sample_empty_shapes, self.dtypes)
         ]
         if self._keys is not None:

@@ -301,9 +301,7 @@ class PrivacyEngine:
         optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
 
         if grad_sample_mode == "ghost":
-            dp_criterion = DPLossFastGradientClipping(
-                module, optimizer, criterion, loss_reduction
-            )
+            dp_criterion = DPLossFastGradientClipping(module, optimizer, criterion, loss_reduction)
             return module, optimizer, dp_criterion, data_loader
         return module, optimizer, data_loader
 

@@ -53,8 +53,17 @@ def _oracle_grads(model, x, y):
     return per_sample, flat.norm(dim=1)
 
 
-def _setup(model, *, clip, noise=0.0, initial_noise=0.0, reduction="mean", generator=None,
-           expected_batch_size=B, **kw):
+def _setup(
+    model,
+    *,
+    clip,
+    noise=0.0,
+    initial_noise=0.0,
+    reduction="mean",
+    generator=None,
+    expected_batch_size=B,
+    **kw
+):
     gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=clip, loss_reduction=reduction)
     optimizer = DPOptimizerFastGradientAdaptiveClipping(
         torch.optim.SGD(gsm.parameters(), lr=0.1),
@@ -65,8 +74,12 @@ def _setup(model, *, clip, noise=0.0, initial_noise=0.0, reduction="mean", gener
         generator=generator,
     )
     criterion = DPLossFastGradientAdaptiveClipping(
-        gsm, optimizer, nn.CrossEntropyLoss(), reduction,
-        initial_noise_multiplier=initial_noise, **kw,
+        gsm,
+        optimizer,
+        nn.CrossEntropyLoss(),
+        reduction,
+        initial_noise_multiplier=initial_noise,
+        **kw,
     )
     return gsm, optimizer, criterion
 
@@ -84,8 +97,13 @@ def test_bound_and_clipped_sum_match_hand_computation(reduction, quantile, lr, n
     expected_bound = min(1e8, max(1e-3, clip * math.exp(-lr * (expected_frac - quantile))))
 
     gsm, optimizer, criterion = _setup(
-        model, clip=clip, reduction=reduction, target_unclipped_quantile=quantile,
-        clipbound_learning_rate=lr, min_clipbound=1e-3, expected_batch_size=n,
+        model,
+        clip=clip,
+        reduction=reduction,
+        target_unclipped_quantile=quantile,
+        clipbound_learning_rate=lr,
+        min_clipbound=1e-3,
+        expected_batch_size=n,
     )
     loss = criterion(gsm(x), y)
     assert isinstance(loss, DPTensorFastGradientAdaptiveClipping)
@@ -125,8 +143,12 @@ def test_step_noises_at_new_bound_and_updates_params():
 def test_updated_clip_bound_is_the_clamped_geometric_update(clip, frac, quantile, lr, lo, span):
     hi = lo * span
     got = updated_clip_bound(
-        clip, frac, target_unclipped_quantile=quantile, clipbound_learning_rate=lr,
-        min_clipbound=lo, max_clipbound=hi,
+        clip,
+        frac,
+        target_unclipped_quantile=quantile,
+        clipbound_learning_rate=lr,
+        min_clipbound=lo,
+        max_clipbound=hi,
     )
     free = clip * math.exp(-lr * (frac - quantile))
     assert lo <= got <= hi
@@ -194,13 +216,16 @@ def test_gradient_and_count_releases_compose_to_one_gaussian_of_multiplier_sigma
     # zCDP from first principles: a Gaussian of std `std` on a statistic of sensitivity `sens`
     # is rho = sens^2 / (2 std^2)-zCDP, and rho adds up under composition.
     def rho(sens, std):
-        return sens ** 2 / (2 * std ** 2)
+        return sens**2 / (2 * std**2)
 
     clip = 0.8
     sigma_b = unclipped_num_std_for(sigma)
     optimizer = DPOptimizerFastGradientAdaptiveClipping(
-        torch.optim.SGD(_model().parameters(), lr=0.1), noise_multiplier=sigma,
-        max_grad_norm=clip, expected_batch_size=B, unclipped_num_std=sigma_b,
+        torch.optim.SGD(_model().parameters(), lr=0.1),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=B,
+        unclipped_num_std=sigma_b,
     )
     grad_rho = rho(clip, optimizer._noise_std())  # the clipped sum: sensitivity C
     count_rho = rho(_count_sensitivity(trials=60), sigma_b)
@@ -213,12 +238,14 @@ def test_count_noise_has_std_sigma_b():
     norms = torch.tensor([0.5, 1.5, 0.9, 3.0, 1.0, 0.1, 2.0, 1.2])
     gen = torch.Generator().manual_seed(0)
     sigma_b = unclipped_num_std_for(0.2)
-    fracs = torch.tensor([
-        noisy_unclipped_fraction(
-            norms, 1.0, unclipped_num_std=sigma_b, expected_batch_size=B, generator=gen
-        )
-        for _ in range(4000)
-    ])
+    fracs = torch.tensor(
+        [
+            noisy_unclipped_fraction(
+                norms, 1.0, unclipped_num_std=sigma_b, expected_batch_size=B, generator=gen
+            )
+            for _ in range(4000)
+        ]
+    )
     exact = 4 / B  # 0.5, 0.9, 1.0, 0.1 are <= 1.0
     assert noisy_unclipped_fraction(norms, 1.0, unclipped_num_std=0.0, expected_batch_size=B) == (
         exact
@@ -241,8 +268,12 @@ def test_backward_releases_a_noisy_count():
     model = _model()
     x, y = _data()
     gsm, optimizer, criterion = _setup(
-        model, clip=clip, noise=sigma, initial_noise=sigma,
-        generator=torch.Generator().manual_seed(0), clipbound_learning_rate=lr,
+        model,
+        clip=clip,
+        noise=sigma,
+        initial_noise=sigma,
+        generator=torch.Generator().manual_seed(0),
+        clipbound_learning_rate=lr,
         min_clipbound=1e-6,
     )
     fracs = []
@@ -264,8 +295,11 @@ def test_gradient_noise_uses_sigma_grad():
     sigma_b = unclipped_num_std_for(sigma)
     big = nn.Linear(200, 100)
     opt = DPOptimizerFastGradientAdaptiveClipping(
-        torch.optim.SGD(big.parameters(), lr=0.1), noise_multiplier=sigma, max_grad_norm=clip,
-        expected_batch_size=B, unclipped_num_std=sigma_b,
+        torch.optim.SGD(big.parameters(), lr=0.1),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=B,
+        unclipped_num_std=sigma_b,
         generator=torch.Generator().manual_seed(0),
     )
     for p in big.parameters():
@@ -297,7 +331,9 @@ def test_infeasible_split_raises_before_any_release(optimizer_sigma, initial):
 def test_plain_fast_gradient_clipping_optimizer_is_refused():
     gsm = GradSampleModuleFastGradientClipping(_model())
     optimizer = DPOptimizerFastGradientClipping(
-        torch.optim.SGD(gsm.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+        torch.optim.SGD(gsm.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
         expected_batch_size=B,
     )
     with pytest.raises(TypeError, match="PrivacyEngineAdaptiveClipping"):
@@ -377,8 +413,11 @@ def test_privacy_engine_adaptive_clipping_refuses_other_modes():
     engine = PrivacyEngineAdaptiveClipping()
     with pytest.raises(ValueError, match="ghost"):
         engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0,
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=_loader(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
             grad_sample_mode="hooks",
         )
 
@@ -387,8 +426,11 @@ def test_privacy_engine_adaptive_clipping_secure_mode_runs():
     model = _model()
     engine = PrivacyEngineAdaptiveClipping(secure_mode=True)
     module, optimizer, criterion, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0,
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=_loader(),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
     )
     x, y = next(b for b in loader if len(b[0]) > 0)
     criterion(module(x), y).backward()

@@ -24,8 +24,12 @@ class RecordingOptimizer:
 
 
 def _logical_batches(n, q, seed, steps=None):
-    return [list(b) for b in UniformWithReplacementSampler(
-        num_samples=n, sample_rate=q, generator=torch.Generator().manual_seed(seed), steps=steps)]
+    return [
+        list(b)
+        for b in UniformWithReplacementSampler(
+            num_samples=n, sample_rate=q, generator=torch.Generator().manual_seed(seed), steps=steps
+        )
+    ]
 
 
 def _regroup(physical, signals):
@@ -45,7 +49,8 @@ def test_splitting_sampler_partitions_logical_batches(max_size):
     n, q, seed = 40, 0.3, 2
     opt = RecordingOptimizer()
     sampler = UniformWithReplacementSampler(
-        num_samples=n, sample_rate=q, generator=torch.Generator().manual_seed(seed), steps=30)
+        num_samples=n, sample_rate=q, generator=torch.Generator().manual_seed(seed), steps=30
+    )
     physical = []
     for batch in BatchSplittingSampler(sampler=sampler, max_batch_size=max_size, optimizer=opt):
         # The signal for this batch was sent before it was handed out.
@@ -75,8 +80,9 @@ def test_empty_logical_batch_gives_one_empty_physical_batch():
 def test_bmm_data_loader_matches_logical_loader(num_workers):
     n, q = 60, 0.25
     ds = TensorDataset(torch.arange(n).float().unsqueeze(1), torch.arange(n))
-    dl = DPDataLoader(ds, sample_rate=q, generator=torch.Generator().manual_seed(5),
-                      num_workers=num_workers)
+    dl = DPDataLoader(
+        ds, sample_rate=q, generator=torch.Generator().manual_seed(5), num_workers=num_workers
+    )
     opt = RecordingOptimizer()
     physical, at_receipt = [], []
     with BatchMemoryManager(data_loader=dl, max_physical_batch_size=4, optimizer=opt) as pdl:
@@ -110,8 +116,9 @@ def test_len_for_poisson_is_expected_number_of_chunks():
 def test_bad_max_physical_batch_size(bad):
     dl = DataLoader(TensorDataset(torch.zeros(4)), batch_size=2)
     with pytest.raises(ValueError, match="max_physical_batch_size"):
-        BatchMemoryManager(data_loader=dl, max_physical_batch_size=bad,
-                           optimizer=RecordingOptimizer())
+        BatchMemoryManager(
+            data_loader=dl, max_physical_batch_size=bad, optimizer=RecordingOptimizer()
+        )
 
 
 def _train(max_physical, *, noise=0.0, n=24, q=0.25, seed=0, epochs=3):
@@ -119,17 +126,25 @@ def _train(max_physical, *, noise=0.0, n=24, q=0.25, seed=0, epochs=3):
     from opacus.optimizers import DPOptimizer
 
     torch.manual_seed(0)
-    model = GradSampleModule(torch.nn.Sequential(
-        torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)))
-    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), noise_multiplier=noise,
-                      max_grad_norm=0.5, expected_batch_size=int(n * q))
+    model = GradSampleModule(
+        torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    )
+    opt = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5),
+        noise_multiplier=noise,
+        max_grad_norm=0.5,
+        expected_batch_size=int(n * q),
+    )
     g = torch.Generator().manual_seed(1)
     ds = TensorDataset(torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g))
     dl = DPDataLoader(ds, sample_rate=q, generator=torch.Generator().manual_seed(seed))
     steps = []
     opt.attach_step_hook(lambda o: steps.append(1))
-    loader = dl if max_physical is None else wrap_data_loader(
-        data_loader=dl, max_batch_size=max_physical, optimizer=opt)
+    loader = (
+        dl
+        if max_physical is None
+        else wrap_data_loader(data_loader=dl, max_batch_size=max_physical, optimizer=opt)
+    )
     for _ in range(epochs):
         for x, y in loader:
             opt.zero_grad()

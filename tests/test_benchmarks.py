@@ -48,8 +48,18 @@ def test_peak_memory_sees_a_large_allocation():
 
 @pytest.mark.parametrize("argv", [["-m", "benchmarks.run"], ["benchmarks/run.py"]])
 def test_runner_runs_as_script_and_module(argv):
-    cmd = [sys.executable, *argv, "--quick", "--batch-size", "2", "--models", "mlp",
-           "--modes", "hooks", "--no-accountants"]
+    cmd = [
+        sys.executable,
+        *argv,
+        "--quick",
+        "--batch-size",
+        "2",
+        "--models",
+        "mlp",
+        "--modes",
+        "hooks",
+        "--no-accountants",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| mlp | hooks |" in proc.stdout

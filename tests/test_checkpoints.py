@@ -56,7 +56,11 @@ def test_round_trip(tmp_path, to_buffer):
     _train(model, opt, dl, ns, cs)
     target = io.BytesIO() if to_buffer else tmp_path / "ckpt.pt"
     engine.save_checkpoint(
-        path=target, module=model, optimizer=opt, noise_scheduler=ns, grad_clip_scheduler=cs,
+        path=target,
+        module=model,
+        optimizer=opt,
+        noise_scheduler=ns,
+        grad_clip_scheduler=cs,
         checkpoint_dict={"epoch": 2, "note": "hello"},
     )
     if to_buffer:
@@ -92,14 +96,21 @@ def test_kwargs_pass_through_and_partial_checkpoints(tmp_path):
     engine, model, opt, dl, ns, cs = _setup(seed=0)
     path = tmp_path / "ckpt.pt"
     engine.save_checkpoint(
-        path=path, module=model, torch_save_kwargs={"pickle_protocol": 2},
+        path=path,
+        module=model,
+        torch_save_kwargs={"pickle_protocol": 2},
         module_state_dict_kwargs={"prefix": "p."},
     )
     engine2, model2, opt2, *_ = _setup(seed=1)
     with pytest.raises(RuntimeError):  # the prefixed keys do not match without strict=False
         engine2.load_checkpoint(path=path, module=model2)
-    engine2.load_checkpoint(path=path, module=model2, module_load_dict_kwargs={"strict": False},
-                            torch_load_kwargs={"map_location": "cpu"})
+    engine2.load_checkpoint(
+        path=path,
+        module=model2,
+        module_load_dict_kwargs={"strict": False},
+        torch_load_kwargs={"map_location": "cpu"},
+    )
     with pytest.raises(ValueError, match="optimizer"):
-        engine2.load_checkpoint(path=path, module=model2, optimizer=opt2,
-                                module_load_dict_kwargs={"strict": False})
+        engine2.load_checkpoint(
+            path=path, module=model2, optimizer=opt2, module_load_dict_kwargs={"strict": False}
+        )

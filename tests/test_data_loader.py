@@ -73,7 +73,9 @@ def test_empty_batch_shapes_and_dtypes():
 
 def test_empty_batch_not_batch_first():
     dl = DPDataLoader(
-        _dataset(4), sample_rate=0.01, batch_first=False,
+        _dataset(4),
+        sample_rate=0.01,
+        batch_first=False,
         generator=torch.Generator().manual_seed(0),
     )
     x, y = _all_empty_batches_any(dl)[0]
@@ -86,7 +88,9 @@ def _all_empty_batches_any(dl):
 
 def test_rand_on_empty_gives_one_random_sample():
     dl = DPDataLoader(
-        _dataset(4), sample_rate=0.01, rand_on_empty=True,
+        _dataset(4),
+        sample_rate=0.01,
+        rand_on_empty=True,
         generator=torch.Generator().manual_seed(0),
     )
     shapes = {tuple(x.shape) for x, _ in dl}
@@ -121,8 +125,9 @@ def test_dict_and_python_scalar_fields_match_default_collate_dtypes():
 
 
 def test_single_tensor_samples():
-    dl = DPDataLoader(_ScalarDataset(), sample_rate=0.01,
-                      generator=torch.Generator().manual_seed(0))
+    dl = DPDataLoader(
+        _ScalarDataset(), sample_rate=0.01, generator=torch.Generator().manual_seed(0)
+    )
     empty = next(b for b in dl if b.shape[0] == 0)
     assert torch.is_tensor(empty) and empty.shape == (0, 2) and empty.dtype == torch.int32
 
@@ -183,8 +188,7 @@ def test_from_data_loader_keeps_settings():
         x, y = default_collate(batch)
         return x * 2, y
 
-    dl = DataLoader(ds, batch_size=8, collate_fn=collate, pin_memory=False,
-                    worker_init_fn=print)
+    dl = DataLoader(ds, batch_size=8, collate_fn=collate, pin_memory=False, worker_init_fn=print)
     dp = DPDataLoader.from_data_loader(dl, generator=torch.Generator().manual_seed(0))
     assert isinstance(dp, DPDataLoader)
     assert dp.sample_rate == pytest.approx(1 / 5) and len(dp) == 5
@@ -200,7 +204,8 @@ def test_from_data_loader_workers():
     dp = DPDataLoader.from_data_loader(dl, generator=torch.Generator().manual_seed(0))
     assert dp.num_workers == 2 and dp.prefetch_factor == 3 and dp.timeout == 20
     ref = UniformWithReplacementSampler(
-        num_samples=20, sample_rate=0.25, generator=torch.Generator().manual_seed(0))
+        num_samples=20, sample_rate=0.25, generator=torch.Generator().manual_seed(0)
+    )
     for (_, y), idx in zip(dp, ref):
         torch.testing.assert_close(y, ds.tensors[1][idx])
 

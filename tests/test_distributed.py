@@ -103,8 +103,9 @@ def _run_two_processes():
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "store")
         # fork: the children inherit the imported torch/opacus (spawn re-imports: ~10 s more).
-        mp.start_processes(_worker, args=(init_file, tmp), nprocs=WORLD_SIZE, join=True,
-                           start_method="fork")
+        mp.start_processes(
+            _worker, args=(init_file, tmp), nprocs=WORLD_SIZE, join=True, start_method="fork"
+        )
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
 
 

@@ -48,7 +48,5 @@ def _name(obj):
 
 
 def test_every_public_object_has_a_docstring():
-    missing = sorted(
-        {_name(obj) for obj in _public_objects() if not (obj.__doc__ or "").strip()}
-    )
+    missing = sorted({_name(obj) for obj in _public_objects() if not (obj.__doc__ or "").strip()})
     assert not missing, f"{len(missing)} public objects without a docstring:\n" + "\n".join(missing)

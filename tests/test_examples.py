@@ -17,8 +17,14 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
-SCRIPTS = ["digits", "text_classification", "char_lstm", "ghost_clipping", "distributed",
-           "privacy_utility_plot"]
+SCRIPTS = [
+    "digits",
+    "text_classification",
+    "char_lstm",
+    "ghost_clipping",
+    "distributed",
+    "privacy_utility_plot",
+]
 
 
 def run_example(name, *args, timeout=120):
@@ -26,7 +32,11 @@ def run_example(name, *args, timeout=120):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, f"{name}.py"), "--no-progress", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
@@ -94,7 +104,10 @@ def test_digits_torchvision_datasets_fail_clearly_without_torchvision():
         pytest.skip("torchvision is installed here")
     proc = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, "digits.py"), "--dataset", "mnist"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0
     assert "torchvision" in proc.stderr and "--dataset digits" in proc.stderr
@@ -127,8 +140,19 @@ def test_char_lstm_dp_beats_chance():
 @pytest.mark.slow
 def test_ghost_clipping_matches_hooks_with_less_memory():
     out = run_example(
-        "ghost_clipping", "--buckets", "16384", "--dim", "64", "--hidden", "256",
-        "--batch-size", "64", "--epochs", "1", "--max-steps", "3",
+        "ghost_clipping",
+        "--buckets",
+        "16384",
+        "--dim",
+        "64",
+        "--hidden",
+        "256",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
     )
     result = result_line(out)
     hooks_mem = number_after(result, "training memory hooks")
@@ -141,9 +165,18 @@ def test_ghost_clipping_matches_hooks_with_less_memory():
 
 @pytest.mark.slow
 def test_distributed_two_gloo_processes():
-    result = result_line(run_example(
-        "distributed", "--spawn", "--world-size", "2", "--epochs", "1", "--max-steps", "4",
-    ))
+    result = result_line(
+        run_example(
+            "distributed",
+            "--spawn",
+            "--world-size",
+            "2",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "4",
+        )
+    )
     assert "2 processes" in result and "replicas in sync: True" in result
     assert math.isfinite(number_after(result, "at eps"))
 
@@ -151,10 +184,22 @@ def test_distributed_two_gloo_processes():
 def test_privacy_utility_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "plot.png"
-    result = result_line(run_example(
-        "privacy_utility_plot", "--sigmas", "1.0", "4.0", "--epochs", "1", "--max-steps", "2",
-        "--accountant-epochs", "3", "--output", str(png),
-    ))
+    result = result_line(
+        run_example(
+            "privacy_utility_plot",
+            "--sigmas",
+            "1.0",
+            "4.0",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "2",
+            "--accountant-epochs",
+            "3",
+            "--output",
+            str(png),
+        )
+    )
     assert "2 DP runs" in result
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -85,14 +85,11 @@ def _worker(rank, world_size, init_file, result_file):
         model = _nested()
         reference = _nested()
         xs = [
-            torch.randn(6, 5, generator=torch.Generator().manual_seed(r))
-            for r in range(world_size)
+            torch.randn(6, 5, generator=torch.Generator().manual_seed(r)) for r in range(world_size)
         ]
         wrapped = FSDP2Wrapper(model)
         assert wrapped is model and isinstance(model, FSDPModule)
-        sharded = {
-            name for name, m in model.named_modules() if name and isinstance(m, FSDPModule)
-        }
+        sharded = {name for name, m in model.named_modules() if name and isinstance(m, FSDPModule)}
         out = model(xs[rank]).pow(2).mean()
         out.backward()
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
@@ -134,6 +131,9 @@ def test_fsdp2_wrapper_two_ranks_matches_unsharded_gradients():
 
 def test_module_exports():
     assert set(fsdp_utils.__all__) >= {
-        "FSDP2Wrapper", "GradSampleModuleFastGradientClippingFSDP", "has_params",
-        "has_trainable_params", "iterate_submodules",
+        "FSDP2Wrapper",
+        "GradSampleModuleFastGradientClippingFSDP",
+        "has_params",
+        "has_trainable_params",
+        "iterate_submodules",
     }

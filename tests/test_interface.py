@@ -14,9 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A copy of the interface reference lives in the repository so that this test runs (and can fail)
 # on any clean clone; test_reference_copy_is_current checks it against the shared original.
 REFERENCE = os.path.join(ROOT, "tests", "reference", "opacus-1.6-api.md")
-SHARED_REFERENCE = os.path.join(
-    os.path.dirname(ROOT), "shared", "reference", "opacus-1.6-api.md"
-)
+SHARED_REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "reference", "opacus-1.6-api.md")
 
 # Modules of the reference that need an optional extra; they are checked only when it is installed.
 OPTIONAL = {"opacus.lightning": "pytorch_lightning"}
@@ -134,17 +132,17 @@ def _check_signature(obj, reference_sig, where):
     names = [g[0] for g in got]
     extra = [g for g in got if g[0] not in {e[0] for e in expected}]
     for name, kind, default in extra:
-        assert kind == "VAR_KEYWORD" or default is not inspect.Parameter.empty, (
-            f"{where}: extra parameter {name} has no default"
-        )
+        assert (
+            kind == "VAR_KEYWORD" or default is not inspect.Parameter.empty
+        ), f"{where}: extra parameter {name} has no default"
     got = [g for g in got if g not in extra]
     trailing = [n for n in names if n not in {g[0] for g in got}]
     reference_tail = [g[0] for g in got if g[1] != "VAR_KEYWORD"]
     if reference_tail and trailing:
         last = names.index(reference_tail[-1])
-        assert all(names.index(n) > last for n in trailing if n in names and n != "kwargs"), (
-            f"{where}: extra parameters {trailing} must come after the reference's {reference_tail}"
-        )
+        assert all(
+            names.index(n) > last for n in trailing if n in names and n != "kwargs"
+        ), f"{where}: extra parameters {trailing} must come after the reference's {reference_tail}"
     assert [e[0] for e in expected] == [g[0] for g in got], f"{where}: params {names} != {expected}"
     for (name, kind, default), (_, got_kind, got_default) in zip(expected, got):
         assert kind == got_kind, f"{where}: {name} is {got_kind}, reference {kind}"

@@ -18,19 +18,16 @@ def _python(code):
 
 
 def test_importing_opacus_never_imports_lightning():
-    result = _python(
-        """
+    result = _python("""
         import sys, opacus, opacus.utils.adaptive_clipping, opacus.utils.fsdp_utils
         print(sorted(m for m in ("lightning", "pytorch_lightning") if m in sys.modules))
-        """
-    )
+        """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
 
 def test_import_without_lightning_says_what_to_install():
-    result = _python(
-        """
+    result = _python("""
         import sys
         sys.modules["lightning"] = None  # makes `import lightning` raise ImportError
         sys.modules["pytorch_lightning"] = None
@@ -38,8 +35,7 @@ def test_import_without_lightning_says_what_to_install():
             import opacus.lightning
         except ImportError as e:
             print("IMPORTERROR", e)
-        """
-    )
+        """)
     assert result.returncode == 0, result.stderr
     assert "IMPORTERROR" in result.stdout
     assert "pip install pytorch-lightning" in result.stdout

@@ -34,14 +34,19 @@ def _embedding(batch_first):
 
 
 def _conv(batch_first):
-    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 2)), torch.randn(
-        4, 2, 6, 6
-    )
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 2)), torch.randn(4, 2, 6, 6)
 
 
 CASES = {"linear": _linear, "lstm": _lstm, "embedding": _embedding, "conv": _conv}
-LAYOUTS = [("linear", True), ("linear", False), ("lstm", True), ("lstm", False),
-           ("embedding", True), ("embedding", False), ("conv", True)]
+LAYOUTS = [
+    ("linear", True),
+    ("linear", False),
+    ("lstm", True),
+    ("lstm", False),
+    ("embedding", True),
+    ("embedding", False),
+    ("conv", True),
+]
 
 
 @pytest.mark.parametrize("mode", MODES)

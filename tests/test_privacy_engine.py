@@ -59,8 +59,9 @@ def _full_loss(model):
 
 # ---------------------------------------------------------------- end to end
 def test_training_reduces_loss_and_accounts_every_step():
-    engine, model, opt, dl = _private(noise_multiplier=0.3, noise_generator=torch.Generator()
-                                      .manual_seed(0))
+    engine, model, opt, dl = _private(
+        noise_multiplier=0.3, noise_generator=torch.Generator().manual_seed(0)
+    )
     assert isinstance(model, AbstractGradSampleModule) and isinstance(opt, DPOptimizer)
     assert isinstance(dl, DPDataLoader) and dl.sample_rate == pytest.approx(BATCH / N)
     assert opt.expected_batch_size == BATCH
@@ -88,8 +89,12 @@ def test_epsilon_matches_dp_accounting():
     for _ in range(steps):
         engine.accountant.step(noise_multiplier=sigma, sample_rate=q)
     ref = dp_accounting.rdp.RdpAccountant()
-    ref.compose(dp_accounting.dp_event.PoissonSampledDpEvent(
-        q, dp_accounting.dp_event.GaussianDpEvent(sigma)), steps)
+    ref.compose(
+        dp_accounting.dp_event.PoissonSampledDpEvent(
+            q, dp_accounting.dp_event.GaussianDpEvent(sigma)
+        ),
+        steps,
+    )
     # Different order grids and RDP->DP conversions: agreement to a few percent.
     assert engine.get_epsilon(1e-5) == pytest.approx(ref.get_epsilon(1e-5), rel=0.1)
 
@@ -124,9 +129,14 @@ def test_make_private_with_epsilon_warns_on_existing_history():
     model = _mlp()
     with pytest.warns(UserWarning, match="history"):
         engine.make_private_with_epsilon(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=_loader(), target_epsilon=5.0, target_delta=1e-5, epochs=1,
-            max_grad_norm=1.0)
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=_loader(),
+            target_epsilon=5.0,
+            target_delta=1e-5,
+            epochs=1,
+            max_grad_norm=1.0,
+        )
 
 
 # ---------------------------------------------------------------- grad sample modes vs oracle
@@ -149,8 +159,14 @@ def test_update_equals_clip_and_sum_oracle(mode, loss_reduction):
     x, y = _dataset().tensors
     x, y = x[:6], y[:6]  # the actual batch size differs from the expected one (16)
     reference = _mlp()
-    out = _private(model=_mlp(), lr=lr, noise_multiplier=0.0, max_grad_norm=clip,
-                   grad_sample_mode=mode, loss_reduction=loss_reduction)
+    out = _private(
+        model=_mlp(),
+        lr=lr,
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        grad_sample_mode=mode,
+        loss_reduction=loss_reduction,
+    )
     if mode == "ghost":
         _, model, opt, criterion, _ = out
         assert isinstance(criterion, DPLossFastGradientClipping)
@@ -172,16 +188,22 @@ def test_update_equals_clip_and_sum_oracle(mode, loss_reduction):
     scale = BATCH if loss_reduction == "mean" else 1
     for (name, p0), p in zip(reference.named_parameters(), model.parameters()):
         expected = p0 - lr * torch.einsum("b,b...->...", factor, gs[name]) / scale
-        torch.testing.assert_close(p.detach(), expected.detach(), atol=1e-5, rtol=1e-4,
-                                   msg=lambda m: f"{mode}/{name}: {m}")
+        torch.testing.assert_close(
+            p.detach(), expected.detach(), atol=1e-5, rtol=1e-4, msg=lambda m: f"{mode}/{name}: {m}"
+        )
 
 
 def test_wrap_model_false_returns_hooks_and_trains():
     engine = PrivacyEngine(accountant="rdp")
     model = _mlp()
     hooks, opt, dl = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=_loader(), noise_multiplier=0.0, max_grad_norm=1.0, wrap_model=False)
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=_loader(),
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        wrap_model=False,
+    )
     assert hooks is not model and hooks._module is model
     x, y = next(iter(_loader()))
     nn.functional.cross_entropy(model(x), y).backward()
@@ -216,8 +238,12 @@ def test_existing_dp_optimizer_is_unwrapped():
     inner = torch.optim.SGD(model2.parameters(), lr=0.1)
     dpopt = DPOptimizer(inner, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
     _, opt2, _ = PrivacyEngine().make_private(
-        module=model2, optimizer=dpopt, data_loader=_loader(), noise_multiplier=1.0,
-        max_grad_norm=1.0)
+        module=model2,
+        optimizer=dpopt,
+        data_loader=_loader(),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
     assert opt2.original_optimizer is inner
 
 
@@ -264,16 +290,24 @@ def test_batchnorm_model_is_rejected_and_fixable():
     assert not engine.is_compatible(module=model, optimizer=None, data_loader=None)
     with pytest.raises(UnsupportedModuleError, match="BatchNorm"):
         engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=_loader(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
     with pytest.raises(UnsupportedModuleError):
         engine.validate(module=model, optimizer=None, data_loader=None)
     fixed = PrivacyEngine.get_compatible_module(model)
     assert isinstance(model[1], nn.BatchNorm1d), "the original model must not be modified"
     assert engine.is_compatible(module=fixed, optimizer=None, data_loader=None)
     engine.make_private(
-        module=fixed, optimizer=torch.optim.SGD(fixed.parameters(), lr=0.1),
-        data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+        module=fixed,
+        optimizer=torch.optim.SGD(fixed.parameters(), lr=0.1),
+        data_loader=_loader(),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
 
 
 def test_optimizer_params_must_belong_to_module():
@@ -282,7 +316,10 @@ def test_optimizer_params_must_belong_to_module():
         PrivacyEngine().make_private(
             module=model,
             optimizer=torch.optim.SGD(list(model.parameters()) + list(other.parameters()), lr=1),
-            data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+            data_loader=_loader(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
 
 
 def test_bad_arguments():
@@ -300,8 +337,13 @@ def test_rewrapping_with_other_settings_is_an_error():
     engine, model, _, _ = _private()
     with pytest.raises(ValueError, match="batch_first"):
         engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0, batch_first=False)
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=_loader(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            batch_first=False,
+        )
 
 
 def test_parameter_added_after_make_private_fails_at_step():
@@ -318,12 +360,17 @@ def test_poisson_batches_match_sampler():
     model = _mlp()
     engine = PrivacyEngine(accountant="rdp")
     _, _, dl = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(_dataset(), batch_size=BATCH,
-                               generator=torch.Generator().manual_seed(3)),
-        noise_multiplier=1.0, max_grad_norm=1.0)
-    ref = UniformWithReplacementSampler(num_samples=N, sample_rate=BATCH / N,
-                                        generator=torch.Generator().manual_seed(3))
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(
+            _dataset(), batch_size=BATCH, generator=torch.Generator().manual_seed(3)
+        ),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    ref = UniformWithReplacementSampler(
+        num_samples=N, sample_rate=BATCH / N, generator=torch.Generator().manual_seed(3)
+    )
     x_all = _dataset().tensors[0]
     for (x, _), idx in zip(dl, ref):
         torch.testing.assert_close(x, x_all[idx])

@@ -18,21 +18,41 @@ from opacus.schedulers import (
 
 def _dp(noise_multiplier=2.0, max_grad_norm=3.0):
     p = torch.nn.Parameter(torch.zeros(2))
-    return DPOptimizer(torch.optim.SGD([p], lr=0.1), noise_multiplier=noise_multiplier,
-                       max_grad_norm=max_grad_norm, expected_batch_size=4)
+    return DPOptimizer(
+        torch.optim.SGD([p], lr=0.1),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=4,
+    )
 
 
 CASES = [
-    (ExponentialNoise, dict(gamma=0.9), "noise_multiplier", lambda v0, k: v0 * 0.9 ** k),
-    (StepNoise, dict(step_size=3, gamma=0.5), "noise_multiplier",
-     lambda v0, k: v0 * 0.5 ** (k // 3)),
-    (LambdaNoise, dict(noise_lambda=lambda k: 1 / (1 + k)), "noise_multiplier",
-     lambda v0, k: v0 / (1 + k)),
-    (ExponentialGradClip, dict(gamma=1.1), "max_grad_norm", lambda v0, k: v0 * 1.1 ** k),
-    (StepGradClip, dict(step_size=2, gamma=0.1), "max_grad_norm",
-     lambda v0, k: v0 * 0.1 ** (k // 2)),
-    (LambdaGradClip, dict(scheduler_function=lambda k: 2.0 ** -k), "max_grad_norm",
-     lambda v0, k: v0 * 2.0 ** -k),
+    (ExponentialNoise, dict(gamma=0.9), "noise_multiplier", lambda v0, k: v0 * 0.9**k),
+    (
+        StepNoise,
+        dict(step_size=3, gamma=0.5),
+        "noise_multiplier",
+        lambda v0, k: v0 * 0.5 ** (k // 3),
+    ),
+    (
+        LambdaNoise,
+        dict(noise_lambda=lambda k: 1 / (1 + k)),
+        "noise_multiplier",
+        lambda v0, k: v0 / (1 + k),
+    ),
+    (ExponentialGradClip, dict(gamma=1.1), "max_grad_norm", lambda v0, k: v0 * 1.1**k),
+    (
+        StepGradClip,
+        dict(step_size=2, gamma=0.1),
+        "max_grad_norm",
+        lambda v0, k: v0 * 0.1 ** (k // 2),
+    ),
+    (
+        LambdaGradClip,
+        dict(scheduler_function=lambda k: 2.0**-k),
+        "max_grad_norm",
+        lambda v0, k: v0 * 2.0**-k,
+    ),
 ]
 
 
@@ -70,8 +90,12 @@ def test_state_dict_round_trip(cls, kw, attr, closed_form):
 
 def test_grad_clip_schedule_rescales_per_layer_bounds():
     ps = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
-    opt = DPPerLayerOptimizer(torch.optim.SGD(ps, lr=0.1), noise_multiplier=1.0,
-                              max_grad_norm=[3.0, 4.0], expected_batch_size=2)
+    opt = DPPerLayerOptimizer(
+        torch.optim.SGD(ps, lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=[3.0, 4.0],
+        expected_batch_size=2,
+    )
     sched = StepGradClip(opt, step_size=1, gamma=0.5)
     sched.step()
     assert opt.max_grad_norm == pytest.approx(2.5)
@@ -80,8 +104,13 @@ def test_grad_clip_schedule_rescales_per_layer_bounds():
 
 def test_scheduled_value_is_used_by_the_step():
     p = torch.nn.Parameter(torch.zeros(20000))
-    opt = DPOptimizer(torch.optim.SGD([p], lr=0.1), noise_multiplier=4.0, max_grad_norm=1.0,
-                      expected_batch_size=1, generator=torch.Generator().manual_seed(0))
+    opt = DPOptimizer(
+        torch.optim.SGD([p], lr=0.1),
+        noise_multiplier=4.0,
+        max_grad_norm=1.0,
+        expected_batch_size=1,
+        generator=torch.Generator().manual_seed(0),
+    )
     sched = ExponentialNoise(opt, gamma=0.25)
     sched.step()  # sigma = 1
     p.grad_sample = torch.zeros(1, 20000)

@@ -13,8 +13,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIALS = os.path.join(ROOT, "tutorials")
-NAMES = ["building_image_classifier.ipynb", "building_text_classifier.ipynb",
-         "guide_to_privacy_accounting.ipynb"]
+NAMES = [
+    "building_image_classifier.ipynb",
+    "building_text_classifier.ipynb",
+    "guide_to_privacy_accounting.ipynb",
+]
 
 
 def _builder():
@@ -69,8 +72,12 @@ def executed():
             old = os.environ.get("OPACUS_TUTORIAL_FAST")
             os.environ["OPACUS_TUTORIAL_FAST"] = "1"  # the kernel inherits the environment
             try:
-                NotebookClient(nb, timeout=300, kernel_name="python3",
-                               resources={"metadata": {"path": TUTORIALS}}).execute()
+                NotebookClient(
+                    nb,
+                    timeout=300,
+                    kernel_name="python3",
+                    resources={"metadata": {"path": TUTORIALS}},
+                ).execute()
             finally:
                 if old is None:
                     del os.environ["OPACUS_TUTORIAL_FAST"]

@@ -54,10 +54,16 @@ def test_length_and_determinism():
     assert len(s) == 4 and len(list(s)) == 4
     assert len(UniformWithReplacementSampler(num_samples=10, sample_rate=1 / 7)) == 7
     assert len(UniformWithReplacementSampler(num_samples=10, sample_rate=0.5, steps=9)) == 9
-    a = _batches(UniformWithReplacementSampler(
-        num_samples=50, sample_rate=0.2, generator=torch.Generator().manual_seed(3)))
-    b = _batches(UniformWithReplacementSampler(
-        num_samples=50, sample_rate=0.2, generator=torch.Generator().manual_seed(3)))
+    a = _batches(
+        UniformWithReplacementSampler(
+            num_samples=50, sample_rate=0.2, generator=torch.Generator().manual_seed(3)
+        )
+    )
+    b = _batches(
+        UniformWithReplacementSampler(
+            num_samples=50, sample_rate=0.2, generator=torch.Generator().manual_seed(3)
+        )
+    )
     assert a == b
     # sample_rate = 1 takes everything.
     full = _batches(UniformWithReplacementSampler(num_samples=7, sample_rate=1.0))

@@ -34,8 +34,13 @@ def _reference_modules():
 @pytest.fixture(scope="module")
 def api_pages(tmp_path_factory):
     out = tmp_path_factory.mktemp("api")
-    proc = subprocess.run([sys.executable, os.path.join(WEBSITE, "gen_api.py"), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(WEBSITE, "gen_api.py"), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     pages = {}
     for name in os.listdir(out / "api"):
@@ -73,7 +78,7 @@ def test_docstring_markdown_conversion():
     def documented():
         """Uses ``code`` and an example::
 
-            x = 1
+        x = 1
         """
 
     text = gen_api.docstring_markdown(documented)
@@ -83,9 +88,16 @@ def test_docstring_markdown_conversion():
 def test_guides_and_faq_exist_in_nav():
     with open(os.path.join(WEBSITE, "mkdocs.yml"), encoding="utf8") as f:
         config = f.read()
-    for page in ("installation.md", "quickstart.md", "guides/batch_first.md",
-                 "guides/ghost_clipping.md", "guides/virtual_batches.md",
-                 "guides/accounting.md", "faq.md", "api/index.md"):
+    for page in (
+        "installation.md",
+        "quickstart.md",
+        "guides/batch_first.md",
+        "guides/ghost_clipping.md",
+        "guides/virtual_batches.md",
+        "guides/accounting.md",
+        "faq.md",
+        "api/index.md",
+    ):
         assert page in config, page
         assert os.path.exists(os.path.join(WEBSITE, "docs", page)) or page.startswith("api/")
     with open(os.path.join(WEBSITE, "docs", "quickstart.md"), encoding="utf8") as f:
@@ -103,9 +115,19 @@ def test_mkdocs_build_strict(tmp_path):
     exe = shutil.which("mkdocs")
     cmd = [exe] if exe else [sys.executable, "-m", "mkdocs"]
     proc = subprocess.run(
-        cmd + ["build", "--strict", "-f", os.path.join(WEBSITE, "mkdocs.yml"),
-               "--site-dir", str(tmp_path / "site")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cmd
+        + [
+            "build",
+            "--strict",
+            "-f",
+            os.path.join(WEBSITE, "mkdocs.yml"),
+            "--site-dir",
+            str(tmp_path / "site"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "site" / "index.html").exists()

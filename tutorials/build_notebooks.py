@@ -14,7 +14,7 @@ import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-SETUP = '''import os
+SETUP = """import os
 import time
 
 import numpy as np
@@ -25,10 +25,12 @@ import torch.nn as nn
 FAST = os.environ.get("OPACUS_TUTORIAL_FAST") == "1"
 torch.set_num_threads(1)  # these models are tiny: more threads only add overhead
 torch.manual_seed(0)
-print("fast mode" if FAST else "full mode")'''
+print("fast mode" if FAST else "full mode")"""
 
 IMAGE = [
-    ("md", """# Building a differentially private image classifier
+    (
+        "md",
+        """# Building a differentially private image classifier
 
 This tutorial trains a small convolutional network on the 8x8 handwritten digits that ship with
 scikit-learn, first without privacy, then with DP-SGD through `PrivacyEngine`. Along the way:
@@ -39,10 +41,13 @@ scikit-learn, first without privacy, then with DP-SGD through `PrivacyEngine`. A
 4. asking for a target ε with `make_private_with_epsilon`;
 5. the privacy–utility trade-off.
 
-Set `OPACUS_TUTORIAL_FAST=1` to run everything with a couple of epochs."""),
+Set `OPACUS_TUTORIAL_FAST=1` to run everything with a couple of epochs.""",
+    ),
     ("code", SETUP),
     ("md", "## The data\n\n1797 grey-scale 8x8 images, 10 classes; we keep 20% for testing."),
-    ("code", '''from sklearn.datasets import load_digits
+    (
+        "code",
+        """from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 digits = load_digits()
@@ -54,14 +59,20 @@ x, y = x[perm], y[perm]
 n_test = len(y) // 5
 train_set = TensorDataset(x[n_test:], y[n_test:])
 test_set = TensorDataset(x[:n_test], y[:n_test])
-print(f"train {len(train_set)}, test {len(test_set)}, image shape {tuple(x.shape[1:])}")'''),
-    ("md", """## A model, and why BatchNorm has to go
+print(f"train {len(train_set)}, test {len(test_set)}, image shape {tuple(x.shape[1:])}")""",
+    ),
+    (
+        "md",
+        """## A model, and why BatchNorm has to go
 
 A typical CNN uses `nn.BatchNorm2d`. Its output for one image depends on the other images of
 the batch, so one example's gradient is no longer its own, and clipping it does not bound that
 example's influence. `ModuleValidator` lists such problems, and `fix` replaces BatchNorm by
-GroupNorm (which normalises each example on its own)."""),
-    ("code", '''from opacus.validators import ModuleValidator
+GroupNorm (which normalises each example on its own).""",
+    ),
+    (
+        "code",
+        """from opacus.validators import ModuleValidator
 
 
 def make_model():
@@ -77,9 +88,12 @@ for error in ModuleValidator.validate(model, strict=False):
     print("unsupported:", error)
 model = ModuleValidator.fix(model)
 print("after fix:", model[1])
-print("valid now:", ModuleValidator.is_valid(model))'''),
+print("valid now:", ModuleValidator.is_valid(model))""",
+    ),
     ("md", "## A non-private baseline"),
-    ("code", '''EPOCHS = 2 if FAST else 10
+    (
+        "code",
+        """EPOCHS = 2 if FAST else 10
 
 
 def evaluate(model, loader=DataLoader(test_set, batch_size=256)):
@@ -110,8 +124,11 @@ baseline = ModuleValidator.fix(make_model())
 start = time.time()
 baseline_acc, _ = train(baseline, torch.optim.SGD(baseline.parameters(), lr=0.2),
                         DataLoader(train_set, batch_size=64, shuffle=True), EPOCHS)
-print(f"non-private: {baseline_acc:.3f} in {time.time() - start:.1f}s")'''),
-    ("md", """## DP-SGD with `make_private`
+print(f"non-private: {baseline_acc:.3f} in {time.time() - start:.1f}s")""",
+    ),
+    (
+        "md",
+        """## DP-SGD with `make_private`
 
 `make_private` returns three new objects:
 
@@ -121,8 +138,11 @@ print(f"non-private: {baseline_acc:.3f} in {time.time() - start:.1f}s")'''),
   size before the SGD step;
 - a data loader that draws Poisson batches (each example with probability 64/1438).
 
-Clipping shrinks the gradients, so DP-SGD usually wants a larger learning rate."""),
-    ("code", '''from opacus import PrivacyEngine
+Clipping shrinks the gradients, so DP-SGD usually wants a larger learning rate.""",
+    ),
+    (
+        "code",
+        """from opacus import PrivacyEngine
 
 torch.manual_seed(0)
 model = ModuleValidator.fix(make_model())
@@ -139,14 +159,20 @@ print(type(model).__name__, type(optimizer).__name__, type(train_loader).__name_
 print("sample rate", 1 / len(train_loader), "expected batch size", optimizer.expected_batch_size)
 start = time.time()
 dp_acc, dp_eps = train(model, optimizer, train_loader, EPOCHS, privacy_engine)
-print(f"DP-SGD: {dp_acc:.3f} at eps {dp_eps:.2f} (delta 1e-5) in {time.time() - start:.1f}s")'''),
-    ("md", """## Virtual batches
+print(f"DP-SGD: {dp_acc:.3f} at eps {dp_eps:.2f} (delta 1e-5) in {time.time() - start:.1f}s")""",
+    ),
+    (
+        "md",
+        """## Virtual batches
 
 Per-example gradients cost `batch_size` times the memory of ordinary gradients.
 `BatchMemoryManager` feeds the model physical batches of at most `max_physical_batch_size`
 examples, and the optimizer only takes its (noisy) step at the end of each logical batch. The
-result is the same DP-SGD; only the peak memory changes."""),
-    ("code", '''from opacus.utils.batch_memory_manager import BatchMemoryManager
+result is the same DP-SGD; only the peak memory changes.""",
+    ),
+    (
+        "code",
+        """from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 torch.manual_seed(0)
 model = ModuleValidator.fix(make_model())
@@ -169,12 +195,18 @@ for epoch in range(EPOCHS):
             optimizer.step()
 print(f"{len(physical_sizes)} physical batches of at most {max(physical_sizes)} examples; "
       f"the accountant counted {privacy_engine.accountant.history} (sigma, q, logical steps)")
-print(f"test accuracy {evaluate(model):.3f} at eps {privacy_engine.get_epsilon(1e-5):.2f}")'''),
-    ("md", """## Asking for a target ε
+print(f"test accuracy {evaluate(model):.3f} at eps {privacy_engine.get_epsilon(1e-5):.2f}")""",
+    ),
+    (
+        "md",
+        """## Asking for a target ε
 
 `make_private_with_epsilon` searches the smallest noise multiplier that spends at most
-`target_epsilon` over the planned number of epochs."""),
-    ("code", '''torch.manual_seed(0)
+`target_epsilon` over the planned number of epochs.""",
+    ),
+    (
+        "code",
+        """torch.manual_seed(0)
 model = ModuleValidator.fix(make_model())
 privacy_engine = PrivacyEngine(accountant="prv")
 model, optimizer, train_loader = privacy_engine.make_private_with_epsilon(
@@ -184,11 +216,17 @@ model, optimizer, train_loader = privacy_engine.make_private_with_epsilon(
 )
 print(f"noise multiplier chosen: {optimizer.noise_multiplier:.3f}")
 acc, eps = train(model, optimizer, train_loader, EPOCHS, privacy_engine)
-print(f"target eps 2.0 -> spent {eps:.2f}, test accuracy {acc:.3f}")'''),
-    ("md", """## The privacy–utility trade-off
+print(f"target eps 2.0 -> spent {eps:.2f}, test accuracy {acc:.3f}")""",
+    ),
+    (
+        "md",
+        """## The privacy–utility trade-off
 
-More noise, less ε, less accuracy. (`examples/privacy_utility_plot.py` draws this curve.)"""),
-    ("code", '''rows = []
+More noise, less ε, less accuracy. (`examples/privacy_utility_plot.py` draws this curve.)""",
+    ),
+    (
+        "code",
+        """rows = []
 for sigma in ([0.8, 2.0] if FAST else [0.5, 0.8, 1.2, 2.5]):
     torch.manual_seed(0)
     model = ModuleValidator.fix(make_model())
@@ -203,16 +241,22 @@ for sigma in ([0.8, 2.0] if FAST else [0.5, 0.8, 1.2, 2.5]):
 print(f"{'sigma':>6} {'eps':>7} {'accuracy':>9}")
 for sigma, eps, acc in rows:
     print(f"{sigma:6.1f} {eps:7.2f} {acc:9.3f}")
-print(f"{'-':>6} {'inf':>7} {baseline_acc:9.3f}  (non-private)")'''),
-    ("md", """## Take-aways
+print(f"{'-':>6} {'inf':>7} {baseline_acc:9.3f}  (non-private)")""",
+    ),
+    (
+        "md",
+        """## Take-aways
 
 - Fix the model first (`ModuleValidator.fix`), then create the optimizer.
 - Use the objects `make_private` returns; train as usual.
-- Report ε together with δ, the accountant, and the sampling rate and steps that produced it."""),
+- Report ε together with δ, the accountant, and the sampling rate and steps that produced it.""",
+    ),
 ]
 
 TEXT = [
-    ("md", """# Building a private text classifier with `DPMultiheadAttention`
+    (
+        "md",
+        """# Building a private text classifier with `DPMultiheadAttention`
 
 Attention layers need a DP version: `nn.MultiheadAttention` fuses its projections in a way the
 per-example gradient hooks cannot see, so `opacus.layers.DPMultiheadAttention` rebuilds it from
@@ -220,13 +264,19 @@ plain `nn.Linear` layers. In Opacus 1.6, `DPMultiheadAttention(batch_first=True)
 input to sequence-first *before* those linear layers, so with `make_private(batch_first=True)`
 their "per-example" gradients were per-*position*: training crashed next to an ordinary
 `nn.Linear`, or silently mixed examples. This tutorial checks the fixed layer and trains a small
-transformer with it, on the topic-labelled sentences shipped in `examples/data/sentences.tsv`."""),
+transformer with it, on the topic-labelled sentences shipped in `examples/data/sentences.tsv`.""",
+    ),
     ("code", SETUP),
-    ("md", """## 1. The same outputs as `nn.MultiheadAttention`
+    (
+        "md",
+        """## 1. The same outputs as `nn.MultiheadAttention`
 
 `DPMultiheadAttention` loads an `nn.MultiheadAttention` state dict (the fused `in_proj_weight`
-is split into the three projections) and computes the same function, in both layouts."""),
-    ("code", '''from opacus.layers import DPMultiheadAttention
+is split into the three projections) and computes the same function, in both layouts.""",
+    ),
+    (
+        "code",
+        """from opacus.layers import DPMultiheadAttention
 
 for batch_first in (True, False):
     torch_mha = nn.MultiheadAttention(16, 4, batch_first=batch_first)
@@ -235,14 +285,20 @@ for batch_first in (True, False):
     q = torch.randn(3, 5, 16)  # (N, L, E) if batch_first else (L, N, E)
     expected, _ = torch_mha(q, q, q)
     got, _ = dp_mha(q, q, q)
-    print(f"batch_first={batch_first}: max |difference| {(got - expected).abs().max():.2e}")'''),
-    ("md", """## 2. Per-example gradients, checked against a loop
+    print(f"batch_first={batch_first}: max |difference| {(got - expected).abs().max():.2e}")""",
+    ),
+    (
+        "md",
+        """## 2. Per-example gradients, checked against a loop
 
 `GradSampleModule` (what `make_private` wraps the model in) stores every example's gradient
 in `p.grad_sample`. We compare them with the slow, obviously correct computation: one backward
 pass per example. The batch size (3) differs from the sequence length (5) and from the number of
-heads, so any mix-up of dimensions would show."""),
-    ("code", '''from opacus import GradSampleModule
+heads, so any mix-up of dimensions would show.""",
+    ),
+    (
+        "code",
+        """from opacus import GradSampleModule
 
 
 class AttentionThenLinear(nn.Module):
@@ -274,12 +330,18 @@ for i in range(len(x)):
         worst = max(worst, (p.grad_sample[i] - p_ref.grad).abs().max().item())
 shapes = {name: tuple(p.grad_sample.shape) for name, p in model.named_parameters()}
 print("grad_sample shapes:", {k: v for k, v in list(shapes.items())[:3]}, "...")
-print(f"largest difference from the per-example loop: {worst:.2e}")'''),
-    ("md", """## 3. Data
+print(f"largest difference from the per-example loop: {worst:.2e}")""",
+    ),
+    (
+        "md",
+        """## 3. Data
 
 800 short sentences about four topics, generated by `examples/data/make_sentences.py`
-(deterministic, so the file can be regenerated)."""),
-    ("code", '''from torch.utils.data import DataLoader, TensorDataset
+(deterministic, so the file can be regenerated).""",
+    ),
+    (
+        "code",
+        """from torch.utils.data import DataLoader, TensorDataset
 
 path = os.path.join("..", "examples", "data", "sentences.tsv")
 with open(path, encoding="utf8") as f:
@@ -306,14 +368,20 @@ def encode(rows):
 
 train_set, test_set = encode(train_rows), encode(test_rows)
 print(f"{len(train_set)} train, {len(test_set)} test, {len(vocab)} words, "
-      f"labels {list(labels)}")'''),
-    ("md", """## 4. A small transformer
+      f"labels {list(labels)}")""",
+    ),
+    (
+        "md",
+        """## 4. A small transformer
 
 Embeddings (words and positions), one pre-norm attention block with a feed-forward layer, mean
 pooling over the non-padding positions, and a linear head: `DPMultiheadAttention(batch_first=True)`
 right next to `nn.Linear`, `nn.Embedding` and `nn.LayerNorm`, the combination Opacus 1.6 got
-wrong."""),
-    ("code", '''class TinyTransformer(nn.Module):
+wrong.""",
+    ),
+    (
+        "code",
+        """class TinyTransformer(nn.Module):
     def __init__(self, vocab_size, num_classes, dim=32, heads=4):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=PAD)
@@ -343,13 +411,19 @@ def evaluate(model):
     return correct / len(test_set)
 
 
-print(TinyTransformer(len(vocab) + 2, len(labels)))'''),
-    ("md", """## 5. Private training
+print(TinyTransformer(len(vocab) + 2, len(labels)))""",
+    ),
+    (
+        "md",
+        """## 5. Private training
 
 `make_private(..., batch_first=True)`: every layer, attention included, sees the batch on
 dimension 0. The noise multiplier and batch size are chosen for this small data set: with only
-640 training sentences each example is sampled often, which is what makes ε grow."""),
-    ("code", '''from opacus import PrivacyEngine
+640 training sentences each example is sampled often, which is what makes ε grow.""",
+    ),
+    (
+        "code",
+        """from opacus import PrivacyEngine
 
 EPOCHS = 4 if FAST else 20
 torch.manual_seed(0)
@@ -374,14 +448,20 @@ for epoch in range(1, EPOCHS + 1):
     if epoch % 5 == 0 or epoch == EPOCHS:
         print(f"epoch {epoch:2d}: test accuracy {evaluate(model):.3f}, "
               f"eps {privacy_engine.get_epsilon(1e-5):.2f}")
-print(f"{time.time() - start:.1f}s; chance is {1 / len(labels):.2f}")'''),
-    ("md", """## 6. Sequence-first models
+print(f"{time.time() - start:.1f}s; chance is {1 / len(labels):.2f}")""",
+    ),
+    (
+        "md",
+        """## 6. Sequence-first models
 
 With `batch_first=False` the tensors are `(L, N, E)` and the per-example hooks look for the batch
 on dimension 1 — in **every** layer. A head applied to a pooled `(N, E)` tensor would break that;
 keep a length-1 sequence dimension instead (`examples/text_classification.py --layout seq-first`
-does exactly this and trains identically to the batch-first layout)."""),
-    ("code", '''torch.manual_seed(0)
+does exactly this and trains identically to the batch-first layout).""",
+    ),
+    (
+        "code",
+        """torch.manual_seed(0)
 
 
 class SeqFirst(nn.Module):
@@ -399,20 +479,26 @@ gsm = GradSampleModule(SeqFirst(), batch_first=False)
 x = torch.randn(5, 3, 16)
 nn.functional.cross_entropy(gsm(x), torch.tensor([0, 1, 1])).backward()
 print({name: tuple(p.grad_sample.shape) for name, p in gsm.named_parameters()
-       if name.endswith("weight")})'''),
+       if name.endswith("weight")})""",
+    ),
 ]
 
 ACCOUNTING = [
-    ("md", """# A guide to privacy accounting
+    (
+        "md",
+        """# A guide to privacy accounting
 
 DP-SGD's guarantee is stated as `(ε, δ)`: for any two data sets differing in one example, every
 outcome of training is at most `e^ε` times more likely with one than with the other, except with
 probability δ. An *accountant* computes ε from what training did: how many steps, with which
 sampling rate `q` and noise multiplier σ. This notebook compares the three accountants of
 `opacus.accountants`, shows how ε depends on `q`, σ and the number of steps, and how to choose σ
-for a target ε."""),
+for a target ε.""",
+    ),
     ("code", SETUP),
-    ("md", """## Three accountants, one training run
+    (
+        "md",
+        """## Three accountants, one training run
 
 The digits example: 1438 training images, batches of 64 (`q = 1/23`), σ = 1, δ = 1e-5.
 
@@ -420,8 +506,11 @@ The digits example: 1438 training images, batches of 64 (`q = 1/23`), σ = 1, δ
 - **PRV** (privacy random variables, Gopi et al. 2021): numerically composes the privacy loss
   distribution, tight up to a controlled error — the default of `PrivacyEngine`;
 - **GDP** (Gaussian DP, Dong et al. 2019): a central-limit approximation; it can report *less*
-  than the true ε, especially for few steps."""),
-    ("code", '''from opacus.accountants import create_accountant
+  than the true ε, especially for few steps.""",
+    ),
+    (
+        "code",
+        """from opacus.accountants import create_accountant
 
 q, sigma, delta = 1 / 23, 1.0, 1e-5
 epochs = [1, 5, 10, 20] if FAST else [1, 2, 5, 10, 20, 50]
@@ -432,12 +521,18 @@ for e in epochs:
         accountant = create_accountant(name)
         accountant.history = [(sigma, q, e * 23)]  # (noise_multiplier, sample_rate, steps)
         row.append(accountant.get_epsilon(delta))
-    print(f"{e:6d} " + " ".join(f"{v:7.2f}" for v in row))'''),
-    ("md", """## An independent check
+    print(f"{e:6d} " + " ".join(f"{v:7.2f}" for v in row))""",
+    ),
+    (
+        "md",
+        """## An independent check
 
 Google's `dp_accounting` library (a test dependency of this project) implements the privacy
-loss distribution (PLD) accountant; the PRV numbers should agree with it closely."""),
-    ("code", '''try:
+loss distribution (PLD) accountant; the PRV numbers should agree with it closely.""",
+    ),
+    (
+        "code",
+        """try:
     import dp_accounting
     from dp_accounting.pld import PLDAccountant
 except ImportError:
@@ -450,13 +545,19 @@ else:
         prv = create_accountant("prv")
         prv.history = [(sigma, q, e * 23)]
         print(f"{e:2d} epochs: PRV {prv.get_epsilon(delta):.3f}, "
-              f"dp_accounting PLD {pld.get_epsilon(delta):.3f}")'''),
-    ("md", """## What makes ε grow
+              f"dp_accounting PLD {pld.get_epsilon(delta):.3f}")""",
+    ),
+    (
+        "md",
+        """## What makes ε grow
 
 ε grows with the number of steps (roughly like its square root), with the sampling rate, and
 falls quickly with σ. Halving `q` at a fixed number of *epochs* also halves the steps' privacy
-cost while doubling their number, which is a net gain: more, smaller batches are cheaper."""),
-    ("code", '''from opacus.accountants import RDPAccountant
+cost while doubling their number, which is a net gain: more, smaller batches are cheaper.""",
+    ),
+    (
+        "code",
+        """from opacus.accountants import RDPAccountant
 
 
 def eps(sigma, q, epochs, delta=1e-5, name="prv"):
@@ -473,24 +574,36 @@ for rate in (0.001, 0.01, 0.05, 0.2):
     print(f"  q {rate:5.3f}: eps {eps(1.0, rate, 10):7.2f}")
 print("delta (sigma=1, q=0.01, 10 epochs):")
 for d in (1e-3, 1e-5, 1e-7):
-    print(f"  delta {d:.0e}: eps {eps(1.0, 0.01, 10, delta=d):7.2f}")'''),
-    ("md", """## From a target ε to a noise multiplier
+    print(f"  delta {d:.0e}: eps {eps(1.0, 0.01, 10, delta=d):7.2f}")""",
+    ),
+    (
+        "md",
+        """## From a target ε to a noise multiplier
 
 `get_noise_multiplier` searches σ such that the given accountant reports ε just below the target
-after the planned epochs (or steps). `make_private_with_epsilon` calls it for you."""),
-    ("code", '''from opacus.accountants.utils import get_noise_multiplier
+after the planned epochs (or steps). `make_private_with_epsilon` calls it for you.""",
+    ),
+    (
+        "code",
+        """from opacus.accountants.utils import get_noise_multiplier
 
 for target in (1.0, 3.0, 8.0):
     s = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=1 / 23,
                              epochs=10, accountant="prv")
     print(f"target eps {target:3.1f} over 10 epochs at q=1/23: sigma = {s:.3f} "
-          f"(check: eps {eps(s, 1 / 23, 10):.2f})")'''),
-    ("md", """## The accountant inside `PrivacyEngine`
+          f"(check: eps {eps(s, 1 / 23, 10):.2f})")""",
+    ),
+    (
+        "md",
+        """## The accountant inside `PrivacyEngine`
 
 `make_private` attaches the engine's accountant to the optimizer: every real optimizer step
 records one `(σ, q)` event (skipped steps of virtual batches are not counted). Consecutive
-identical events are merged into `(σ, q, steps)`."""),
-    ("code", '''from torch.utils.data import DataLoader, TensorDataset
+identical events are merged into `(σ, q, steps)`.""",
+    ),
+    (
+        "code",
+        """from torch.utils.data import DataLoader, TensorDataset
 
 from opacus import PrivacyEngine
 
@@ -507,23 +620,32 @@ for xb, yb in loader:
     (nn.functional.cross_entropy(out, yb) if len(yb) else out.sum() * 0.0).backward()
     optimizer.step()
 print("history:", engine.accountant.history)
-print(f"eps after one epoch: {engine.get_epsilon(1e-5):.3f}")'''),
-    ("md", """## Reading an ε
+print(f"eps after one epoch: {engine.get_epsilon(1e-5):.3f}")""",
+    ),
+    (
+        "md",
+        """## Reading an ε
 
 - Always report δ, the accountant and the training parameters (σ, q, steps) with ε.
 - ε below ~1 is a strong guarantee, single digits are common in practice, and very large values
   (say, above 50) say little — but they still bound what an attacker can learn, unlike no DP.
 - The guarantee holds only if training did what the accountant assumes: Poisson sampling at rate
-  `q`, every example's gradient clipped, noise added at every step."""),
-    ("md", """## Checking the claim: auditing a run
+  `q`, every example's gradient clipped, noise added at every step.""",
+    ),
+    (
+        "md",
+        """## Checking the claim: auditing a run
 
 The last point is testable. `opacus.auditing` measures a statistical *lower* bound on ε from how
 well an adversary can tell whether a canary was in the training data. Here one training run carries
 1000 gradient canaries, each included with probability ½ (Steinke, Nasr, Jagielski 2023); the
 number of correct guesses about which canaries were in gives `eps_lower` at 95 % confidence. A
 correct implementation never shows `eps_lower > eps_claimed`; a broken one (clipping off, noise too
-small, per-sample gradients mixed across samples) does."""),
-    ("code", '''from opacus.auditing import audit_dp_sgd_one_run
+small, per-sample gradients mixed across samples) does.""",
+    ),
+    (
+        "code",
+        """from opacus.auditing import audit_dp_sgd_one_run
 
 torch.manual_seed(0)
 x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
@@ -532,7 +654,8 @@ result = audit_dp_sgd_one_run(
     num_canaries=300 if FAST else 1000,
 )
 print(result.summary())
-assert result.eps_lower <= result.eps_claimed'''),
+assert result.eps_lower <= result.eps_claimed""",
+    ),
 ]
 
 NOTEBOOKS = {
@@ -546,8 +669,11 @@ def make_notebook(cells):
     import nbformat
 
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nb.metadata["language_info"] = {"name": "python"}
     for kind, source in cells:
         new = nbformat.v4.new_markdown_cell if kind == "md" else nbformat.v4.new_code_cell
@@ -558,8 +684,9 @@ def make_notebook(cells):
 def execute(nb, timeout=600):
     from nbclient import NotebookClient
 
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": HERE}}).execute()
+    NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": HERE}}
+    ).execute()
     return nb
 
 

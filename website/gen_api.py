@@ -94,8 +94,9 @@ def _class_section(name: str, cls) -> List[str]:
         elif isinstance(value, (classmethod, staticmethod)):
             kind = "classmethod" if isinstance(value, classmethod) else "staticmethod"
             func = value.__func__
-            lines.append(f"- **`{attr}{_signature(func)}`** ({kind})"
-                         + _first_paragraph(func, " — "))
+            lines.append(
+                f"- **`{attr}{_signature(func)}`** ({kind})" + _first_paragraph(func, " — ")
+            )
         elif inspect.isfunction(value):
             lines.append(f"- **`{attr}{_signature(value)}`**" + _first_paragraph(value, " — "))
     lines.append("")
@@ -115,15 +116,22 @@ def module_page(module_name: str, module_names: List[str]) -> str:
     lines = [f"# `{module_name}`", ""]
     doc = docstring_markdown(module)
     lines += [doc or "*(no module docstring)*", ""]
-    children = [m for m in module_names
-                if m.startswith(module_name + ".") and "." not in m[len(module_name) + 1:]]
+    children = [
+        m
+        for m in module_names
+        if m.startswith(module_name + ".") and "." not in m[len(module_name) + 1 :]
+    ]
     if children:
         lines += ["**Submodules:** " + ", ".join(f"[`{c}`]({page_name(c)})" for c in children), ""]
     members = _public_members(module)
     classes = [(n, o) for n, o in members if inspect.isclass(o) and _defined_here(o, module)]
     functions = [(n, o) for n, o in members if inspect.isfunction(o) and _defined_here(o, module)]
-    reexports = [(n, o) for n, o in members if not _defined_here(o, module)
-                 and str(getattr(o, "__module__", "")).startswith(PACKAGE + ".")]
+    reexports = [
+        (n, o)
+        for n, o in members
+        if not _defined_here(o, module)
+        and str(getattr(o, "__module__", "")).startswith(PACKAGE + ".")
+    ]
     if classes:
         lines += ["## Classes", ""]
         for name, cls in classes:
@@ -174,8 +182,11 @@ def generate_pages(package: str = PACKAGE) -> Dict[str, str]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.path.join(ROOT, "website", "build", "api-md"),
-                   help="folder to write the pages into (an api/ subfolder is made)")
+    p.add_argument(
+        "--out",
+        default=os.path.join(ROOT, "website", "build", "api-md"),
+        help="folder to write the pages into (an api/ subfolder is made)",
+    )
     args = p.parse_args(argv)
     pages = generate_pages()
     for rel, text in pages.items():

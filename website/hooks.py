@@ -22,7 +22,7 @@ def on_config(config):
     for rel in _pages:
         if rel == f"{gen_api.API_DIR}/index.md":
             continue
-        module = rel[len(gen_api.API_DIR) + 1: -len(".md")]
+        module = rel[len(gen_api.API_DIR) + 1 : -len(".md")]
         parts = module.split(".")
         group = ".".join(parts[:2]) if len(parts) > 1 else parts[0]
         groups.setdefault(group, []).append({module: rel})

@@ -41,7 +41,7 @@ class GaussianAccountant(IAccountant):
                 f"(noise_multiplier, sample_rate) but the history has {sorted(settings)}; use "
                 "the 'rdp' or 'prv' accountant for runs whose noise or sampling rate changes."
             )
-        (noise_multiplier, sample_rate), = settings
+        ((noise_multiplier, sample_rate),) = settings
         if sample_rate == 0 or math.isinf(noise_multiplier):
             return 0.0
         if noise_multiplier == 0:

@@ -23,9 +23,7 @@ _ACCOUNTANTS: Dict[str, Type[IAccountant]] = {
 }
 
 
-def register_accountant(
-    mechanism: str, accountant: Type[IAccountant], force: bool = False
-):
+def register_accountant(mechanism: str, accountant: Type[IAccountant], force: bool = False):
     """Make ``create_accountant(mechanism)`` build ``accountant`` (``force`` to replace one)."""
     if not (isinstance(accountant, type) and issubclass(accountant, IAccountant)):
         raise ValueError(

@@ -20,6 +20,7 @@ _MAX_ITERATIONS = 100
 def _gdp_guess(target_epsilon: float, target_delta: float, sample_rate: float, steps: int) -> float:
     """sigma meeting the target under the Poisson GDP CLT: solve delta(eps; mu) = delta for mu,
     then invert mu = q sqrt(T (e^{1/sigma^2} - 1))."""
+
     def gap(mu: float) -> float:
         return gdp.delta_eps_mu(eps=target_epsilon, mu=mu) - target_delta
 
@@ -121,9 +122,7 @@ def get_noise_multiplier(
         if eps_high >= floor:
             return high
         log_lo, log_hi = math.log(low), math.log(high)
-        interpolate = (
-            iteration % 3 != 2 and math.isfinite(eps_low) and eps_high > 0 and aim > 0
-        )
+        interpolate = iteration % 3 != 2 and math.isfinite(eps_low) and eps_high > 0 and aim > 0
         if interpolate:
             slope = (math.log(eps_high) - math.log(eps_low)) / (log_hi - log_lo)
             x = log_lo + (math.log(aim) - math.log(eps_low)) / slope

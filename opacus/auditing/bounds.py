@@ -58,9 +58,7 @@ def _check_delta(delta: float) -> None:
 
 def _check_counts(k: int, n: int, name: str) -> None:
     if n < 0 or k < 0 or k > n or int(k) != k or int(n) != n:
-        raise ValueError(
-            f"opacus.auditing: {name} needs integers 0 <= k <= n, got k={k}, n={n}"
-        )
+        raise ValueError(f"opacus.auditing: {name} needs integers 0 <= k <= n, got k={k}, n={n}")
 
 
 def clopper_pearson(
@@ -380,7 +378,7 @@ def one_run_eps_lower_from_scores(
         )
     order = np.argsort(s, kind="stable")
     guessed_out = order[:k_neg]
-    guessed_in = order[m - k_pos:] if k_pos > 0 else order[:0]
+    guessed_in = order[m - k_pos :] if k_pos > 0 else order[:0]
     correct = int(inc[guessed_in].sum()) + int((~inc[guessed_out]).sum())
     r = k_pos + k_neg
     eps = one_run_eps_lower(r, correct, num_canaries=m, delta=delta, confidence=confidence)

@@ -229,15 +229,35 @@ def run_canary_experiment(
     factory = privacy_engine_factory or _default_engine_factory(accountant)
     with _audit_runtime():
         return _run_experiment(
-            model_fn, dataset, kw, included, steps=steps, batch_size=batch_size, lr=lr,
-            criterion=criterion, canary_norm=canary_norm, delta=delta, factory=factory,
+            model_fn,
+            dataset,
+            kw,
+            included,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            criterion=criterion,
+            canary_norm=canary_norm,
+            delta=delta,
+            factory=factory,
             seed=seed,
         )
 
 
 def _run_experiment(
-    model_fn, dataset, kw, included, *, steps, batch_size, lr, criterion, canary_norm, delta,
-    factory, seed,
+    model_fn,
+    dataset,
+    kw,
+    included,
+    *,
+    steps,
+    batch_size,
+    lr,
+    criterion,
+    canary_norm,
+    delta,
+    factory,
+    seed,
 ) -> Tuple[np.ndarray, float]:
     batch_dim = 0 if kw.get("batch_first", True) else 1
     runs, num_canaries = included.shape
@@ -320,19 +340,39 @@ def audit_dp_sgd(
     rng = np.random.default_rng(seed)
     included = _balanced_assignment(runs, canaries_per_run, rng)
     scores, eps_claimed = run_canary_experiment(
-        model_fn, data, privacy_engine_kwargs, included,
-        steps=steps, batch_size=batch_size, lr=lr, criterion=criterion,
-        canary_norm=canary_norm, delta=delta, accountant=accountant,
-        privacy_engine_factory=privacy_engine_factory, seed=seed,
+        model_fn,
+        data,
+        privacy_engine_kwargs,
+        included,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        criterion=criterion,
+        canary_norm=canary_norm,
+        delta=delta,
+        accountant=accountant,
+        privacy_engine_factory=privacy_engine_factory,
+        seed=seed,
     )
     detail = eps_lower_from_scores(
-        scores[included], scores[~included], delta=delta, confidence=confidence,
-        method=threshold_method, seed=seed,
+        scores[included],
+        scores[~included],
+        delta=delta,
+        confidence=confidence,
+        method=threshold_method,
+        seed=seed,
     )
     return AuditResult(
-        eps_lower=detail.eps_lower, eps_claimed=eps_claimed, confidence=confidence,
-        trials=included.size, delta=delta, runs=runs, method=f"threshold-{threshold_method}",
-        detail=detail, scores=scores, included=included,
+        eps_lower=detail.eps_lower,
+        eps_claimed=eps_claimed,
+        confidence=confidence,
+        trials=included.size,
+        delta=delta,
+        runs=runs,
+        method=f"threshold-{threshold_method}",
+        detail=detail,
+        scores=scores,
+        included=included,
     )
 
 
@@ -371,18 +411,34 @@ def audit_dp_sgd_one_run(
     rng = np.random.default_rng(seed)
     included = rng.random((1, num_canaries)) < 0.5
     scores, eps_claimed = run_canary_experiment(
-        model_fn, data, privacy_engine_kwargs, included,
-        steps=steps, batch_size=batch_size, lr=lr, criterion=criterion,
-        canary_norm=canary_norm, delta=delta, accountant=accountant,
-        privacy_engine_factory=privacy_engine_factory, seed=seed,
+        model_fn,
+        data,
+        privacy_engine_kwargs,
+        included,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        criterion=criterion,
+        canary_norm=canary_norm,
+        delta=delta,
+        accountant=accountant,
+        privacy_engine_factory=privacy_engine_factory,
+        seed=seed,
     )
     detail = one_run_eps_lower_from_scores(
         scores[0], included[0], k_pos=k_pos, k_neg=k_neg, delta=delta, confidence=confidence
     )
     return AuditResult(
-        eps_lower=detail.eps_lower, eps_claimed=eps_claimed, confidence=confidence,
-        trials=num_canaries, delta=delta, runs=1, method="one-run", detail=detail,
-        scores=scores, included=included,
+        eps_lower=detail.eps_lower,
+        eps_claimed=eps_claimed,
+        confidence=confidence,
+        trials=num_canaries,
+        delta=delta,
+        runs=1,
+        method="one-run",
+        detail=detail,
+        scores=scores,
+        included=included,
     )
 
 
@@ -467,11 +523,22 @@ def audit_dp_sgd_input_canary(
             if included[r] and math.isnan(eps_claimed):
                 eps_claimed = float(engine.get_epsilon(delta))
     detail = eps_lower_from_scores(
-        scores[included], scores[~included], delta=delta, confidence=confidence,
-        method=threshold_method, seed=seed,
+        scores[included],
+        scores[~included],
+        delta=delta,
+        confidence=confidence,
+        method=threshold_method,
+        seed=seed,
     )
     return AuditResult(
-        eps_lower=detail.eps_lower, eps_claimed=eps_claimed, confidence=confidence,
-        trials=trials, delta=delta, runs=trials, method=f"input-canary-{threshold_method}",
-        detail=detail, scores=scores[:, None], included=included[:, None],
+        eps_lower=detail.eps_lower,
+        eps_claimed=eps_claimed,
+        confidence=confidence,
+        trials=trials,
+        delta=delta,
+        runs=trials,
+        method=f"input-canary-{threshold_method}",
+        detail=detail,
+        scores=scores[:, None],
+        included=included[:, None],
     )

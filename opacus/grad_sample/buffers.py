@@ -20,9 +20,7 @@ import torch
 # Below this size malloc recycles blocks itself (and the pool would only add bookkeeping).
 MIN_POOLED_BYTES = 1 << 20
 
-_pools: "weakref.WeakKeyDictionary[object, Dict[str, torch.Tensor]]" = (
-    weakref.WeakKeyDictionary()
-)
+_pools: "weakref.WeakKeyDictionary[object, Dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
 # A private torch API (present since 2.1); without it nothing is pooled.
@@ -63,12 +61,7 @@ def reusable_empty(
     except TypeError:  # owner not weak-referenceable
         return torch.empty(shape, dtype=dtype, device=device)
     buf = pool.get(slot)
-    if (
-        buf is not None
-        and buf.shape == shape
-        and buf.dtype == dtype
-        and _only_the_pool_holds(buf)
-    ):
+    if buf is not None and buf.shape == shape and buf.dtype == dtype and _only_the_pool_holds(buf):
         return buf.view(shape)
     buf = torch.empty(shape, dtype=dtype, device=device)
     pool[slot] = buf

@@ -102,8 +102,12 @@ def compute_conv_grad_sample(
         if n == 1:
             # A 1-D convolution is a 2-D one over a height-1 image.
             cols = _windows2d(
-                layer, x.unsqueeze(-2), (0, padding[0]), (1, layer.kernel_size[0]),
-                (1, layer.stride[0]), (1, layer.dilation[0]),
+                layer,
+                x.unsqueeze(-2),
+                (0, padding[0]),
+                (1, layer.kernel_size[0]),
+                (1, layer.stride[0]),
+                (1, layer.dilation[0]),
             )
         elif n == 2:
             cols = _windows2d(layer, x, padding, layer.kernel_size, layer.stride, layer.dilation)
@@ -120,8 +124,11 @@ def compute_conv_grad_sample(
         b = backprops.reshape(batch * groups, layer.out_channels // groups, -1)
         cols = cols.reshape(batch * groups, -1, cols.shape[-1])
         out = reusable_empty(
-            layer, "weight", (batch * groups, b.shape[1], cols.shape[1]),
-            dtype=dtype, device=x.device,
+            layer,
+            "weight",
+            (batch * groups, b.shape[1], cols.shape[1]),
+            dtype=dtype,
+            device=x.device,
         )
         torch.bmm(b, cols.transpose(1, 2), out=out)
         ret[layer.weight] = out.view(batch, *layer.weight.shape)

@@ -18,13 +18,13 @@ import torch
 import torch.nn as nn
 
 from opacus.grad_sample import registry
-from opacus.grad_sample.registry import SUMS_OVER_SEQUENCE_ATTR
 from opacus.grad_sample.functorch import (
     ft_compute_per_sample_gradient,
     per_sample_gradient,
     prepare_layer,
 )
 from opacus.grad_sample.gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule
+from opacus.grad_sample.registry import SUMS_OVER_SEQUENCE_ATTR
 from opacus.grad_sample.safety_checks import (
     SKIP_BATCH_MIXING_CHECK_ATTR,
     ModelStructure,
@@ -143,7 +143,7 @@ def _concat_calls(
         )
         start = 0
         for x in parts:
-            out[: x.shape[0], start: start + x.shape[1]] = x
+            out[: x.shape[0], start : start + x.shape[1]] = x
             start += x.shape[1]
         return out
 
@@ -213,8 +213,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         errors = self.validate(module=m, strict=strict)
         if errors:
             warnings.warn(
-                "per-sample gradients will be missing for: "
-                + "; ".join(str(e) for e in errors),
+                "per-sample gradients will be missing for: " + "; ".join(str(e) for e in errors),
                 stacklevel=2,
             )
         self._skipped = {id(mod) for _, mod, _ in self._unsupported_modules(m)}
@@ -486,9 +485,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
             params = module.parameters(recurse=sampler is not None)
             return {p: p.new_zeros((0, *p.shape)) for p in params if p.requires_grad}
         if sampler is None:
-            return per_sample_gradient(
-                module, activations, backprops, batch_first=self.batch_first
-            )
+            return per_sample_gradient(module, activations, backprops, batch_first=self.batch_first)
         return sampler(module, activations, backprops)
 
     def _take_call(self, module: nn.Module, grad_output, loss_reduction, batch_first):

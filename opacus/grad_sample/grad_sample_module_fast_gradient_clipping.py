@@ -144,8 +144,12 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             mode = "functorch"
         else:
             mode = "grad_sampler"
-        logger.debug("%s (%s): per-sample norms via %s", self._module_names.get(module, "?"),
-                     type(module).__name__, mode)
+        logger.debug(
+            "%s (%s): per-sample norms via %s",
+            self._module_names.get(module, "?"),
+            type(module).__name__,
+            mode,
+        )
         return mode
 
     def _start_forward(self, module: nn.Module, _inputs) -> None:

@@ -122,6 +122,11 @@ class GradSampleModuleFastGradientClippingFSDP(
             self, m, batch_first=batch_first, loss_reduction=loss_reduction
         )
         self._init_fsdp(
-            m, batch_first, loss_reduction, strict, force_functorch, max_grad_norm,
+            m,
+            batch_first,
+            loss_reduction,
+            strict,
+            force_functorch,
+            max_grad_norm,
             use_ghost_clipping,
         )

@@ -156,9 +156,7 @@ class ModelStructure:
             name or "<root>": m for name, m in self._root.named_modules(remove_duplicate=False)
         }
         changes = [f"added '{n}' ({type(after[n]).__name__})" for n in after if n not in before]
-        changes += [
-            f"removed '{n}' ({type(before[n]).__name__})" for n in before if n not in after
-        ]
+        changes += [f"removed '{n}' ({type(before[n]).__name__})" for n in before if n not in after]
         changes += [
             f"replaced '{n}' ({type(before[n]).__name__} -> {type(after[n]).__name__})"
             for n in after

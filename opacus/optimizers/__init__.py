@@ -56,8 +56,10 @@ def get_optimizer_class(clipping: str, distributed: bool, grad_sample_mode: str 
             )
         if grad_sample_mode == "ghost_fsdp":
             return FSDPOptimizerFastGradientClipping
-        return DistributedDPOptimizerFastGradientClipping if distributed else (
-            DPOptimizerFastGradientClipping
+        return (
+            DistributedDPOptimizerFastGradientClipping
+            if distributed
+            else (DPOptimizerFastGradientClipping)
         )
     if clipping == "flat":
         return DistributedDPOptimizer if distributed else DPOptimizer

@@ -44,7 +44,7 @@ def gradient_noise_multiplier(noise_multiplier: float, unclipped_num_std: float)
             "noise_multiplier (the released unclipped count would use up the whole privacy "
             "budget); increase unclipped_num_std (the paper suggests about batch_size / 20)"
         )
-    return (noise_multiplier ** -2 - (2 * unclipped_num_std) ** -2) ** -0.5
+    return (noise_multiplier**-2 - (2 * unclipped_num_std) ** -2) ** -0.5
 
 
 def centred_unclipped_sum(norms: torch.Tensor, clip_bound: float) -> float:

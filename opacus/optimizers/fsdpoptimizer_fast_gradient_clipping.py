@@ -71,9 +71,7 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
         std = self._noise_std()
         for i, p in enumerate(self.params):
             s = self._summed_grad_of(p, i)
-            noise = gaussian_noise(
-                std, s, generator=self.generator, secure_mode=self.secure_mode
-            )
+            noise = gaussian_noise(std, s, generator=self.generator, secure_mode=self.secure_mode)
             with torch.no_grad():
                 local_shard(p.grad).copy_(s + noise)
 

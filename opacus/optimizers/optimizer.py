@@ -205,9 +205,7 @@ class DPOptimizer(Optimizer):
         std = self._noise_std()
         for i, p in enumerate(self.params):
             s = self._summed_grad_of(p, i)
-            noise = gaussian_noise(
-                std, s, generator=self.generator, secure_mode=self.secure_mode
-            )
+            noise = gaussian_noise(std, s, generator=self.generator, secure_mode=self.secure_mode)
             # The fresh noise tensor becomes the gradient: one allocation and pass per param.
             p.grad = noise.add_(s).view_as(p)
 

@@ -37,9 +37,7 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
             offset += n
 
 
-def reduce_gradients(
-    params: Sequence[torch.Tensor], loss_reduction: str, world_size: int
-) -> None:
+def reduce_gradients(params: Sequence[torch.Tensor], loss_reduction: str, world_size: int) -> None:
     """Sum ``p.grad`` over processes; for ``"mean"`` divide by the world size.
 
     Each rank's ``p.grad`` is ``(S_r [+ noise on rank 0]) / B_local``, so the average over ranks is

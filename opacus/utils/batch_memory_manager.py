@@ -30,8 +30,10 @@ __all__ = [
 
 
 def _check_max_batch_size(max_batch_size) -> int:
-    if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or (
-        max_batch_size <= 0
+    if (
+        not isinstance(max_batch_size, int)
+        or isinstance(max_batch_size, bool)
+        or (max_batch_size <= 0)
     ):
         raise ValueError(
             f"max_physical_batch_size={max_batch_size!r} must be a positive integer: the largest "
@@ -60,9 +62,7 @@ class BatchSplittingSampler(Sampler[List[int]]):
     empty logical batch yields one empty physical batch, which does take a step.
     """
 
-    def __init__(
-        self, *, sampler: Sampler[List[int]], max_batch_size: int, optimizer: DPOptimizer
-    ):
+    def __init__(self, *, sampler: Sampler[List[int]], max_batch_size: int, optimizer: DPOptimizer):
         self.sampler = sampler
         self.max_batch_size = _check_max_batch_size(max_batch_size)
         self.optimizer = optimizer

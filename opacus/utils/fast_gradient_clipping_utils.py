@@ -218,6 +218,4 @@ class DPLossFastGradientClipping(object):
         ``shape``: the ``(batch, ...)`` shape that ``input`` was flattened from, if any.
         """
         loss = per_sample_loss(self.criterion(input, target), self.loss_reduction, shape)
-        return DPTensorFastGradientClipping(
-            self.module, self.optimizer, loss, self.loss_reduction
-        )
+        return DPTensorFastGradientClipping(self.module, self.optimizer, loss, self.loss_reduction)

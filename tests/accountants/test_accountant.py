@@ -118,8 +118,12 @@ def test_interface_is_abstract_and_exported():
     with pytest.raises(TypeError):
         IAccountant()
     assert set(accountants.__all__) >= {
-        "IAccountant", "RDPAccountant", "PRVAccountant", "GaussianAccountant",
-        "create_accountant", "register_accountant",
+        "IAccountant",
+        "RDPAccountant",
+        "PRVAccountant",
+        "GaussianAccountant",
+        "create_accountant",
+        "register_accountant",
     }
     from opacus.accountants.analysis.prv import domain
 
@@ -159,14 +163,26 @@ def test_accountants_do_not_import_torch_or_optimizers():
 # ---------------------------------------------------------------- get_noise_multiplier
 @pytest.mark.parametrize(
     "accountant,q,steps,target",
-    [("rdp", 0.01, 1000, 1.0), ("rdp", 0.001, 100_000, 8.0), ("rdp", 1.0, 10, 5.0),
-     ("gdp", 0.001, 100_000, 1.5), ("gdp", 0.02, 500, 3.0),
-     ("prv", 0.01, 1000, 2.0), ("prv", 0.2, 50, 4.0)],
+    [
+        ("rdp", 0.01, 1000, 1.0),
+        ("rdp", 0.001, 100_000, 8.0),
+        ("rdp", 1.0, 10, 5.0),
+        ("gdp", 0.001, 100_000, 1.5),
+        ("gdp", 0.02, 500, 3.0),
+        ("prv", 0.01, 1000, 2.0),
+        ("prv", 0.2, 50, 4.0),
+    ],
 )
 def test_noise_multiplier_lands_just_below_target(accountant, q, steps, target):
     tol = 0.01
-    sigma = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=q,
-                                 steps=steps, accountant=accountant, epsilon_tolerance=tol)
+    sigma = get_noise_multiplier(
+        target_epsilon=target,
+        target_delta=1e-5,
+        sample_rate=q,
+        steps=steps,
+        accountant=accountant,
+        epsilon_tolerance=tol,
+    )
     acc = create_accountant(accountant)
     acc.history = [(sigma, q, steps)]
     eps = acc.get_epsilon(1e-5)
@@ -175,8 +191,9 @@ def test_noise_multiplier_lands_just_below_target(accountant, q, steps, target):
 
 @pytest.mark.slow
 def test_noise_multiplier_prv_many_steps():
-    sigma = get_noise_multiplier(target_epsilon=1.5, target_delta=1e-5, sample_rate=1e-3,
-                                 steps=100_000, accountant="prv")
+    sigma = get_noise_multiplier(
+        target_epsilon=1.5, target_delta=1e-5, sample_rate=1e-3, steps=100_000, accountant="prv"
+    )
     acc = PRVAccountant()
     acc.history = [(sigma, 1e-3, 100_000)]
     assert 1.49 <= acc.get_epsilon(1e-5) <= 1.5
@@ -191,8 +208,13 @@ def test_noise_multiplier_prv_many_steps():
 )
 def test_noise_multiplier_property(target, q, steps, accountant):
     try:
-        sigma = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=q,
-                                     steps=steps, accountant=accountant)
+        sigma = get_noise_multiplier(
+            target_epsilon=target,
+            target_delta=1e-5,
+            sample_rate=q,
+            steps=steps,
+            accountant=accountant,
+        )
     except ValueError as err:  # only allowed when the target is below the conversion floor
         assert "unreachable" in str(err)
         return
@@ -204,26 +226,30 @@ def test_noise_multiplier_property(target, q, steps, accountant):
 
 
 def test_epochs_are_converted_to_steps():
-    by_epochs = get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.01,
-                                     epochs=10)
-    by_steps = get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.01,
-                                    steps=1000)
+    by_epochs = get_noise_multiplier(
+        target_epsilon=2.0, target_delta=1e-5, sample_rate=0.01, epochs=10
+    )
+    by_steps = get_noise_multiplier(
+        target_epsilon=2.0, target_delta=1e-5, sample_rate=0.01, steps=1000
+    )
     assert by_epochs == by_steps
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(epochs=1, steps=100), "exactly one"),
-     (dict(), "exactly one"),
-     (dict(steps=100, sample_rate=0.0), "sample_rate"),
-     (dict(steps=100, sample_rate=1.5), "sample_rate"),
-     (dict(steps=100, target_delta=0.0), "target_delta"),
-     (dict(steps=100, target_epsilon=-1.0), "target_epsilon"),
-     (dict(steps=100, target_epsilon=math.inf), "target_epsilon"),
-     (dict(steps=0), "steps"),
-     (dict(steps=100, epsilon_tolerance=0.0), "epsilon_tolerance"),
-     (dict(steps=100, accountant="nope"), "unknown accountant"),
-     (dict(steps=100, target_epsilon=0.01), "unreachable")],
+    [
+        (dict(epochs=1, steps=100), "exactly one"),
+        (dict(), "exactly one"),
+        (dict(steps=100, sample_rate=0.0), "sample_rate"),
+        (dict(steps=100, sample_rate=1.5), "sample_rate"),
+        (dict(steps=100, target_delta=0.0), "target_delta"),
+        (dict(steps=100, target_epsilon=-1.0), "target_epsilon"),
+        (dict(steps=100, target_epsilon=math.inf), "target_epsilon"),
+        (dict(steps=0), "steps"),
+        (dict(steps=100, epsilon_tolerance=0.0), "epsilon_tolerance"),
+        (dict(steps=100, accountant="nope"), "unknown accountant"),
+        (dict(steps=100, target_epsilon=0.01), "unreachable"),
+    ],
 )
 def test_noise_multiplier_errors(kwargs, match):
     args = dict(target_epsilon=1.0, target_delta=1e-5, sample_rate=0.01)

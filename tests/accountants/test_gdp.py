@@ -14,12 +14,14 @@ from opacus.accountants.analysis import gdp
 
 def delta_by_integration(eps, mu):
     """delta(eps) = E_{x ~ N(mu, 1)}[(1 - e^{eps - L(x)})_+], L(x) = mu x - mu^2 / 2."""
+
     def integrand(x):
         return max(0.0, 1.0 - math.exp(eps - (mu * x - mu * mu / 2))) * stats.norm.pdf(x, mu)
 
     threshold = (eps + mu * mu / 2) / mu
-    value, _ = integrate.quad(integrand, threshold, threshold + 40, limit=200, epsabs=0.0,
-                              epsrel=1e-12)
+    value, _ = integrate.quad(
+        integrand, threshold, threshold + 40, limit=200, epsabs=0.0, epsrel=1e-12
+    )
     return value
 
 
@@ -31,7 +33,8 @@ def test_mu_closed_forms(sigma, q, steps):
     assert mu == pytest.approx(q * math.sqrt(steps * (math.exp(sigma**-2) - 1)), rel=1e-12)
     mu_u = gdp.compute_mu_uniform(steps=steps, noise_multiplier=sigma, sample_rate=q)
     naive = q * math.sqrt(
-        2 * steps
+        2
+        * steps
         * (math.exp(sigma**-2) * stats.norm.cdf(1.5 / sigma) + 3 * stats.norm.cdf(-0.5 / sigma) - 2)
     )
     assert mu_u == pytest.approx(naive, rel=1e-9)
@@ -83,8 +86,9 @@ def test_eps_wrappers_and_errors():
     assert gdp.eps_from_mu(mu=0.0, delta=1e-5) == 0.0
 
 
-@pytest.mark.parametrize("sigma,q,steps", [(1.0, 1e-3, 100_000), (2.0, 1e-3, 50_000),
-                                           (0.8, 4e-3, 10_000)])
+@pytest.mark.parametrize(
+    "sigma,q,steps", [(1.0, 1e-3, 100_000), (2.0, 1e-3, 50_000), (0.8, 4e-3, 10_000)]
+)
 def test_clt_is_close_to_prv_for_small_sample_rates(sigma, q, steps):
     acc = GaussianAccountant()
     acc.history = [(sigma, q, steps)]

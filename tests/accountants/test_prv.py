@@ -92,14 +92,18 @@ def test_truncated_prv():
     assert trunc.cdf(-0.5) == 0.0 and trunc.cdf(0.4) == 1.0 and trunc.cdf(1.0) == 1.0
     mass, _ = integrate.quad(lambda t: float(trunc.pdf(t)), -0.03, 0.4, limit=200, points=[0.0])
     assert mass == pytest.approx(1.0, abs=1e-8)
-    mean, _ = integrate.quad(lambda t: t * float(trunc.pdf(t)), -0.03, 0.4, limit=200,
-                             points=[0.0])
+    mean, _ = integrate.quad(lambda t: t * float(trunc.pdf(t)), -0.03, 0.4, limit=200, points=[0.0])
     assert trunc.mean() == pytest.approx(mean, rel=1e-6, abs=1e-12)
 
 
-@pytest.mark.parametrize("bad", [dict(sample_rate=0.0, noise_multiplier=1.0),
-                                 dict(sample_rate=1.5, noise_multiplier=1.0),
-                                 dict(sample_rate=0.1, noise_multiplier=0.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(sample_rate=0.0, noise_multiplier=1.0),
+        dict(sample_rate=1.5, noise_multiplier=1.0),
+        dict(sample_rate=0.1, noise_multiplier=0.0),
+    ],
+)
 def test_prv_rejects_bad_parameters(bad):
     with pytest.raises(ValueError):
         PoissonSubsampledGaussianPRV(**bad)
@@ -133,8 +137,9 @@ def test_safe_domain_holds_the_composition():
 def test_discretize_preserves_mass_and_mean():
     prv = PoissonSubsampledGaussianPRV(0.02, 1.2)
     domain = Domain.create_aligned(-0.5, 2.0, 1e-3)
-    trunc = TruncatedPrivacyRandomVariable(prv, domain.t_min - domain.dt / 2,
-                                           domain.t_max + domain.dt / 2)
+    trunc = TruncatedPrivacyRandomVariable(
+        prv, domain.t_min - domain.dt / 2, domain.t_max + domain.dt / 2
+    )
     dprv = discretize(trunc, domain)
     assert dprv.pmf.sum() == pytest.approx(1.0, abs=1e-12)
     assert np.dot(dprv.pmf, dprv.domain.ts) == pytest.approx(trunc.mean(), rel=1e-9, abs=1e-15)

@@ -49,8 +49,16 @@ def test_integer_orders_match_dp_accounting(sigma, q):
 
 @pytest.mark.parametrize(
     "q,sigma,alpha",
-    [(1e-4, 1.0, 1.1), (1e-2, 1.0, 1.5), (0.1, 5.0, 1.1), (0.1, 5.0, 2.5), (0.5, 0.5, 1.3),
-     (0.5, 10.0, 1.1), (0.9, 2.0, 3.7), (1e-2, 0.5, 7.3)],
+    [
+        (1e-4, 1.0, 1.1),
+        (1e-2, 1.0, 1.5),
+        (0.1, 5.0, 1.1),
+        (0.1, 5.0, 2.5),
+        (0.5, 0.5, 1.3),
+        (0.5, 10.0, 1.1),
+        (0.9, 2.0, 3.7),
+        (1e-2, 0.5, 7.3),
+    ],
 )
 def test_fractional_orders_match_high_precision_integral(q, sigma, alpha):
     ours = analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=alpha)
@@ -78,21 +86,23 @@ def test_q_one_is_gaussian_closed_form(sigma, steps):
 def test_degenerate_inputs():
     orders = [1.5, 2, 32]
     assert np.all(analysis.compute_rdp(q=0.0, noise_multiplier=1.0, steps=10, orders=orders) == 0)
-    assert np.all(np.isinf(analysis.compute_rdp(q=0.1, noise_multiplier=0.0, steps=1,
-                                                orders=orders)))
+    assert np.all(
+        np.isinf(analysis.compute_rdp(q=0.1, noise_multiplier=0.0, steps=1, orders=orders))
+    )
     assert np.all(analysis.compute_rdp(q=0.1, noise_multiplier=1.0, steps=0, orders=orders) == 0)
-    assert isinstance(analysis.compute_rdp(q=0.1, noise_multiplier=1.0, steps=3, orders=2.0),
-                      float)
+    assert isinstance(analysis.compute_rdp(q=0.1, noise_multiplier=1.0, steps=3, orders=2.0), float)
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(q=-0.1, noise_multiplier=1.0, steps=1, orders=[2]),
-     dict(q=1.1, noise_multiplier=1.0, steps=1, orders=[2]),
-     dict(q=0.1, noise_multiplier=-1.0, steps=1, orders=[2]),
-     dict(q=0.1, noise_multiplier=1.0, steps=-1, orders=[2]),
-     dict(q=0.1, noise_multiplier=1.0, steps=1, orders=[1.0]),
-     dict(q=0.1, noise_multiplier=1.0, steps=1, orders=[0.5])],
+    [
+        dict(q=-0.1, noise_multiplier=1.0, steps=1, orders=[2]),
+        dict(q=1.1, noise_multiplier=1.0, steps=1, orders=[2]),
+        dict(q=0.1, noise_multiplier=-1.0, steps=1, orders=[2]),
+        dict(q=0.1, noise_multiplier=1.0, steps=-1, orders=[2]),
+        dict(q=0.1, noise_multiplier=1.0, steps=1, orders=[1.0]),
+        dict(q=0.1, noise_multiplier=1.0, steps=1, orders=[0.5]),
+    ],
 )
 def test_compute_rdp_rejects_bad_input(kwargs):
     with pytest.raises(ValueError):
@@ -119,8 +129,15 @@ def test_privacy_spent_is_balle_conversion_minimised():
 
 @pytest.mark.parametrize(
     "sigma,q,steps",
-    [(0.5, 1e-2, 100), (1.0, 1e-3, 100_000), (2.0, 0.1, 10_000), (5.0, 1.0, 1),
-     (10.0, 1e-4, 10_000), (1.0, 0.1, 1), (2.0, 1e-2, 100_000)],
+    [
+        (0.5, 1e-2, 100),
+        (1.0, 1e-3, 100_000),
+        (2.0, 0.1, 10_000),
+        (5.0, 1.0, 1),
+        (10.0, 1e-4, 10_000),
+        (1.0, 0.1, 1),
+        (2.0, 1e-2, 100_000),
+    ],
 )
 def test_epsilon_matches_dp_accounting(sigma, q, steps):
     _, ref = dp_accounting_rdp(sigma, q, steps, INTEGER_ORDERS)

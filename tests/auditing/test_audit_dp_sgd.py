@@ -119,7 +119,11 @@ def test_correct_engine_passes_tiny():
 @pytest.mark.parametrize("sabotage", [NoClipping, QuietNoise, SwappedSamples])
 def test_broken_engine_is_caught_tiny(sabotage):
     res = audit_dp_sgd(
-        linear, tiny_data(), TINY, trials=2000, canaries_per_run=100,
+        linear,
+        tiny_data(),
+        TINY,
+        trials=2000,
+        canaries_per_run=100,
         privacy_engine_factory=engine_with(sabotage),
     )
     assert res.violation == (sabotage is not SwappedSamples), res.summary()
@@ -137,8 +141,13 @@ def test_one_run_audit(sabotage):
 @pytest.mark.parametrize("sabotage", [None, MixedSamples])
 def test_mixed_per_sample_gradients(sabotage):
     res = audit_dp_sgd(
-        linear, tiny_data(1024), dict(noise_multiplier=1.0, max_grad_norm=1.0), delta=1e-2,
-        trials=4000, canaries_per_run=100, privacy_engine_factory=engine_with(sabotage),
+        linear,
+        tiny_data(1024),
+        dict(noise_multiplier=1.0, max_grad_norm=1.0),
+        delta=1e-2,
+        trials=4000,
+        canaries_per_run=100,
+        privacy_engine_factory=engine_with(sabotage),
     )
     assert res.violation == (sabotage is not None), res.summary()
 
@@ -146,8 +155,13 @@ def test_mixed_per_sample_gradients(sabotage):
 def test_subsampled_multi_step_correct_engine_passes():
     # q = 1/4, 8 steps: the canary is Poisson-sampled like any member, so amplification applies.
     res = audit_dp_sgd(
-        linear, tiny_data(), dict(noise_multiplier=1.0, max_grad_norm=1.0),
-        trials=2000, canaries_per_run=100, batch_size=16, steps=8,
+        linear,
+        tiny_data(),
+        dict(noise_multiplier=1.0, max_grad_norm=1.0),
+        trials=2000,
+        canaries_per_run=100,
+        batch_size=16,
+        steps=8,
     )
     assert 0 <= res.eps_lower <= res.eps_claimed
 
@@ -157,7 +171,11 @@ def test_subsampled_multi_step_correct_engine_passes():
 def test_textbook_one_canary_per_run(sabotage):
     # canaries_per_run=1: every trial is its own training run, no independence assumption.
     res = audit_dp_sgd(
-        linear, tiny_data(), TINY, trials=300, privacy_engine_factory=engine_with(sabotage),
+        linear,
+        tiny_data(),
+        TINY,
+        trials=300,
+        privacy_engine_factory=engine_with(sabotage),
         threshold_method="bonferroni",
     )
     assert res.runs == 300
@@ -225,6 +243,10 @@ def test_input_canary_with_vanishing_gradient_is_refused():
     data, _ = input_canary_setup(nn.Linear)
     with pytest.raises(ValueError, match="gradient at the initial model is zero"):
         audit_dp_sgd_input_canary(
-            lambda: nn.Linear(5, 2), data, (torch.zeros(5), torch.tensor(0)),
-            dict(TINY), criterion=lambda out, t: (out * 0).sum(), trials=4,
+            lambda: nn.Linear(5, 2),
+            data,
+            (torch.zeros(5), torch.tensor(0)),
+            dict(TINY),
+            criterion=lambda out, t: (out * 0).sum(),
+            trials=4,
         )

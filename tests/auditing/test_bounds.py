@@ -77,15 +77,15 @@ def test_eps_from_error_rates_is_tight_for_gaussian():
     # threshold test on N(0,1) vs N(mu,1) error rates gives back eps(delta) exactly.
     mu, delta = 1.0, 1e-3
     t = np.linspace(0, 6, 1201)
-    best = max(
-        eps_from_error_rates(stats.norm.sf(ti), stats.norm.cdf(ti - mu), delta) for ti in t
-    )
+    best = max(eps_from_error_rates(stats.norm.sf(ti), stats.norm.cdf(ti - mu), delta) for ti in t)
     assert best == pytest.approx(gaussian_eps(mu, delta), abs=2e-3)
 
 
 @settings(max_examples=40, deadline=None)
 @given(
-    fp=st.integers(0, 100), fn=st.integers(0, 100), extra=st.integers(1, 50),
+    fp=st.integers(0, 100),
+    fn=st.integers(0, 100),
+    extra=st.integers(1, 50),
     delta=st.sampled_from([0.0, 1e-5, 1e-2]),
 )
 def test_counts_bound_is_monotone(fp, fn, extra, delta):
@@ -139,7 +139,8 @@ def test_score_bound_threshold_selection_not_overfit():
         hits = [
             eps_lower_from_scores(
                 rng.normal(size=100), rng.normal(size=100), method=method, seed=s
-            ).eps_lower > 0
+            ).eps_lower
+            > 0
             for s in range(100)
         ]
         assert np.mean(hits) <= 0.1

@@ -52,8 +52,10 @@ def test_dirac_canary_gradients():
 
 
 def _params_with_grad_samples(batch=5):
-    a, b, canary = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2)), nn.Parameter(
-        torch.zeros(1, 4)
+    a, b, canary = (
+        nn.Parameter(torch.zeros(3)),
+        nn.Parameter(torch.zeros(2, 2)),
+        nn.Parameter(torch.zeros(1, 4)),
     )
     # row i of every parameter carries the sample id i + 1, so the pairing can be checked
     ids = torch.arange(1, batch + 1, dtype=torch.float32)

@@ -16,7 +16,10 @@ def _model():
     # The weights' per-sample gradients (16 x 128 x 256 floats, 16 x 8 x 4 x 9 x 9...) are large
     # enough to be pooled.
     return nn.Sequential(
-        nn.Conv2d(4, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 9 * 9, 256), nn.ReLU(),
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(8 * 9 * 9, 256),
+        nn.ReLU(),
         nn.Linear(256, 128),
     )
 

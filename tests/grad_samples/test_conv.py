@@ -55,9 +55,7 @@ def conv_cases(draw, dims):
         # Reflect padding must be smaller than the input: keep it <= 1 with inputs >= 2.
         pad_each = [min(p, 1) for p in pad_each]
         padding = tuple(pad_each)
-    spatial = tuple(
-        d * (k - 1) + 1 + draw(st.integers(1, 3)) for k, d in zip(kernel, dilation)
-    )
+    spatial = tuple(d * (k - 1) + 1 + draw(st.integers(1, 3)) for k, d in zip(kernel, dilation))
     batch = draw(st.integers(1, 3))
     bias = draw(st.booleans())
     layer = CONVS[dims](

@@ -44,9 +44,7 @@ def _expected(model: Shrinking, x: torch.Tensor):
 @given(
     layer_cls=st.sampled_from([nn.Linear, RNNLinear]),
     bias=st.booleans(),
-    calls=st.lists(
-        st.tuples(st.integers(1, 5), st.integers(1, 3)), min_size=2, max_size=5
-    ),
+    calls=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 3)), min_size=2, max_size=5),
 )
 def test_repeated_calls_with_shrinking_batch_match_oracle(layer_cls, bias, calls):
     torch.manual_seed(0)
@@ -69,6 +67,4 @@ def test_repeated_full_batch_calls_accumulate_over_backwards():
     gsm = GradSampleModule(model, loss_reduction="sum")
     for _ in range(2):
         gsm(x).pow(2).sum().backward()
-    assert_grad_samples_close(
-        grad_samples_of(gsm), {n: 2 * g for n, g in expected.items()}
-    )
+    assert_grad_samples_close(grad_samples_of(gsm), {n: 2 * g for n, g in expected.items()})

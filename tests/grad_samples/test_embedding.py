@@ -108,8 +108,9 @@ def test_embedding_bag_offsets(
     ).double()
     model = Bags(bag)
     padded = torch.randint(0, vocab, (batch, max_len))
-    lengths = torch.tensor(data.draw(st.lists(st.integers(0, max_len), min_size=batch,
-                                              max_size=batch)))
+    lengths = torch.tensor(
+        data.draw(st.lists(st.integers(0, max_len), min_size=batch, max_size=batch))
+    )
     inputs = [padded, lengths]
     if weighted:
         inputs.append(torch.randn(batch, max_len, dtype=torch.float64))
@@ -147,8 +148,9 @@ def test_embedding_bag_2d_weighted():
 def test_embedding_bag_errors():
     with pytest.raises(NotImplementedError, match="mode='max'"):
         compute_embeddingbag_gradsampler(
-            nn.EmbeddingBag(4, 2, mode="max"), [torch.zeros(2, 2, dtype=torch.long)],
-            torch.zeros(2, 2)
+            nn.EmbeddingBag(4, 2, mode="max"),
+            [torch.zeros(2, 2, dtype=torch.long)],
+            torch.zeros(2, 2),
         )
     bag = nn.EmbeddingBag(4, 2)
     with pytest.raises(ValueError, match="offsets"):

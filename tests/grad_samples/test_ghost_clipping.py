@@ -208,8 +208,6 @@ def test_hypothesis_sequence_norms(batch, seq, d, batch_first):
     shape = (batch, seq, d) if batch_first else (seq, batch, d)
     x = torch.randn(*shape)
     expected = _norms(brute_force_grad_samples(model, x, batch_dim=0 if batch_first else 1))
-    gsm = GradSampleModuleFastGradientClipping(
-        model, batch_first=batch_first, loss_reduction="sum"
-    )
+    gsm = GradSampleModuleFastGradientClipping(model, batch_first=batch_first, loss_reduction="sum")
     gsm(x).sum().backward()
     torch.testing.assert_close(gsm.get_norm_sample(), expected, rtol=1e-4, atol=1e-5)

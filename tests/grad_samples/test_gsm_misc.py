@@ -107,8 +107,10 @@ def test_iterate_submodules_stops_at_registered_containers(monkeypatch):
             return self.inner(x)
 
     def block_sampler(layer, activations, backprops):
-        return {layer.inner.weight: torch.einsum("bo,bi->boi", backprops, activations[0]),
-                layer.inner.bias: backprops}
+        return {
+            layer.inner.weight: torch.einsum("bo,bi->boi", backprops, activations[0]),
+            layer.inner.bias: backprops,
+        }
 
     monkeypatch.setitem(registry.GRAD_SAMPLERS, Block, block_sampler)
     torch.manual_seed(1)

@@ -82,7 +82,10 @@ def _check(make_model, make_input, *, batch_first, force_functorch, reduction):
 def test_batch_first(name, force_functorch, reduction):
     make_model, make_input = BATCH_FIRST[name]
     _check(
-        make_model, make_input, batch_first=True, force_functorch=force_functorch,
+        make_model,
+        make_input,
+        batch_first=True,
+        force_functorch=force_functorch,
         reduction=reduction,
     )
 
@@ -93,7 +96,10 @@ def test_batch_first(name, force_functorch, reduction):
 def test_time_major(name, force_functorch, reduction):
     make_model, make_input = TIME_MAJOR[name]
     _check(
-        make_model, make_input, batch_first=False, force_functorch=force_functorch,
+        make_model,
+        make_input,
+        batch_first=False,
+        force_functorch=force_functorch,
         reduction=reduction,
     )
 

@@ -19,9 +19,7 @@ TIGHT = dict(atol=1e-10, rtol=1e-9)
 def check(layer, sampler, x, **tol):
     """Per-sample grads of loss_i = <layer(x_i), R_i> (output gradient R_i) vs the oracle."""
     r = torch.randn_like(layer(x))
-    expected = brute_force_grad_samples(
-        layer, x, loss_fn=lambda out, t: (out * t).sum(), targets=r
-    )
+    expected = brute_force_grad_samples(layer, x, loss_fn=lambda out, t: (out * t).sum(), targets=r)
     names = {p: n for n, p in layer.named_parameters()}
     got = {names[p]: g for p, g in sampler(layer, [x], r).items()}
     assert_grad_samples_close(got, expected, **(tol or TIGHT))

@@ -45,8 +45,10 @@ def set_grad_samples(model: nn.Module, x, y, source: Optional[nn.Module] = None)
 def clipped_sum_flat(grad_samples: Sequence[torch.Tensor], c: float) -> List[torch.Tensor]:
     """Sample by sample: flatten, clip the whole vector to ``c``, add up."""
     b = grad_samples[0].shape[0]
-    out = [torch.zeros_like(g[0]) if b else torch.zeros(g.shape[1:], dtype=g.dtype)
-           for g in grad_samples]
+    out = [
+        torch.zeros_like(g[0]) if b else torch.zeros(g.shape[1:], dtype=g.dtype)
+        for g in grad_samples
+    ]
     for i in range(b):
         norm = torch.cat([g[i].reshape(-1) for g in grad_samples]).norm()
         factor = min(1.0, c / (norm.item() + 1e-6))
@@ -116,7 +118,10 @@ def run_distributed(worker, world_size: int = 2, *args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         mp.start_processes(
-            worker, args=(world_size, init_file, *args), nprocs=world_size, join=True,
+            worker,
+            args=(world_size, init_file, *args),
+            nprocs=world_size,
+            join=True,
             start_method="forkserver",
         )
 

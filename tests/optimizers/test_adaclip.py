@@ -29,9 +29,16 @@ def _params_with_norms(norms, dim=3):
 
 
 def _adaclip(ps, **kw):
-    args = dict(noise_multiplier=0.0, target_unclipped_quantile=0.5, clipbound_learning_rate=0.2,
-                max_clipbound=100.0, min_clipbound=0.1, unclipped_num_std=0.0,
-                max_grad_norm=2.0, expected_batch_size=8)
+    args = dict(
+        noise_multiplier=0.0,
+        target_unclipped_quantile=0.5,
+        clipbound_learning_rate=0.2,
+        max_clipbound=100.0,
+        min_clipbound=0.1,
+        unclipped_num_std=0.0,
+        max_grad_norm=2.0,
+        expected_batch_size=8,
+    )
     args.update(kw)
     return AdaClipDPOptimizer(torch.optim.SGD(ps, lr=1.0), **args)
 
@@ -57,8 +64,13 @@ def test_clip_bound_update_matches_hand_computation():
 @pytest.mark.parametrize("quantile, bound", [(0.0, "min"), (1.0, "max")])
 def test_clip_bound_is_clamped(quantile, bound):
     ps = _params_with_norms(NORMS)
-    opt = _adaclip(ps, target_unclipped_quantile=quantile, clipbound_learning_rate=50.0,
-                   min_clipbound=1.2, max_clipbound=3.3)
+    opt = _adaclip(
+        ps,
+        target_unclipped_quantile=quantile,
+        clipbound_learning_rate=50.0,
+        min_clipbound=1.2,
+        max_clipbound=3.3,
+    )
     opt.pre_step()
     assert opt.max_grad_norm == (1.2 if bound == "min" else 3.3)
 
@@ -81,14 +93,22 @@ def test_virtual_steps_accumulate_counts():
 def test_noiseless_gradient_matches_flat_brute_force():
     model = small_model()
     x, y = batch(6)
-    opt = AdaClipDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
-                             target_unclipped_quantile=0.5, clipbound_learning_rate=0.2,
-                             max_clipbound=10.0, min_clipbound=0.01, unclipped_num_std=1.0,
-                             max_grad_norm=0.4, expected_batch_size=6)
+    opt = AdaClipDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=0.0,
+        target_unclipped_quantile=0.5,
+        clipbound_learning_rate=0.2,
+        max_clipbound=10.0,
+        min_clipbound=0.01,
+        unclipped_num_std=1.0,
+        max_grad_norm=0.4,
+        expected_batch_size=6,
+    )
     set_grad_samples(model, x, y)
     opt.pre_step()
-    for p, e in zip(opt.params, dp_grads(small_model(), x, y, max_grad_norm=0.4,
-                                         expected_batch_size=6)):
+    for p, e in zip(
+        opt.params, dp_grads(small_model(), x, y, max_grad_norm=0.4, expected_batch_size=6)
+    ):
         torch.testing.assert_close(p.grad, e)
 
 
@@ -98,8 +118,14 @@ def test_gradient_noise_std_and_errors():
         gradient_noise_multiplier(1.0, 0.5)
     p = nn.Parameter(torch.zeros(40000))
     p.grad_sample = torch.zeros(2, 40000)
-    opt = _adaclip([p], noise_multiplier=1.0, unclipped_num_std=2.0, max_grad_norm=0.5,
-                   expected_batch_size=1, generator=torch.Generator().manual_seed(0))
+    opt = _adaclip(
+        [p],
+        noise_multiplier=1.0,
+        unclipped_num_std=2.0,
+        max_grad_norm=0.5,
+        expected_batch_size=1,
+        generator=torch.Generator().manual_seed(0),
+    )
     claimed = opt._noise_std()  # the std the composition test below accounts for
     opt.pre_step()
     assert abs(p.grad.std().item() / claimed - 1) < 0.03
@@ -130,10 +156,17 @@ def test_released_fraction_matches_centred_hand_computation_from_oracle_norms():
     gs = oracle_grad_samples(model, x, y)
     norms = torch.cat([g.flatten(1) for g in gs.values()], dim=1).norm(dim=1)
     clip = float(norms.sort().values[1])  # 2 of 6 unclipped
-    opt = AdaClipDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
-                             target_unclipped_quantile=0.3, clipbound_learning_rate=0.7,
-                             max_clipbound=10.0, min_clipbound=1e-4, unclipped_num_std=1.0,
-                             max_grad_norm=clip, expected_batch_size=10)
+    opt = AdaClipDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=0.0,
+        target_unclipped_quantile=0.3,
+        clipbound_learning_rate=0.7,
+        max_clipbound=10.0,
+        min_clipbound=1e-4,
+        unclipped_num_std=1.0,
+        max_grad_norm=clip,
+        expected_batch_size=10,
+    )
     set_grad_samples(model, x, y)
     opt.unclipped_num_std = 0.0  # noise off (the constructor validated the split)
     assert opt.pre_step()
@@ -176,11 +209,12 @@ def test_gradient_and_count_releases_compose_to_one_gaussian_of_multiplier_sigma
     # zCDP from first principles: a Gaussian of std `std` on a statistic of sensitivity `sens`
     # is rho = sens^2 / (2 std^2)-zCDP, and rho adds up under composition.
     def rho(sens, std):
-        return sens ** 2 / (2 * std ** 2)
+        return sens**2 / (2 * std**2)
 
     clip = 0.7
-    opt = _adaclip(_params_with_norms(NORMS), noise_multiplier=sigma, unclipped_num_std=s,
-                   max_grad_norm=clip)
+    opt = _adaclip(
+        _params_with_norms(NORMS), noise_multiplier=sigma, unclipped_num_std=s, max_grad_norm=clip
+    )
     grad_rho = rho(clip, opt._noise_std())  # the clipped sum: sensitivity C
     count_rho = rho(count_sensitivity(_released_fraction, trials=60), s)
     assert grad_rho + count_rho == pytest.approx(rho(1.0, sigma))

@@ -22,9 +22,7 @@ def _grad_samples(shapes, b, seed):
 )
 def test_per_sample_norms_is_norm_of_concatenation(shapes, b, seed):
     gs = _grad_samples(shapes, b, seed)
-    expected = torch.stack(
-        [torch.cat([g[i].reshape(-1) for g in gs]).norm() for i in range(b)]
-    )
+    expected = torch.stack([torch.cat([g[i].reshape(-1) for g in gs]).norm() for i in range(b)])
     torch.testing.assert_close(clipping.per_sample_norms(gs), expected)
 
 
@@ -32,8 +30,9 @@ def test_norms_of_non_contiguous_and_0d_params():
     base = torch.randn(6, 4, 3, dtype=torch.float64)
     gs = [base.transpose(1, 2), torch.randn(6, dtype=torch.float64)]  # (6, 3, 4) view; 0-d param
     assert not gs[0].is_contiguous()
-    expected = torch.stack([torch.cat([gs[0][i].reshape(-1), gs[1][i : i + 1]]).norm()
-                            for i in range(6)])
+    expected = torch.stack(
+        [torch.cat([gs[0][i].reshape(-1), gs[1][i : i + 1]]).norm() for i in range(6)]
+    )
     torch.testing.assert_close(clipping.per_sample_norms(gs), expected)
 
 

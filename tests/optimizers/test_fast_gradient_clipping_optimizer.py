@@ -61,9 +61,13 @@ def test_optimizer_treats_grad_as_clipped_sum(loss_reduction):
     opt._record_clipped_backward()  # stands in for the double backward
     assert opt.accumulated_iterations == 1
     opt.step()
-    ref_opt = DPOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1), noise_multiplier=0.0,
-                          max_grad_norm=0.2, expected_batch_size=6,
-                          loss_reduction=loss_reduction)
+    ref_opt = DPOptimizer(
+        torch.optim.SGD(ref.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=0.2,
+        expected_batch_size=6,
+        loss_reduction=loss_reduction,
+    )
     set_grad_samples(ref, x, y)
     ref_opt.step()
     for p, q in zip(model.parameters(), ref.parameters()):
@@ -94,9 +98,13 @@ def test_optimizer_virtual_steps_and_noise_once():
 def test_optimizer_noise_std():
     p = nn.Parameter(torch.zeros(50000))
     p.grad = torch.zeros(50000)
-    opt = DPOptimizerFastGradientClipping(torch.optim.SGD([p], lr=1.0), noise_multiplier=1.5,
-                                          max_grad_norm=2.0, expected_batch_size=10,
-                                          generator=torch.Generator().manual_seed(0))
+    opt = DPOptimizerFastGradientClipping(
+        torch.optim.SGD([p], lr=1.0),
+        noise_multiplier=1.5,
+        max_grad_norm=2.0,
+        expected_batch_size=10,
+        generator=torch.Generator().manual_seed(0),
+    )
     opt._record_clipped_backward()
     assert opt.pre_step()
     assert abs(p.grad.std().item() / (1.5 * 2.0 / 10) - 1) < 0.03
@@ -159,8 +167,9 @@ def test_loss_value_item_detach_str():
     x, y = batch(5)
     for reduction in ("mean", "sum"):
         stub = GhostStub(model, x, y, reduction)
-        crit = DPLossFastGradientClipping(stub, _fgc(model, loss_reduction=reduction),
-                                          nn.CrossEntropyLoss(), reduction)
+        crit = DPLossFastGradientClipping(
+            stub, _fgc(model, loss_reduction=reduction), nn.CrossEntropyLoss(), reduction
+        )
         loss = crit(stub(x), y)
         expected = F.cross_entropy(model(x), y, reduction=reduction)
         assert loss.item() == pytest.approx(expected.item())
@@ -172,8 +181,9 @@ def test_per_sample_loss_reduces_tokens():
     per_token = torch.arange(12.0).reshape(3, 4)
     torch.testing.assert_close(per_sample_loss(per_token, "mean"), per_token.mean(1))
     torch.testing.assert_close(per_sample_loss(per_token, "sum"), per_token.sum(1))
-    torch.testing.assert_close(per_sample_loss(per_token.reshape(-1), "mean", shape=(3, 4)),
-                               per_token.mean(1))
+    torch.testing.assert_close(
+        per_sample_loss(per_token.reshape(-1), "mean", shape=(3, 4)), per_token.mean(1)
+    )
     with pytest.raises(ValueError, match="one loss per sample"):
         per_sample_loss(torch.tensor(1.0), "mean")
     with pytest.raises(ValueError, match="shape"):
@@ -212,9 +222,13 @@ def test_end_to_end_with_ghost_module(loss_reduction):
         opt.zero_grad()
         crit(gsm(xb), yb).backward()
         opt.step()
-        ref_opt = DPOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1), noise_multiplier=0.0,
-                              max_grad_norm=0.2, expected_batch_size=6,
-                              loss_reduction=loss_reduction)
+        ref_opt = DPOptimizer(
+            torch.optim.SGD(ref.parameters(), lr=0.1),
+            noise_multiplier=0.0,
+            max_grad_norm=0.2,
+            expected_batch_size=6,
+            loss_reduction=loss_reduction,
+        )
         set_grad_samples(ref, xb, yb)
         ref_opt.step()
         for p, q in zip(model.parameters(), ref.parameters()):
@@ -230,9 +244,12 @@ def test_per_token_losses_with_ghost_module():
     x = torch.randn(b, t, 4, dtype=torch.float64)
     y = torch.randint(0, 5, (b, t))
     gsm = gsm_cls(model, max_grad_norm=1.0)
-    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(gsm.parameters(), lr=1.0),
-                                          noise_multiplier=0.0, max_grad_norm=0.1,
-                                          expected_batch_size=b)
+    opt = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(gsm.parameters(), lr=1.0),
+        noise_multiplier=0.0,
+        max_grad_norm=0.1,
+        expected_batch_size=b,
+    )
     crit = DPLossFastGradientClipping(gsm, opt, nn.CrossEntropyLoss())
     crit(gsm(x).reshape(b * t, 5), y.reshape(-1), shape=(b, t)).backward()
     opt.step()
@@ -264,8 +281,12 @@ def _fsdp_worker(rank, world_size, init_file):
             coefs = _oracle_coefs(model, x[shard], y[shard], 0.2)
             fully_shard(model, mesh=mesh)
             opt = FSDPOptimizerFastGradientClipping(
-                torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
-                max_grad_norm=0.2, expected_batch_size=4, loss_reduction=loss_reduction)
+                torch.optim.SGD(model.parameters(), lr=0.1),
+                noise_multiplier=0.0,
+                max_grad_norm=0.2,
+                expected_batch_size=4,
+                loss_reduction=loss_reduction,
+            )
             assert opt.world_size == world_size
             # what the ghost double backward produces on this rank: FSDP then averages it
             losses = F.cross_entropy(model(x[shard]), y[shard], reduction="none")
@@ -274,9 +295,13 @@ def _fsdp_worker(rank, world_size, init_file):
             opt.step()
             full = [p.full_tensor() for p in model.parameters()]
             ref = small_model()
-            ref_opt = DPOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1), noise_multiplier=0.0,
-                                  max_grad_norm=0.2, expected_batch_size=8,
-                                  loss_reduction=loss_reduction)
+            ref_opt = DPOptimizer(
+                torch.optim.SGD(ref.parameters(), lr=0.1),
+                noise_multiplier=0.0,
+                max_grad_norm=0.2,
+                expected_batch_size=8,
+                loss_reduction=loss_reduction,
+            )
             set_grad_samples(ref, x, y)
             ref_opt.step()
             for p, q in zip(full, ref.parameters()):
@@ -286,8 +311,12 @@ def _fsdp_worker(rank, world_size, init_file):
         big = nn.Linear(200, 100, bias=False)
         fully_shard(big, mesh=mesh)
         opt = FSDPOptimizerFastGradientClipping(
-            torch.optim.SGD(big.parameters(), lr=1.0), noise_multiplier=2.0, max_grad_norm=0.5,
-            expected_batch_size=4, generator=torch.Generator().manual_seed(rank))
+            torch.optim.SGD(big.parameters(), lr=1.0),
+            noise_multiplier=2.0,
+            max_grad_norm=0.5,
+            expected_batch_size=4,
+            generator=torch.Generator().manual_seed(rank),
+        )
         (big(torch.zeros(4, 200)) * 0).sum().backward()
         opt._record_clipped_backward()
         opt.pre_step()
@@ -315,16 +344,23 @@ def _ddp_fgc_worker(rank, world_size, init_file):
             kw = dict(noise_multiplier=1.0, max_grad_norm=0.2, loss_reduction=loss_reduction)
             model, ref = small_model(), small_model()
             opt = DistributedDPOptimizerFastGradientClipping(
-                torch.optim.SGD(model.parameters(), lr=0.1), expected_batch_size=4,
-                generator=torch.Generator().manual_seed(1), **kw)
-            for p, s in zip(model.parameters(),
-                            _oracle_clipped_sums(model, x[shard], y[shard], 0.2)):
+                torch.optim.SGD(model.parameters(), lr=0.1),
+                expected_batch_size=4,
+                generator=torch.Generator().manual_seed(1),
+                **kw
+            )
+            for p, s in zip(
+                model.parameters(), _oracle_clipped_sums(model, x[shard], y[shard], 0.2)
+            ):
                 p.grad = s.clone()
             opt._record_clipped_backward()  # stands in for the double backward
             opt.step()
-            ref_opt = DPOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1),
-                                  expected_batch_size=8,
-                                  generator=torch.Generator().manual_seed(1), **kw)
+            ref_opt = DPOptimizer(
+                torch.optim.SGD(ref.parameters(), lr=0.1),
+                expected_batch_size=8,
+                generator=torch.Generator().manual_seed(1),
+                **kw
+            )
             set_grad_samples(ref, x, y)
             ref_opt.step()
             for p, q in zip(model.parameters(), ref.parameters()):
@@ -340,9 +376,12 @@ def test_distributed_fgc_optimizer_two_processes():
 def test_fsdp_optimizer_without_process_group_is_the_plain_one():
     model, ref = small_model(), small_model()
     x, y = batch(6)
-    opt = FSDPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=0.1),
-                                            noise_multiplier=0.0, max_grad_norm=0.2,
-                                            expected_batch_size=6)
+    opt = FSDPOptimizerFastGradientClipping(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=0.2,
+        expected_batch_size=6,
+    )
     assert opt.world_size == 1
     for p, s in zip(model.parameters(), _oracle_clipped_sums(model, x, y, 0.2)):
         p.grad = s.clone()
@@ -415,18 +454,26 @@ def test_virtual_steps_with_ghost_module_equal_one_brute_force_step(loss_reducti
         crit(gsm(x[sl]), y[sl]).backward()
         opt.step()
         opt.zero_grad()
-    grads = dp_grads(ref, x, y, max_grad_norm=0.2,
-                     expected_batch_size=6 if loss_reduction == "mean" else None,
-                     loss_reduction=loss_reduction)
+    grads = dp_grads(
+        ref,
+        x,
+        y,
+        max_grad_norm=0.2,
+        expected_batch_size=6 if loss_reduction == "mean" else None,
+        loss_reduction=loss_reduction,
+    )
     for p, q, g in zip(gsm.parameters(), small_model().parameters(), grads):
         torch.testing.assert_close(p.detach(), q - 0.1 * g, atol=1e-10, rtol=1e-8)
 
 
 def test_fsdp_optimizer_refuses_plain_backward():
     model = small_model()
-    opt = FSDPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=0.1),
-                                            noise_multiplier=1.0, max_grad_norm=0.2,
-                                            expected_batch_size=6)
+    opt = FSDPOptimizerFastGradientClipping(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=0.2,
+        expected_batch_size=6,
+    )
     x, y = batch(6)
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match="DPLossFastGradientClipping"):

@@ -39,16 +39,27 @@ def _dp(model, inner="sgd", **kw):
 def test_noiseless_step_matches_brute_force(inner, loss_reduction, max_grad_norm):
     model = small_model()
     ref = copy.deepcopy(model)
-    dp = _dp(model, inner, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
-             expected_batch_size=10)
+    dp = _dp(
+        model,
+        inner,
+        max_grad_norm=max_grad_norm,
+        loss_reduction=loss_reduction,
+        expected_batch_size=10,
+    )
     ref_opt = INNER[inner](ref.parameters())
     for step in range(2):  # two steps: the inner optimizer's state (momentum, Adam) is shared
         x, y = batch(7, seed=step)
         set_grad_samples(model, x, y)
         dp.step()
         dp.zero_grad()
-        grads = dp_grads(ref, x, y, max_grad_norm=max_grad_norm, expected_batch_size=10,
-                         loss_reduction=loss_reduction)
+        grads = dp_grads(
+            ref,
+            x,
+            y,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=10,
+            loss_reduction=loss_reduction,
+        )
         step_with_grads(ref, ref_opt, grads)
         for p, q in zip(model.parameters(), ref.parameters()):
             torch.testing.assert_close(p, q, atol=1e-10, rtol=1e-8)
@@ -68,9 +79,7 @@ def test_clipping_bounds_each_sample_norm():
 
 @settings(max_examples=15, deadline=None)
 @given(
-    shapes=st.lists(
-        st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=4
-    ),
+    shapes=st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=4),
     b=st.integers(0, 6),
     c=st.floats(0.01, 10.0),
     seed=st.integers(0, 1000),
@@ -81,8 +90,9 @@ def test_clip_and_accumulate_property(shapes, b, c, seed):
     for p in ps:
         scale = torch.rand(b, *([1] * p.dim()), generator=g, dtype=torch.float64) * 5
         p.grad_sample = torch.randn(b, *p.shape, generator=g, dtype=torch.float64) * scale
-    dp = DPOptimizer(torch.optim.SGD(ps, lr=1.0), noise_multiplier=0.0, max_grad_norm=c,
-                     expected_batch_size=3)
+    dp = DPOptimizer(
+        torch.optim.SGD(ps, lr=1.0), noise_multiplier=0.0, max_grad_norm=c, expected_batch_size=3
+    )
     dp.clip_and_accumulate()
     expected = clipped_sum_flat([p.grad_sample for p in ps], c)
     for p, e in zip(ps, expected):
@@ -97,15 +107,20 @@ def test_noise_std_matches_sigma_c_over_b():
         p.grad_sample = torch.zeros(4, *p.shape)
     sigma, c, b = 1.3, 0.7, 16
     gen = torch.Generator().manual_seed(7)
-    dp = DPOptimizer(torch.optim.SGD(ps, lr=1.0), noise_multiplier=sigma, max_grad_norm=c,
-                     expected_batch_size=b, generator=gen)
+    dp = DPOptimizer(
+        torch.optim.SGD(ps, lr=1.0),
+        noise_multiplier=sigma,
+        max_grad_norm=c,
+        expected_batch_size=b,
+        generator=gen,
+    )
     assert dp.pre_step()
     expected_std = sigma * c / b
     for p in ps:
         g = p.grad.reshape(-1).double()
         n = g.numel()
         # chi-square: n * s^2 / std^2 ~ chi2(n); 5 sigma band of its normal approximation
-        chi2 = (g ** 2).sum() / expected_std ** 2
+        chi2 = (g**2).sum() / expected_std**2
         assert abs(chi2 - n) < 5 * math.sqrt(2 * n), (chi2, n)
         assert abs(g.mean()) < 5 * expected_std / math.sqrt(n)
     # independent across parameters
@@ -133,8 +148,13 @@ def test_virtual_steps_equal_one_logical_step(noise_multiplier):
     chunks = [(x[:2], y[:2]), (x[2:6], y[2:6]), (x[6:], y[6:])]
 
     model = small_model()
-    dp = _dp(model, "adam", noise_multiplier=noise_multiplier, expected_batch_size=9,
-             generator=torch.Generator().manual_seed(5))
+    dp = _dp(
+        model,
+        "adam",
+        noise_multiplier=noise_multiplier,
+        expected_batch_size=9,
+        generator=torch.Generator().manual_seed(5),
+    )
     hook_calls = []
     dp.attach_step_hook(lambda opt: hook_calls.append(opt))
     for k, (xc, yc) in enumerate(chunks):
@@ -149,8 +169,13 @@ def test_virtual_steps_equal_one_logical_step(noise_multiplier):
     assert hook_calls == [dp]
 
     union = small_model()
-    dp_union = _dp(union, "adam", noise_multiplier=noise_multiplier, expected_batch_size=9,
-                   generator=torch.Generator().manual_seed(5))
+    dp_union = _dp(
+        union,
+        "adam",
+        noise_multiplier=noise_multiplier,
+        expected_batch_size=9,
+        generator=torch.Generator().manual_seed(5),
+    )
     set_grad_samples(union, x, y)
     dp_union.step()
     for p, q in zip(model.parameters(), union.parameters()):
@@ -175,9 +200,12 @@ def test_zero_grad_keeps_summed_grad_only_after_skip():
 def test_empty_batch(noise_multiplier):
     model = small_model()
     before = [p.detach().clone() for p in model.parameters()]
-    dp = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
-                     noise_multiplier=noise_multiplier, max_grad_norm=1.0,
-                     expected_batch_size=4)
+    dp = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=1.0,
+        expected_batch_size=4,
+    )
     for p in model.parameters():
         p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype)
     assert dp.pre_step()
@@ -240,8 +268,14 @@ def test_state_dict_round_trip():
 def test_secure_mode_std_and_unpredictability():
     ps = [nn.Parameter(torch.zeros(40000))]
     ps[0].grad_sample = torch.zeros(2, 40000)
-    dp = DPOptimizer(torch.optim.SGD(ps, lr=1.0), noise_multiplier=2.0, max_grad_norm=0.5,
-                     expected_batch_size=1, loss_reduction="mean", secure_mode=True)
+    dp = DPOptimizer(
+        torch.optim.SGD(ps, lr=1.0),
+        noise_multiplier=2.0,
+        max_grad_norm=0.5,
+        expected_batch_size=1,
+        loss_reduction="mean",
+        secure_mode=True,
+    )
     dp.pre_step()
     first = ps[0].grad.clone()
     std = first.std().item()
@@ -251,8 +285,14 @@ def test_secure_mode_std_and_unpredictability():
     dp.pre_step()
     assert not torch.equal(first, ps[0].grad)
     with pytest.raises(ValueError, match="secure_mode"):
-        DPOptimizer(torch.optim.SGD(ps, lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
-                    expected_batch_size=1, secure_mode=True, generator=torch.Generator())
+        DPOptimizer(
+            torch.optim.SGD(ps, lr=1.0),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=1,
+            secure_mode=True,
+            generator=torch.Generator(),
+        )
 
 
 def test_step_with_closure_returns_loss():
@@ -309,11 +349,17 @@ def test_errors():
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="expected_batch_size"):
         DPOptimizer(sgd, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=None)
-    DPOptimizer(sgd, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=None,
-                loss_reduction="sum")
+    DPOptimizer(
+        sgd, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=None, loss_reduction="sum"
+    )
     with pytest.raises(ValueError, match="loss_reduction"):
-        DPOptimizer(sgd, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=2,
-                    loss_reduction="avg")
+        DPOptimizer(
+            sgd,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=2,
+            loss_reduction="avg",
+        )
     with pytest.raises(ValueError, match="noise_multiplier"):
         DPOptimizer(sgd, noise_multiplier=-1.0, max_grad_norm=1.0, expected_batch_size=2)
     with pytest.raises(TypeError, match="DPPerLayerOptimizer"):
@@ -345,20 +391,29 @@ def _ddp_flat_worker(rank, world_size, init_file):
         shard = slice(rank * 4, rank * 4 + 4)
         for loss_reduction in ("mean", "sum"):
             for noise_multiplier in (0.0, 1.0):
-                kw = dict(noise_multiplier=noise_multiplier, max_grad_norm=0.5,
-                          loss_reduction=loss_reduction)
+                kw = dict(
+                    noise_multiplier=noise_multiplier,
+                    max_grad_norm=0.5,
+                    loss_reduction=loss_reduction,
+                )
                 model = small_model()
                 opt = DistributedDPOptimizer(
-                    torch.optim.SGD(model.parameters(), lr=0.1), expected_batch_size=4,
-                    generator=torch.Generator().manual_seed(11), **kw)
+                    torch.optim.SGD(model.parameters(), lr=0.1),
+                    expected_batch_size=4,
+                    generator=torch.Generator().manual_seed(11),
+                    **kw
+                )
                 assert (opt.rank, opt.world_size) == (rank, world_size)
                 set_grad_samples(model, x[shard], y[shard])
                 opt.step()
                 # one process, the whole batch, the same noise draw: must agree
                 ref = small_model()
                 ref_opt = DPOptimizer(
-                    torch.optim.SGD(ref.parameters(), lr=0.1), expected_batch_size=8,
-                    generator=torch.Generator().manual_seed(11), **kw)
+                    torch.optim.SGD(ref.parameters(), lr=0.1),
+                    expected_batch_size=8,
+                    generator=torch.Generator().manual_seed(11),
+                    **kw
+                )
                 set_grad_samples(ref, x, y)
                 ref_opt.step()
                 for p, q in zip(model.parameters(), ref.parameters()):
@@ -378,8 +433,12 @@ def test_distributed_optimizer_needs_process_group():
 
     model = small_model()
     with pytest.raises(RuntimeError, match="init_process_group"):
-        DistributedDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
-                               max_grad_norm=1.0, expected_batch_size=2)
+        DistributedDPOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=2,
+        )
 
 
 @pytest.mark.parametrize(
@@ -407,8 +466,12 @@ def test_get_optimizer_class(clipping, distributed, mode, expected):
 
 @pytest.mark.parametrize(
     "clipping, distributed, mode",
-    [("per_layer", False, "ghost"), ("adaptive", False, "ghost"), ("adaptive", True, "hooks"),
-     ("fancy", False, "hooks")],
+    [
+        ("per_layer", False, "ghost"),
+        ("adaptive", False, "ghost"),
+        ("adaptive", True, "hooks"),
+        ("fancy", False, "hooks"),
+    ],
 )
 def test_get_optimizer_class_errors(clipping, distributed, mode):
     from opacus.optimizers import get_optimizer_class

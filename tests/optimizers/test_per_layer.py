@@ -34,19 +34,32 @@ def test_noiseless_step_matches_brute_force(inner, loss_reduction):
     }[inner]
     model = small_model()
     ref = copy.deepcopy(model)
-    dp = DPPerLayerOptimizer(make(model.parameters()), noise_multiplier=0.0,
-                             max_grad_norm=NORMS, expected_batch_size=6,
-                             loss_reduction=loss_reduction)
+    dp = DPPerLayerOptimizer(
+        make(model.parameters()),
+        noise_multiplier=0.0,
+        max_grad_norm=NORMS,
+        expected_batch_size=6,
+        loss_reduction=loss_reduction,
+    )
     ref_opt = make(ref.parameters())
     for step in range(2):
         x, y = batch(6, seed=step)
         set_grad_samples(model, x, y)
         dp.step()
         dp.zero_grad()
-        step_with_grads(ref, ref_opt, dp_grads(ref, x, y, max_grad_norm=NORMS,
-                                               expected_batch_size=6,
-                                               loss_reduction=loss_reduction,
-                                               per_layer=True))
+        step_with_grads(
+            ref,
+            ref_opt,
+            dp_grads(
+                ref,
+                x,
+                y,
+                max_grad_norm=NORMS,
+                expected_batch_size=6,
+                loss_reduction=loss_reduction,
+                per_layer=True,
+            ),
+        )
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-10, rtol=1e-8)
 
@@ -55,10 +68,15 @@ def test_per_layer_differs_from_flat():
     # guards against the per-layer optimizer silently clipping the whole vector
     model = small_model()
     x, y = batch(6)
-    flat = dp_grads(model, x, y, max_grad_norm=math.sqrt(sum(c * c for c in NORMS)),
-                    expected_batch_size=6)
-    dp = DPPerLayerOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
-                             max_grad_norm=NORMS, expected_batch_size=6)
+    flat = dp_grads(
+        model, x, y, max_grad_norm=math.sqrt(sum(c * c for c in NORMS)), expected_batch_size=6
+    )
+    dp = DPPerLayerOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=NORMS,
+        expected_batch_size=6,
+    )
     set_grad_samples(model, x, y)
     dp.pre_step()
     assert any(not torch.allclose(p.grad, f) for p, f in zip(dp.params, flat))
@@ -68,9 +86,13 @@ def test_noise_uses_l2_norm_of_bounds():
     ps = [nn.Parameter(torch.zeros(30000)), nn.Parameter(torch.zeros(30000))]
     for p in ps:
         p.grad_sample = torch.zeros(3, 30000)
-    dp = DPPerLayerOptimizer(torch.optim.SGD(ps, lr=1.0), noise_multiplier=2.0,
-                             max_grad_norm=[0.3, 0.4], expected_batch_size=1,
-                             generator=torch.Generator().manual_seed(0))
+    dp = DPPerLayerOptimizer(
+        torch.optim.SGD(ps, lr=1.0),
+        noise_multiplier=2.0,
+        max_grad_norm=[0.3, 0.4],
+        expected_batch_size=1,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert dp.max_grad_norm == pytest.approx(0.5)
     dp.pre_step()
     for p in ps:
@@ -79,8 +101,12 @@ def test_noise_uses_l2_norm_of_bounds():
 
 def test_setting_total_bound_rescales_every_layer():
     model = small_model()
-    dp = DPPerLayerOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
-                             max_grad_norm=NORMS, expected_batch_size=6)
+    dp = DPPerLayerOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=NORMS,
+        expected_batch_size=6,
+    )
     total = dp.max_grad_norm
     dp.max_grad_norm = 2 * total
     assert dp.max_grad_norms == pytest.approx([2 * c for c in NORMS])
@@ -91,11 +117,19 @@ def test_setting_total_bound_rescales_every_layer():
 
 def test_state_dict_round_trip():
     model = small_model()
-    dp = DPPerLayerOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
-                             max_grad_norm=NORMS, expected_batch_size=6)
+    dp = DPPerLayerOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=NORMS,
+        expected_batch_size=6,
+    )
     dp.max_grad_norm = 3.0
-    dp2 = DPPerLayerOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
-                              max_grad_norm=[1.0] * 4, expected_batch_size=6)
+    dp2 = DPPerLayerOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=[1.0] * 4,
+        expected_batch_size=6,
+    )
     dp2.load_state_dict(dp.state_dict())
     assert dp2.max_grad_norms == pytest.approx(dp.max_grad_norms)
     assert dp2.max_grad_norm == pytest.approx(3.0)
@@ -105,13 +139,15 @@ def test_errors():
     model = small_model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="4 trainable parameters"):
-        DPPerLayerOptimizer(sgd, noise_multiplier=1.0, max_grad_norm=[1.0, 2.0],
-                            expected_batch_size=2)
+        DPPerLayerOptimizer(
+            sgd, noise_multiplier=1.0, max_grad_norm=[1.0, 2.0], expected_batch_size=2
+        )
     with pytest.raises(TypeError, match="list"):
         DPPerLayerOptimizer(sgd, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=2)
     with pytest.raises(ValueError, match="> 0"):
-        DPPerLayerOptimizer(sgd, noise_multiplier=1.0, max_grad_norm=[1.0, 0.0, 1.0, 1.0],
-                            expected_batch_size=2)
+        DPPerLayerOptimizer(
+            sgd, noise_multiplier=1.0, max_grad_norm=[1.0, 0.0, 1.0, 1.0], expected_batch_size=2
+        )
 
 
 def _ddp_per_layer_worker(rank, world_size, init_file):
@@ -126,25 +162,35 @@ def _ddp_per_layer_worker(rank, world_size, init_file):
         shard = slice(rank * 4, rank * 4 + 4)
         for loss_reduction in ("mean", "sum"):
             for noise_multiplier in (0.0, 1.0):
-                kw = dict(noise_multiplier=noise_multiplier, max_grad_norm=NORMS,
-                          loss_reduction=loss_reduction)
+                kw = dict(
+                    noise_multiplier=noise_multiplier,
+                    max_grad_norm=NORMS,
+                    loss_reduction=loss_reduction,
+                )
                 ref = small_model()
-                ref_opt = Single(torch.optim.SGD(ref.parameters(), lr=0.1),
-                                 expected_batch_size=8,
-                                 generator=torch.Generator().manual_seed(3), **kw)
+                ref_opt = Single(
+                    torch.optim.SGD(ref.parameters(), lr=0.1),
+                    expected_batch_size=8,
+                    generator=torch.Generator().manual_seed(3),
+                    **kw,
+                )
                 set_grad_samples(ref, x, y)
                 ref_opt.step()
 
                 # clipping at step + explicit all-reduce
                 model = small_model()
                 opt = SimpleDistributedPerLayerOptimizer(
-                    torch.optim.SGD(model.parameters(), lr=0.1), expected_batch_size=4,
-                    generator=torch.Generator().manual_seed(3), **kw)
+                    torch.optim.SGD(model.parameters(), lr=0.1),
+                    expected_batch_size=4,
+                    generator=torch.Generator().manual_seed(3),
+                    **kw,
+                )
                 set_grad_samples(model, x[shard], y[shard])
                 opt.step()
                 for p, q in zip(model.parameters(), ref.parameters()):
-                    torch.testing.assert_close(p, q, atol=1e-10, rtol=1e-8,
-                                               msg=f"{loss_reduction} {noise_multiplier}")
+                    torch.testing.assert_close(
+                        p, q, atol=1e-10, rtol=1e-8, msg=f"{loss_reduction} {noise_multiplier}"
+                    )
 
                 if noise_multiplier > 0:
                     continue  # the hooks draw noise in backward order: checked statistically
@@ -153,8 +199,11 @@ def _ddp_per_layer_worker(rank, world_size, init_file):
                 model = small_model()
                 ddp = DDP(model)
                 opt = DistributedPerLayerOptimizer(
-                    torch.optim.SGD(model.parameters(), lr=0.1), expected_batch_size=4,
-                    generator=torch.Generator().manual_seed(3), **kw)
+                    torch.optim.SGD(model.parameters(), lr=0.1),
+                    expected_batch_size=4,
+                    generator=torch.Generator().manual_seed(3),
+                    **kw,
+                )
                 calls = []
                 opt.attach_step_hook(calls.append)
                 halves = [slice(rank * 4, rank * 4 + 1), slice(rank * 4 + 1, rank * 4 + 4)]
@@ -174,9 +223,12 @@ def _ddp_per_layer_worker(rank, world_size, init_file):
         torch.manual_seed(rank + 100)
         big = nn.Linear(200, 100, bias=False)
         ddp = DDP(big)
-        opt = DistributedPerLayerOptimizer(torch.optim.SGD(big.parameters(), lr=1.0),
-                                           noise_multiplier=2.0, max_grad_norm=[0.5],
-                                           expected_batch_size=4)
+        opt = DistributedPerLayerOptimizer(
+            torch.optim.SGD(big.parameters(), lr=1.0),
+            noise_multiplier=2.0,
+            max_grad_norm=[0.5],
+            expected_batch_size=4,
+        )
         big.weight.grad_sample = torch.zeros(4, 100, 200)
         ddp(torch.zeros(4, 200)).sum().backward()
         std = big.weight.grad.std().item()

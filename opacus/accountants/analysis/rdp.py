@@ -111,11 +111,7 @@ def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
         )
         j = a - i
         second = (
-            log_binom
-            + j * log_q
-            + i * log_1mq
-            + (j * j - j) / two_var
-            + log_ndtr((j - z0) / sigma)
+            log_binom + j * log_q + i * log_1mq + (j * j - j) / two_var + log_ndtr((j - z0) / sigma)
         )
         terms = np.concatenate([first, second], axis=1)
         signs = np.concatenate([sign, sign], axis=1)

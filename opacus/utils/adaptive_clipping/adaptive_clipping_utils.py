@@ -106,9 +106,7 @@ def noisy_unclipped_fraction(
     never the actual (private) one.  ``generator``: a CPU generator or ``None``.
     """
     centred = torch.tensor(centred_unclipped_sum(norms, clip_bound), dtype=torch.float64)
-    noise = gaussian_noise(
-        unclipped_num_std, centred, generator=generator, secure_mode=secure_mode
-    )
+    noise = gaussian_noise(unclipped_num_std, centred, generator=generator, secure_mode=secure_mode)
     return unclipped_fraction(float(centred + noise), expected_batch_size)
 
 
@@ -129,7 +127,10 @@ def updated_clip_bound(
 
 
 def _validate_knobs(
-    target_unclipped_quantile, min_clipbound, max_clipbound, clipbound_learning_rate,
+    target_unclipped_quantile,
+    min_clipbound,
+    max_clipbound,
+    clipbound_learning_rate,
     initial_noise_multiplier,
 ) -> None:
     if not 0 <= target_unclipped_quantile <= 1:
@@ -144,9 +145,7 @@ def _validate_knobs(
     if clipbound_learning_rate < 0:
         raise ValueError(f"clipbound_learning_rate must be >= 0, got {clipbound_learning_rate}")
     if initial_noise_multiplier < 0:
-        raise ValueError(
-            f"initial_noise_multiplier must be >= 0, got {initial_noise_multiplier}"
-        )
+        raise ValueError(f"initial_noise_multiplier must be >= 0, got {initial_noise_multiplier}")
 
 
 class DPOptimizerFastGradientAdaptiveClipping(DPOptimizerFastGradientClipping):
@@ -188,13 +187,21 @@ def _check_adaptive_optimizer(optimizer) -> None:
 
 
 def _set_adaptive_knobs(
-    owner, optimizer, target_unclipped_quantile, min_clipbound, max_clipbound,
-    clipbound_learning_rate, initial_noise_multiplier,
+    owner,
+    optimizer,
+    target_unclipped_quantile,
+    min_clipbound,
+    max_clipbound,
+    clipbound_learning_rate,
+    initial_noise_multiplier,
 ) -> None:
     """Validate the clip-bound update's knobs and the optimizer; store the knobs on ``owner``
     (the adaptive loss wrapper, or the per-batch loss tensor it hands them to)."""
     _validate_knobs(
-        target_unclipped_quantile, min_clipbound, max_clipbound, clipbound_learning_rate,
+        target_unclipped_quantile,
+        min_clipbound,
+        max_clipbound,
+        clipbound_learning_rate,
         initial_noise_multiplier,
     )
     _check_adaptive_optimizer(optimizer)
@@ -234,8 +241,13 @@ class DPTensorFastGradientAdaptiveClipping(DPTensorFastGradientClipping):
     ):
         super().__init__(module, optimizer, loss_per_sample, loss_reduction)
         _set_adaptive_knobs(
-            self, optimizer, target_unclipped_quantile, min_clipbound, max_clipbound,
-            clipbound_learning_rate, initial_noise_multiplier,
+            self,
+            optimizer,
+            target_unclipped_quantile,
+            min_clipbound,
+            max_clipbound,
+            clipbound_learning_rate,
+            initial_noise_multiplier,
         )
         self.unclipped_num_std = unclipped_num_std_for(initial_noise_multiplier)
 
@@ -327,8 +339,13 @@ class DPLossFastGradientAdaptiveClipping(DPLossFastGradientClipping):
     ):
         super().__init__(module, optimizer, criterion, loss_reduction)
         _set_adaptive_knobs(
-            self, optimizer, target_unclipped_quantile, min_clipbound, max_clipbound,
-            clipbound_learning_rate, initial_noise_multiplier,
+            self,
+            optimizer,
+            target_unclipped_quantile,
+            min_clipbound,
+            max_clipbound,
+            clipbound_learning_rate,
+            initial_noise_multiplier,
         )
 
     def __call__(
@@ -390,7 +407,10 @@ class PrivacyEngineAdaptiveClipping(PrivacyEngine):
                 "unclipped counts would have to be summed across ranks); use PrivacyEngine"
             )
         _validate_knobs(
-            target_unclipped_quantile, min_clipbound, max_clipbound, clipbound_learning_rate,
+            target_unclipped_quantile,
+            min_clipbound,
+            max_clipbound,
+            clipbound_learning_rate,
             noise_multiplier,
         )
         module, optimizer, dp_criterion, data_loader = super().make_private(

@@ -20,8 +20,34 @@ __all__ = ["Domain", "compute_safe_domain_size", "compute_safe_domain_bounds"]
 
 # Orders / exponents over which the Chernoff tail bounds are optimised.
 _TAIL_ORDERS = np.array(
-    [1.25, 1.5, 1.75, 2, 2.5, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256,
-     384, 512, 768, 1024],
+    [
+        1.25,
+        1.5,
+        1.75,
+        2,
+        2.5,
+        3,
+        4,
+        5,
+        6,
+        8,
+        10,
+        12,
+        16,
+        20,
+        24,
+        32,
+        48,
+        64,
+        96,
+        128,
+        192,
+        256,
+        384,
+        512,
+        768,
+        1024,
+    ],
     dtype=np.float64,
 )
 _TAIL_LAMBDAS = np.concatenate([[0.25, 0.5, 0.75], _TAIL_ORDERS[4:] - 1.0])
@@ -165,7 +191,5 @@ def compute_safe_domain_size(
     prvs, max_self_compositions: Sequence[int], eps_error: float, delta_error: float
 ) -> float:
     """Half-width L such that [-L, L] is a safe window (see :func:`compute_safe_domain_bounds`)."""
-    t_min, t_max = compute_safe_domain_bounds(
-        prvs, max_self_compositions, eps_error, delta_error
-    )
+    t_min, t_max = compute_safe_domain_bounds(prvs, max_self_compositions, eps_error, delta_error)
     return max(-t_min, t_max)

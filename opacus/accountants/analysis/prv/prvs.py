@@ -182,8 +182,11 @@ class PoissonSubsampledGaussianPRV:
         lo, hi = max(lo, -40.0 * s), min(hi, 1.0 + 40.0 * s)
         if hi <= lo:
             return 0.0
-        breaks = [lo] + [b for b in (-8 * s, -2 * s, 0.0, 0.5, 1.0, 1 + 2 * s, 1 + 8 * s)
-                         if lo < b < hi] + [hi]
+        breaks = (
+            [lo]
+            + [b for b in (-8 * s, -2 * s, 0.0, 0.5, 1.0, 1 + 2 * s, 1 + 8 * s) if lo < b < hi]
+            + [hi]
+        )
 
         q = self.sample_rate
         log_1mq = math.log1p(-q) if q < 1 else -math.inf
