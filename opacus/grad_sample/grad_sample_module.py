@@ -11,6 +11,7 @@ promoted into ``p.grad_sample``, which also accumulates over several backward pa
 import functools
 import logging
 import warnings
+import weakref
 from functools import partial
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -24,6 +25,7 @@ from opacus.grad_sample.functorch import (
     prepare_layer,
 )
 from opacus.grad_sample.gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule
+from opacus.grad_sample.linear import compute_linear_grad_sample
 from opacus.grad_sample.registry import SUMS_OVER_SEQUENCE_ATTR
 from opacus.grad_sample.safety_checks import (
     SKIP_BATCH_MIXING_CHECK_ATTR,
@@ -121,6 +123,59 @@ def promote_current_grad_sample(p: nn.Parameter) -> None:
             "zero_grad() between them."
         )
     p.grad_sample = existing + current
+
+
+# Read by the optimizer (opacus.optimizers.optimizer.cached_grad_sample_norms): see there.
+GRAD_SAMPLE_NORMS_ATTR = "_grad_sample_norms"
+_EXACT_NORM_DTYPES = (torch.float32, torch.float64)
+
+
+def _bookkept_linear_norms(
+    module: nn.Module,
+    sampler,
+    activations: List,
+    backprops: torch.Tensor,
+    max_batch_len: int,
+) -> Optional[Dict[nn.Parameter, tuple]]:
+    """Exact per-sample norms (and factors) of a 2-D-input ``nn.Linear``'s per-sample gradients.
+
+    Book-keeping (Bu et al. 2023, "Differentially private optimization on large model at small
+    cost"): with one position per sample the weight gradient is the outer product ``b_i a_i^T``,
+    whose Frobenius norm is ``||a_i|| ||b_i||``, and the clipped sum ``sum_i f_i b_i a_i^T`` is
+    the matmul ``(f * B)^T A``; the bias gradient is ``b_i``.  Both come from the small
+    activations/backprops and spare the optimizer two passes over the ``(B, out, in)`` gradient.
+    Sequences (``T > 1``) are skipped: their norm needs ``T x T`` Gram matrices; half precision
+    is skipped because the stored gradient is rounded after the product.
+
+    Returns ``{param: (norms (B,), (a, b) with grad_sample[i] == outer(b[i], a[i]) or
+    None)}``, or None where the layer does not qualify.
+    """
+    if sampler is not compute_linear_grad_sample or len(activations) != 1:
+        return None
+    a = activations[0]
+    params = [p for p in (module.weight, module.bias) if p is not None and p.requires_grad]
+    if (
+        a.dim() != 2
+        or backprops.dim() != 2
+        or a.shape[0] != max_batch_len
+        or backprops.shape[0] != max_batch_len
+        or any(
+            t.dtype != p.dtype or p.dtype not in _EXACT_NORM_DTYPES
+            for p in params
+            for t in (a, backprops)
+        )
+    ):
+        return None
+    b = backprops
+    # float32 or float64, the dtype the optimizer would compute these norms in.
+    norm_b = torch.linalg.vector_norm(b, dim=1)
+    norms = {}
+    if module.weight.requires_grad:
+        norm_a = torch.linalg.vector_norm(a, dim=1)
+        norms[module.weight] = (norm_a * norm_b, (a, b))
+    if module.bias is not None and module.bias.requires_grad:
+        norms[module.bias] = (norm_b, None)
+    return norms
 
 
 def _concat_calls(
@@ -230,6 +285,8 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._samplers: Dict[nn.Module, Optional[Callable]] = {}
         self._module_names: Dict[nn.Module, str] = {}
         self._pending: Dict[int, nn.Parameter] = {}
+        # Exact per-sample norms of params whose only contribution this pass came with them.
+        self._pending_norms: Dict[int, tuple] = {}
         # Repeated calls of a layer whose sampler sums over the sequence dim (RNN time steps):
         # (activations, backprops, max_batch_len) per call, contracted once per backward.
         self._deferred: Dict[nn.Module, List[tuple]] = {}
@@ -351,6 +408,8 @@ class GradSampleHooks(AbstractGradSampleHooks):
         for p in self._module.parameters():
             if hasattr(p, "_current_grad_sample"):
                 del p._current_grad_sample
+            if hasattr(p, GRAD_SAMPLE_NORMS_ATTR):
+                delattr(p, GRAD_SAMPLE_NORMS_ATTR)
         self._reset_state()
         self.hooks_enabled = False
 
@@ -538,6 +597,8 @@ class GradSampleHooks(AbstractGradSampleHooks):
             out_numel = backprops.shape[0] * sum(p.numel() for p in params if p.requires_grad)
             if only_call and out_numel < backprops.numel():
                 grad_samples = self._per_sample_grads(module, activations, backprops)
+                # (Never a 2-D-input Linear, whose gradient outgrows its backprops: no
+                # book-keeping here.)
                 self._accumulate({p: g * scale for p, g in grad_samples.items()}, max_batch_len)
                 return
             backprops = backprops * scale
@@ -551,7 +612,10 @@ class GradSampleHooks(AbstractGradSampleHooks):
             self._deferred.setdefault(module, []).append((activations, backprops, max_batch_len))
             return
         grad_samples = self._per_sample_grads(module, activations, backprops)
-        self._accumulate(grad_samples, max_batch_len)
+        norms = None
+        if only_call:
+            norms = _bookkept_linear_norms(module, sampler, activations, backprops, max_batch_len)
+        self._accumulate(grad_samples, max_batch_len, norms)
 
     def _flush_deferred(self) -> None:
         deferred, self._deferred = self._deferred, {}
@@ -564,10 +628,21 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 self._per_sample_grads(module, [activations], backprops), max_batch_len
             )
 
-    def _accumulate(self, grad_samples: Dict[nn.Parameter, torch.Tensor], max_batch_len: int):
+    def _accumulate(
+        self,
+        grad_samples: Dict[nn.Parameter, torch.Tensor],
+        max_batch_len: int,
+        norms: Optional[Dict[nn.Parameter, tuple]] = None,
+    ):
         for p, gs in grad_samples.items():
+            first = getattr(p, "_current_grad_sample", None) is None
             create_or_accumulate_grad_sample(param=p, grad_sample=gs, max_batch_len=max_batch_len)
             self._pending[id(p)] = p
+            # A second contribution (shared parameter) makes any norm computed so far stale.
+            if first and norms is not None and p in norms:
+                self._pending_norms[id(p)] = norms[p]
+            else:
+                self._pending_norms.pop(id(p), None)
 
     # ------------------------------------------------------- end of a backward
     def _queue_finish(self) -> None:
@@ -579,6 +654,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
 
     def _drop_pending(self) -> None:
         self._deferred = {}
+        self._pending_norms = {}
         for p in self._pending.values():
             if hasattr(p, "_current_grad_sample"):
                 del p._current_grad_sample
@@ -603,11 +679,20 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 "optimizer.step() and optimizer.zero_grad() after each backward pass, or use "
                 "opacus.utils.batch_memory_manager.BatchMemoryManager for large batches."
             )
+        pending_norms, self._pending_norms = self._pending_norms, {}
         self._pending = {}
         self._consumed_this_pass = set()
         self._finish_queued = False
         for p in pending:
+            fresh = getattr(p, "grad_sample", None) is None
             promote_current_grad_sample(p)
+            norms = pending_norms.get(id(p))
+            if fresh and norms is not None:
+                gs = p.grad_sample
+                setattr(p, GRAD_SAMPLE_NORMS_ATTR, (weakref.ref(gs), gs._version, *norms))
+            elif hasattr(p, GRAD_SAMPLE_NORMS_ATTR):
+                # Accumulated over backward passes: the optimizer must read the sum.
+                delattr(p, GRAD_SAMPLE_NORMS_ATTR)
 
 
 class GradSampleModule(GradSampleHooks, AbstractGradSampleModule):

@@ -9,7 +9,7 @@ differential privacy", Algorithm 1); the ``1e-6`` keeps the factor finite for a 
 makes a clipped gradient's norm strictly below ``C``.
 """
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -47,14 +47,47 @@ def check_batch_sizes(grad_samples: Sequence[torch.Tensor]) -> int:
     return sizes.pop() if sizes else 0
 
 
-def per_sample_norms(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
+# ``bookkeeping[k]``: None, or ``(norms, factors)`` computed by the hooks for exactly
+# ``grad_samples[k]``: its ``(batch,)`` per-sample norms and, if not None, ``(a, b)`` with
+# ``grad_samples[k][i] == outer(b[i], a[i])`` (Bu et al. 2023, book-keeping).  Both spare a pass
+# over the per-sample gradient; they must be exact, or the clipping bound does not hold.
+Bookkeeping = Optional[Sequence[Optional[tuple]]]
+
+
+def _entries(grad_samples: Sequence[torch.Tensor], bookkeeping: Bookkeeping) -> List:
+    if bookkeeping is None:
+        return [None] * len(grad_samples)
+    if len(bookkeeping) != len(grad_samples):
+        raise ValueError(
+            f"got {len(bookkeeping)} book-keeping entries for {len(grad_samples)} per-sample "
+            "gradients: pass one (or None) per parameter"
+        )
+    return list(bookkeeping)
+
+
+def _param_norms(grad_samples: Sequence[torch.Tensor], entries: List) -> List[torch.Tensor]:
+    return [per_sample_param_norms(g) if e is None else e[0] for g, e in zip(grad_samples, entries)]
+
+
+def _clipped_sum(factors: torch.Tensor, grad_sample: torch.Tensor, entry) -> torch.Tensor:
+    if entry is None or entry[1] is None:
+        return weighted_sum(factors, grad_sample)
+    a, b = entry[1]
+    # sum_i f_i b_i a_i^T = (f * B)^T A: one (out, B) @ (B, in) matmul.
+    f = factors.to(device=b.device, dtype=b.dtype)
+    return (b * f[:, None]).t().mm(a).reshape(grad_sample.shape[1:])
+
+
+def per_sample_norms(
+    grad_samples: Sequence[torch.Tensor], bookkeeping: Bookkeeping = None
+) -> torch.Tensor:
     """``(batch,)`` norms of the whole per-sample gradient (all parameters flattened together).
 
     Computed as the L2 norm of the per-parameter norms, stacked: ``||g|| = ||(||g_1||, ...)||``.
+    ``bookkeeping``: optional exact per-parameter norms from the hooks (see ``Bookkeeping``).
     """
     check_batch_sizes(grad_samples)
-    norms = [per_sample_param_norms(g) for g in grad_samples]
-    return stack_norms(norms)
+    return stack_norms(_param_norms(grad_samples, _entries(grad_samples, bookkeeping)))
 
 
 def stack_norms(norms: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -81,21 +114,31 @@ def weighted_sum(factors: torch.Tensor, grad_sample: torch.Tensor) -> torch.Tens
 
 
 def flat_clipped_sums(
-    grad_samples: Sequence[torch.Tensor], max_grad_norm: float
+    grad_samples: Sequence[torch.Tensor],
+    max_grad_norm: float,
+    bookkeeping: Bookkeeping = None,
 ) -> List[torch.Tensor]:
-    """Clip each sample's whole gradient to ``max_grad_norm``; sum over the batch, per param."""
-    factors = clip_factors(per_sample_norms(grad_samples), max_grad_norm)
-    return [weighted_sum(factors, g) for g in grad_samples]
+    """Clip each sample's whole gradient to ``max_grad_norm``; sum over the batch, per param.
+
+    ``bookkeeping``: optional exact norms / factors from the hooks (see ``Bookkeeping``).
+    """
+    check_batch_sizes(grad_samples)
+    entries = _entries(grad_samples, bookkeeping)
+    factors = clip_factors(stack_norms(_param_norms(grad_samples, entries)), max_grad_norm)
+    return [_clipped_sum(factors, g, e) for g, e in zip(grad_samples, entries)]
 
 
 def per_layer_clipped_sums(
-    grad_samples: Sequence[torch.Tensor], max_grad_norms: Sequence[float]
+    grad_samples: Sequence[torch.Tensor],
+    max_grad_norms: Sequence[float],
+    bookkeeping: Bookkeeping = None,
 ) -> List[torch.Tensor]:
     """Clip each sample's gradient of parameter ``k`` to ``max_grad_norms[k]``; sum per param.
 
     The concatenated clipped gradient then has norm at most ``||max_grad_norms||_2``: that is the
     sensitivity the noise must cover (McMahan et al. 2018, "A general approach to adding
     differential privacy to iterative training procedures", per-layer clipping).
+    ``bookkeeping``: optional exact norms / factors from the hooks (see ``Bookkeeping``).
     """
     if len(grad_samples) != len(max_grad_norms):
         raise ValueError(
@@ -103,9 +146,11 @@ def per_layer_clipped_sums(
             f"{len(grad_samples)} trainable parameters: pass one value per parameter"
         )
     check_batch_sizes(grad_samples)
+    entries = _entries(grad_samples, bookkeeping)
+    norms = _param_norms(grad_samples, entries)
     return [
-        weighted_sum(clip_factors(per_sample_param_norms(g), c), g)
-        for g, c in zip(grad_samples, max_grad_norms)
+        _clipped_sum(clip_factors(n, c), g, e)
+        for g, n, c, e in zip(grad_samples, norms, max_grad_norms, entries)
     ]
 
 

@@ -17,6 +17,42 @@ from opacus.optimizers import clipping
 from opacus.optimizers.noise import gaussian_noise
 from opacus.optimizers.utils import params
 
+# Set by the hooks (opacus.grad_sample.grad_sample_module) for parameters whose per-sample norms
+# they could compute exactly and cheaply (book-keeping, Bu et al. 2023): ``(weakref to the
+# grad_sample tensor, its _version then, norms of shape (batch,), factors)`` where
+# ``factors`` is None or ``(a, b)`` with ``grad_sample[i] == outer(b[i], a[i])``.  A weak reference,
+# so the cache neither keeps a dropped grad_sample alive nor blocks the reuse of its buffer.
+GRAD_SAMPLE_NORMS_ATTR = "_grad_sample_norms"
+
+
+def cached_grad_sample_norms(p: torch.Tensor, grad_sample: torch.Tensor) -> Optional[tuple]:
+    """``(norms, factors)`` cached for ``p``, only if they describe ``grad_sample`` as it is now.
+
+    Any change since the hooks computed them invalidates the cache: another tensor in
+    ``p.grad_sample`` (accumulation, a user assignment, a list of chunks) or an in-place write
+    (the version counter moved). A stale norm would under-clip, i.e. break the privacy guarantee.
+    """
+    cache = getattr(p, GRAD_SAMPLE_NORMS_ATTR, None)
+    if cache is None:
+        return None
+    ref, version, norms, factors = cache
+    current = getattr(p, "grad_sample", None)
+    if (
+        current is None
+        or ref() is not current
+        or grad_sample is not current
+        or current._version != version
+        or norms.shape != current.shape[:1]
+    ):
+        return None
+    return norms, factors
+
+
+def clear_grad_sample_norms(p: torch.Tensor) -> None:
+    """Drop ``p``'s cached per-sample norms."""
+    if hasattr(p, GRAD_SAMPLE_NORMS_ATTR):
+        delattr(p, GRAD_SAMPLE_NORMS_ATTR)
+
 
 def _validate_common(noise_multiplier, expected_batch_size, loss_reduction) -> None:
     if loss_reduction not in ("mean", "sum"):
@@ -161,6 +197,10 @@ class DPOptimizer(Optimizer):
         """``p.grad_sample`` of every trainable param (lists of chunks concatenated on dim 0)."""
         return [self._grad_sample_of(p, i) for i, p in enumerate(self.params)]
 
+    def _bookkeeping(self, grad_samples: List[torch.Tensor]) -> List[Optional[tuple]]:
+        """``(norms, factors)`` the hooks cached for exactly these ``grad_samples`` (else None)."""
+        return [cached_grad_sample_norms(p, g) for p, g in zip(self.params, grad_samples)]
+
     @property
     def accumulated_iterations(self) -> int:
         """Number of batches held in ``grad_sample`` (chunks of a list; 1 for a tensor)."""
@@ -186,7 +226,12 @@ class DPOptimizer(Optimizer):
 
     def clip_and_accumulate(self):
         """Clip each sample's whole gradient to ``max_grad_norm``; add the sum to summed_grad."""
-        self._accumulate(clipping.flat_clipped_sums(self.grad_samples, self.max_grad_norm))
+        grad_samples = self.grad_samples
+        self._accumulate(
+            clipping.flat_clipped_sums(
+                grad_samples, self.max_grad_norm, self._bookkeeping(grad_samples)
+            )
+        )
 
     def _summed_grad_of(self, p: torch.Tensor, index: int) -> torch.Tensor:
         s = getattr(p, "summed_grad", None)
@@ -266,6 +311,7 @@ class DPOptimizer(Optimizer):
         """Clear ``grad_sample`` and ``grad``; keep ``summed_grad`` if the last step was skipped."""
         for p in self.params:
             p.grad_sample = None
+            clear_grad_sample_norms(p)
             if not self._is_last_step_skipped:
                 p.summed_grad = None
         self.original_optimizer.zero_grad(set_to_none)

@@ -90,7 +90,12 @@ class DPPerLayerOptimizer(DPOptimizer):
 
     def clip_and_accumulate(self):
         """Clip parameter ``k``'s per-sample gradients to ``max_grad_norms[k]``; accumulate."""
-        self._accumulate(clipping.per_layer_clipped_sums(self.grad_samples, self.max_grad_norms))
+        grad_samples = self.grad_samples
+        self._accumulate(
+            clipping.per_layer_clipped_sums(
+                grad_samples, self.max_grad_norms, self._bookkeeping(grad_samples)
+            )
+        )
 
     def _dp_state(self) -> dict:
         state = super()._dp_state()
