@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
+from torch.autograd.graph import GradientEdge
 
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.grad_sample.grad_sample_module import (
@@ -113,6 +114,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         self.max_grad_norm = max_grad_norm
         self.use_ghost_clipping = use_ghost_clipping
         self._per_sample_gradient_norms: Optional[torch.Tensor] = None
+        self._first_pass_anchors: Optional[List[GradientEdge]] = None
+        self._anchored_calls = 0
         self._shared = _shared_params(m)
         GradSampleHooks.__init__(
             self,
@@ -154,6 +157,13 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
 
     def _start_forward(self, module: nn.Module, _inputs) -> None:
         super()._start_forward(module, _inputs)
+        # Subclasses (FSDP) may rely on the parameter gradients of the norm pass.
+        exact = type(self) in (
+            GradSampleHooksFastGradientClipping,
+            GradSampleModuleFastGradientClipping,
+        )
+        self._first_pass_anchors = [] if exact and torch.is_grad_enabled() else None
+        self._anchored_calls = 0
         if self.hooks_enabled:
             self._per_sample_gradient_norms = None
             # Norms of the previous step must not leak into this one (unused params stay at 0).
@@ -168,7 +178,59 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         _forward_output: torch.Tensor,
     ):
         """Forward hook: keep the layer's detached inputs (as ``GradSampleHooks``)."""
+        calls = self._activations.get(module)
+        before = len(calls) if calls else 0
         super().capture_activations_hook(module, forward_input, _forward_output)
+        calls = self._activations.get(module)
+        if calls and len(calls) > before and self._first_pass_anchors is not None:
+            self._record_anchors(forward_input, _forward_output)
+
+    def _record_anchors(self, forward_input, forward_output) -> None:
+        """Remember where the norm pass must send gradients so that this call's hook fires.
+
+        The full backward hook fires in the node that wraps the layer's inputs, or, when no input
+        needs a gradient, in the one wrapping its outputs.  Asking the first backward pass for the
+        gradient just below that node (the layer's unwrapped input, or its unwrapped output)
+        makes autograd run the node without computing any weight gradient
+        (``double_backward``).  Anything unexpected disables the shortcut for this forward.
+        """
+        edges = []
+        wrapped = [t for t in forward_input if torch.is_tensor(t) and t.requires_grad]
+        if wrapped:
+            node = wrapped[0].grad_fn
+            if node is None or node.name() != "BackwardHookFunctionBackward":
+                self._first_pass_anchors = None
+                return
+            edges = [GradientEdge(fn, nr) for fn, nr in node.next_functions if fn is not None]
+        else:
+            if torch.is_tensor(forward_output):
+                outputs = (forward_output,)
+            elif isinstance(forward_output, tuple):
+                outputs = forward_output  # the hook wraps the top-level tensors only
+            else:
+                self._first_pass_anchors = None
+                return
+            for t in outputs:
+                if torch.is_tensor(t) and t.requires_grad:
+                    if t.grad_fn is None:
+                        self._first_pass_anchors = None
+                        return
+                    edges.append(torch.autograd.graph.get_gradient_edge(t))
+        if not edges:
+            self._first_pass_anchors = None
+            return
+        self._first_pass_anchors.extend(edges)
+        self._anchored_calls += 1
+
+    def first_pass_anchors(self) -> Optional[List[GradientEdge]]:
+        """Gradient edges that make every hooked call of the last forward fire its backward hook
+        (see ``_record_anchors``), or None when the shortcut is unavailable.  Forgets them: they
+        serve one norm pass (and must not keep the graph's nodes alive)."""
+        anchors, self._first_pass_anchors = self._first_pass_anchors, None
+        pending = sum(len(calls) for calls in self._activations.values())
+        if not anchors or pending != self._anchored_calls:
+            return None  # e.g. calls captured by an earlier forward without a backward yet
+        return anchors
 
     def capture_backprops_hook(
         self,

@@ -105,10 +105,14 @@ def double_backward(
         raise ValueError("double_backward: the module has no trainable parameters")
     if hasattr(module, "enable_hooks"):
         module.enable_hooks()
-    # First pass: only the hooks' norms are wanted, so the gradients are returned, not stored.
+    # First pass: only the hooks' norms are wanted.  Asking for the gradients just below the
+    # hooked layers' backward-hook nodes runs every hook but prunes the weight-gradient
+    # branches; otherwise the parameter gradients are returned (not stored) and dropped.
+    anchors = getattr(module, "first_pass_anchors", lambda: None)()
+    targets = _lowest_anchors(anchors) if anchors else trainable
     torch.autograd.grad(
         _batch_loss(loss_per_sample, loss_reduction),
-        trainable,
+        targets,
         retain_graph=True,
         allow_unused=True,
     )
@@ -126,6 +130,29 @@ def double_backward(
     finally:
         module.enable_hooks()
     _mark_clipped_backward(optimizer)
+
+
+def _lowest_anchors(anchors: list) -> list:
+    """Drop each anchor with another anchor below it in the graph (towards the leaves).
+
+    A node runs in a backward pass iff a requested gradient lies below it, so the lowest anchors
+    suffice to run every hook node, and only their (activation-sized) gradients are held.
+    """
+    anchor_nodes = {edge.node for edge in anchors}
+    below = {}  # node -> whether some anchor node lies strictly below it
+    for start in anchor_nodes:
+        stack = [(start, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in below:
+                continue
+            children = [fn for fn, _ in node.next_functions if fn is not None]
+            if expanded:
+                below[node] = any(c in anchor_nodes or below[c] for c in children)
+                continue
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if c not in below)
+    return [edge for edge in anchors if not below[edge.node]]
 
 
 def _mark_clipped_backward(optimizer) -> None:
