@@ -94,6 +94,8 @@ def _worker(rank, init_file, out_dir):
         average_gradients(avg)
         out["average"] = avg.weight.grad.clone()
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        # leave together: gloo can abort a rank whose peer tears down first
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

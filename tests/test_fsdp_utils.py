@@ -96,6 +96,8 @@ def _worker(rank, world_size, init_file, result_file):
         expected = _grads_unsharded(reference, xs)  # FSDP averages the ranks' gradients
         if rank == 0:
             torch.save({"sharded": sharded, "grads": grads, "expected": expected}, result_file)
+        # leave together: gloo can abort a rank whose peer tears down first
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

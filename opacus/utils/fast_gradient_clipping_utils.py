@@ -116,6 +116,7 @@ def double_backward(
         retain_graph=True,
         allow_unused=True,
     )
+    _check_every_hook_fired(module)
     module.max_grad_norm = optimizer.max_grad_norm
     coef = module.get_clipping_coef().detach()
     if coef.shape != loss_per_sample.shape:
@@ -130,6 +131,30 @@ def double_backward(
     finally:
         module.enable_hooks()
     _mark_clipped_backward(optimizer)
+
+
+def _check_every_hook_fired(module) -> None:
+    """Refuse to clip when a layer that ran in the forward pass got no norm in the first pass.
+
+    Its norm would silently count as zero, so its samples would be clipped too little (a privacy
+    breach). This happens on the parameter-gradient fallback path when a hooked layer's backward
+    hook never runs, e.g. the first layer when the model input itself requires grad, or when a
+    forward pass ran without its backward.
+    """
+    leftover = [m for m, calls in getattr(module, "_activations", {}).items() if calls]
+    if not leftover:
+        return
+    names = {id(m): name.replace("_module.", "", 1) for name, m in module.named_modules()}
+    listed = ", ".join(
+        f"'{names.get(id(m), type(m).__name__)}' ({type(m).__name__})" for m in leftover
+    )
+    for m in leftover:
+        module._activations[m].clear()
+    raise RuntimeError(
+        "ghost clipping: the norm pass computed no per-sample norm for " + listed + ", which ran "
+        "in the forward pass; clipping without it would under-clip. Run exactly one forward pass "
+        "per DP loss backward, and do not make the model input require grad."
+    )
 
 
 def _lowest_anchors(anchors: list) -> list:

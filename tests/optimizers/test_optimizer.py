@@ -418,6 +418,8 @@ def _ddp_flat_worker(rank, world_size, init_file):
                 ref_opt.step()
                 for p, q in zip(model.parameters(), ref.parameters()):
                     torch.testing.assert_close(p, q, atol=1e-10, rtol=1e-8)
+        # leave together: gloo can abort a rank whose peer tears down first
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
