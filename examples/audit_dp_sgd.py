@@ -114,6 +114,12 @@ def main():
     print(f"sabotage={args.sabotage} ({time.time() - start:.1f}s)")
     print("classical:", classical.summary())
     print("one-run:  ", one_run.summary())
+    caught = classical.eps_lower > classical.eps_claimed or one_run.eps_lower > one_run.eps_claimed
+    print(
+        f"RESULT: eps_lower {max(classical.eps_lower, one_run.eps_lower):.3f} vs eps_claimed "
+        f"{classical.eps_claimed:.3f} (sabotage={args.sabotage}): "
+        + ("VIOLATION, the run is broken" if caught else "consistent with the claim")
+    )
 
 
 if __name__ == "__main__":
