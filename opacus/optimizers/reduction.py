@@ -6,7 +6,7 @@ number of parameters.
 """
 
 from collections import defaultdict
-from typing import Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -49,3 +49,40 @@ def reduce_gradients(params: Sequence[torch.Tensor], loss_reduction: str, world_
     if loss_reduction == "mean":
         for g in grads:
             g /= world_size
+
+
+class DataParallelSteps:
+    """Mixin for a DP optimizer whose processes each hold a slice of the batch (data parallelism).
+
+    Each rank clips (or double-backwards) its own samples; rank 0 alone adds the noise, so the sum
+    over ranks carries the noise once; ``step`` then all-reduces ``p.grad`` before the wrapped
+    optimizer's step. Put it before the single-process DP optimizer in the bases and call
+    ``_init_data_parallel()`` at the end of ``__init__``.
+    """
+
+    def _init_data_parallel(self) -> None:
+        self.rank, self.world_size = process_group_info(type(self).__name__)
+
+    def add_noise(self):
+        """Rank 0 adds the noise; the other ranks pass their clipped sum through."""
+        if self.rank == 0:
+            super().add_noise()
+        else:
+            for i, p in enumerate(self.params):
+                p.grad = self._summed_grad_of(p, i).clone().view_as(p)
+
+    def reduce_gradients(self):
+        """All-reduce (sum) ``p.grad``; average over ranks for ``loss_reduction="mean"``."""
+        reduce_gradients(self.params, self.loss_reduction, self.world_size)
+
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[torch.Tensor]:
+        """Clip or accumulate, noise (rank 0), scale, all-reduce, then the wrapped step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.pre_step():
+            self.reduce_gradients()
+            result = self.original_optimizer.step()
+            return loss if result is None else result
+        return None
