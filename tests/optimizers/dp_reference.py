@@ -42,6 +42,22 @@ def set_grad_samples(model: nn.Module, x, y, source: Optional[nn.Module] = None)
         p.grad_sample = gs[n].clone() if p.requires_grad else None
 
 
+def reference_dp_step(model: nn.Module, x, y, expected_batch_size: int, loss_reduction: str):
+    """One noise-free ``DPOptimizer`` SGD step (lr 0.1, clip 0.2) on brute-force per-sample grads:
+    the oracle the fast-gradient-clipping optimizers are compared with."""
+    from opacus.optimizers import DPOptimizer
+
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=0.2,
+        expected_batch_size=expected_batch_size,
+        loss_reduction=loss_reduction,
+    )
+    set_grad_samples(model, x, y)
+    optimizer.step()
+
+
 def clipped_sum_flat(grad_samples: Sequence[torch.Tensor], c: float) -> List[torch.Tensor]:
     """Sample by sample: flatten, clip the whole vector to ``c``, add up."""
     b = grad_samples[0].shape[0]

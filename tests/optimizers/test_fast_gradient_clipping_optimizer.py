@@ -26,6 +26,7 @@ from tests.optimizers.dp_reference import (
     dp_grads,
     init_gloo,
     oracle_grad_samples,
+    reference_dp_step,
     run_distributed,
     set_grad_samples,
     small_model,
@@ -61,15 +62,7 @@ def test_optimizer_treats_grad_as_clipped_sum(loss_reduction):
     opt._record_clipped_backward()  # stands in for the double backward
     assert opt.accumulated_iterations == 1
     opt.step()
-    ref_opt = DPOptimizer(
-        torch.optim.SGD(ref.parameters(), lr=0.1),
-        noise_multiplier=0.0,
-        max_grad_norm=0.2,
-        expected_batch_size=6,
-        loss_reduction=loss_reduction,
-    )
-    set_grad_samples(ref, x, y)
-    ref_opt.step()
+    reference_dp_step(ref, x, y, 6, loss_reduction)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-10, rtol=1e-8)
 
@@ -222,15 +215,7 @@ def test_end_to_end_with_ghost_module(loss_reduction):
         opt.zero_grad()
         crit(gsm(xb), yb).backward()
         opt.step()
-        ref_opt = DPOptimizer(
-            torch.optim.SGD(ref.parameters(), lr=0.1),
-            noise_multiplier=0.0,
-            max_grad_norm=0.2,
-            expected_batch_size=6,
-            loss_reduction=loss_reduction,
-        )
-        set_grad_samples(ref, xb, yb)
-        ref_opt.step()
+        reference_dp_step(ref, xb, yb, 6, loss_reduction)
         for p, q in zip(model.parameters(), ref.parameters()):
             torch.testing.assert_close(p, q, atol=1e-10, rtol=1e-8)
 
@@ -295,15 +280,7 @@ def _fsdp_worker(rank, world_size, init_file):
             opt.step()
             full = [p.full_tensor() for p in model.parameters()]
             ref = small_model()
-            ref_opt = DPOptimizer(
-                torch.optim.SGD(ref.parameters(), lr=0.1),
-                noise_multiplier=0.0,
-                max_grad_norm=0.2,
-                expected_batch_size=8,
-                loss_reduction=loss_reduction,
-            )
-            set_grad_samples(ref, x, y)
-            ref_opt.step()
+            reference_dp_step(ref, x, y, 8, loss_reduction)
             for p, q in zip(full, ref.parameters()):
                 torch.testing.assert_close(p, q, atol=1e-10, rtol=1e-8)
         # noise: each rank noises its own shard once, std sigma * C / (B_local * W)
