@@ -3,7 +3,9 @@
 Sample ``i``'s weight gradient has one non-zero row per distinct index ``v`` it looks up, equal to
 the sum of the backprops at the positions holding ``v``.  So
 ``||g_i||^2 = sum_v ||sum_{t: idx_t = v} b_{i,t}||^2``: group the (sample, index) pairs, sum each
-group's backprops, and add up the squared norms per sample; memory ``O(B * T * dim)``.
+group's backprops, and add up the squared norms per sample; memory ``O(B * T * dim)``.  The
+clipped sum ``sum_i c_i g_i`` (book-keeping, Bu et al. 2023) is one scatter of the re-weighted
+backprops into a ``(vocab, dim)`` gradient.
 """
 
 from typing import Dict, List
@@ -11,7 +13,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from opacus.grad_sample.registry import register_norm_sampler
+from opacus.grad_sample.registry import register_clipped_sum_sampler, register_norm_sampler
 
 
 def _indices(activations) -> torch.Tensor:
@@ -58,3 +60,43 @@ def compute_embedding_norm_sample(
     # vector_norm reduces without a (K, dim) squared copy (long sequences: K ~ B * T).
     norms_sq.index_add_(0, owner, torch.linalg.vector_norm(summed, dim=1).square_())
     return {layer.weight: norms_sq.sqrt()}
+
+
+@register_clipped_sum_sampler(nn.Embedding)
+def compute_embedding_clipped_sum(
+    layer: nn.Embedding,
+    activations: List[torch.Tensor],
+    backprops: torch.Tensor,
+    weights: torch.Tensor,
+) -> Dict[nn.Parameter, torch.Tensor]:
+    """``sum_i weights_i * g_i`` of an ``nn.Embedding``'s per-sample gradients ``g_i``.
+
+    Same per-sample semantics as the grad sampler: ``padding_idx`` rows get nothing, and with
+    ``scale_grad_by_freq`` each row of ``g_i`` is divided by its count *within sample i*.
+
+    Args:
+        layer: the layer.
+        activations: ``[indices]`` with ``indices`` of shape ``(B, ...)``.
+        backprops: gradient w.r.t. the output, ``(B, ..., embedding_dim)``.
+        weights: ``(B,)`` per-sample weights (the clipping coefficients).
+
+    Returns:
+        ``{weight: (num_embeddings, embedding_dim)}`` if the weight requires grad, else ``{}``.
+    """
+    if not layer.weight.requires_grad:
+        return {}
+    idx = _indices(activations)
+    batch = idx.shape[0]
+    idx = idx.reshape(batch, -1)
+    b = backprops.reshape(batch, idx.shape[1], -1)
+    b = (b * weights.to(b.dtype).view(-1, 1, 1)).reshape(-1, b.shape[-1])
+    flat = idx.reshape(-1)
+    if layer.padding_idx is not None:
+        b = b * (flat != layer.padding_idx).unsqueeze(1).to(b.dtype)
+    if layer.scale_grad_by_freq:
+        sample = torch.arange(batch, device=idx.device).unsqueeze(1).expand_as(idx)
+        keys = (sample * layer.num_embeddings + idx).reshape(-1)
+        _, group, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+        b = b / counts[group].unsqueeze(1).to(b.dtype)
+    grad = torch.zeros(layer.num_embeddings, b.shape[1], dtype=b.dtype, device=b.device)
+    return {layer.weight: grad.index_add_(0, flat, b)}

@@ -10,6 +10,16 @@ clipped gradients in ``p.grad``.  Here a backward pass with hooks enabled stores
 ``p._norm_sample`` (shape ``(batch,)``) for every trainable parameter: from the layer's norm
 sampler where one is registered and the layer is called once, otherwise as the norm of the
 materialised per-sample gradient.
+
+Book-keeping (Bu et al. 2023): when every trainable parameter belongs to a layer called once
+whose norm sampler runs and which has a clipped-sum sampler (``nn.Linear``, ``nn.Embedding``),
+the norm pass keeps each layer's activations and backprops, and ``accumulate_clipped_sum`` forms
+``sum_i c_i g_i`` from them directly, so the second backward pass (and its input-gradient
+products) is skipped.  ``plan_book_keeping`` decides, after the forward pass, whether that holds.
+Keeping the backprops costs memory the two-pass scheme does not need (ghost clipping exists to
+save memory), so it is done only while they are no larger than ``max_book_keeping_ratio`` times
+the trainable parameters (the size of the gradients themselves): short inputs book-keep, long
+sequences keep the memory-lean second pass.
 """
 
 import logging
@@ -26,6 +36,7 @@ from opacus.grad_sample.grad_sample_module import (
     promote_current_grad_sample,
 )
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.grad_sample.registry import CLIPPED_SUM_SAMPLERS
 from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
 from opacus.utils.module_utils import requires_grad, trainable_modules, trainable_parameters
 
@@ -100,6 +111,10 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             taken from materialised per-sample gradients.
     """
 
+    # Book-keep while the kept backprops have at most this many elements per trainable parameter
+    # element (module docstring); ``math.inf``: always where possible, 0: never.
+    max_book_keeping_ratio = 1.0
+
     def __init__(
         self,
         m: nn.Module,
@@ -117,6 +132,10 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         self._first_pass_anchors: Optional[List[GradientEdge]] = None
         self._anchored_calls = 0
         self._shared = _shared_params(m)
+        # Book-keeping (module docstring): planned for this norm pass, and what it keeps.
+        self._book_keeping = False
+        self._book_kept: Dict[nn.Module, tuple] = {}
+        self._output_numel = 0  # of the hooked calls of this forward: the backprops to keep
         GradSampleHooks.__init__(
             self,
             m,
@@ -164,6 +183,9 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         )
         self._first_pass_anchors = [] if exact and torch.is_grad_enabled() else None
         self._anchored_calls = 0
+        self._book_keeping = False
+        self._book_kept = {}
+        self._output_numel = 0
         if self.hooks_enabled:
             self._per_sample_gradient_norms = None
             # Norms of the previous step must not leak into this one (unused params stay at 0).
@@ -182,8 +204,11 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         before = len(calls) if calls else 0
         super().capture_activations_hook(module, forward_input, _forward_output)
         calls = self._activations.get(module)
-        if calls and len(calls) > before and self._first_pass_anchors is not None:
-            self._record_anchors(forward_input, _forward_output)
+        if calls and len(calls) > before:
+            if torch.is_tensor(_forward_output):
+                self._output_numel += _forward_output.numel()
+            if self._first_pass_anchors is not None:
+                self._record_anchors(forward_input, _forward_output)
 
     def _record_anchors(self, forward_input, forward_output) -> None:
         """Remember where the norm pass must send gradients so that this call's hook fires.
@@ -253,10 +278,62 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             for p, norms in norm_sampler(module, activations, backprops).items():
                 norms = norms if scale is None else norms * scale
                 create_norm_sample(param=p, grad_sample=norms, max_batch_len=max_batch_len)
+            if self._book_keeping:
+                self._book_kept[module] = (activations, backprops, scale)
             return
         if scale is not None:
             backprops = backprops * scale
         self._accumulate(self._per_sample_grads(module, activations, backprops), max_batch_len)
+
+    def plan_book_keeping(self) -> bool:
+        """After a forward pass: make the next norm pass keep what ``accumulate_clipped_sum``
+        needs, if every trainable parameter qualifies (module docstring); returns whether."""
+        self._book_kept = {}
+        self._book_keeping = False
+        exact = type(self) in (
+            GradSampleHooksFastGradientClipping,
+            GradSampleModuleFastGradientClipping,
+        )
+        if not exact or not self.hooks_enabled:
+            return False
+        covered = set()
+        for module, calls in self._activations.items():
+            if (
+                len(calls) != 1
+                or type(module) not in CLIPPED_SUM_SAMPLERS
+                or self._norm_sampler(module) is None
+            ):
+                return False
+            covered.update(id(p) for p in module.parameters(recurse=False) if p.requires_grad)
+        trainable = [p for p in self._module.parameters() if p.requires_grad]
+        budget = self.max_book_keeping_ratio * sum(p.numel() for p in trainable)
+        self._book_keeping = (
+            bool(trainable)
+            and covered == {id(p) for p in trainable}
+            and self._output_numel <= budget
+        )
+        return self._book_keeping
+
+    def accumulate_clipped_sum(self, coef: torch.Tensor) -> bool:
+        """Add ``sum_i coef_i g_i`` to ``p.grad`` of every trainable parameter, from what the
+        planned norm pass kept; False (nothing added) when that pass did not keep every layer."""
+        kept, self._book_kept = self._book_kept, {}
+        planned, self._book_keeping = self._book_keeping, False
+        trainable = [p for p in self._module.parameters() if p.requires_grad]
+        covered = {id(p) for m in kept for p in m.parameters(recurse=False) if p.requires_grad}
+        if not planned or covered != {id(p) for p in trainable}:
+            return False
+        sums = {}
+        for module, (activations, backprops, scale) in kept.items():
+            weights = coef if scale is None else coef * scale
+            sums.update(CLIPPED_SUM_SAMPLERS[type(module)](module, activations, backprops, weights))
+        for p in trainable:
+            clipped_sum = sums[p].to(p.dtype)
+            if p.grad is None:
+                p.grad = clipped_sum
+            else:
+                p.grad.add_(clipped_sum)
+        return True
 
     def _finish_backward(self) -> None:
         pending = list(self._pending.values())

@@ -5,7 +5,9 @@ and ``sum_t b_{i,t}`` (bias), where ``t`` runs over every dimension between the 
 features (sequence positions, image rows, ...).  The norm sampler is the "ghost norm" of
 Goodfellow (2015), extended to sequences by Li et al. (2022), "Large language models can be strong
 differentially private learners", Sec. 4: the Frobenius norm of ``B_i^T A_i`` equals
-``<A_i A_i^T, B_i B_i^T>``, which never builds the ``(d_out, d_in)`` per-sample gradient.
+``<A_i A_i^T, B_i B_i^T>``, which never builds the ``(d_out, d_in)`` per-sample gradient.  The
+clipped sum ``sum_i c_i B_i^T A_i`` is one matrix product of the stacked, re-weighted backprops
+with the stacked activations (book-keeping, Bu et al. 2023).
 """
 
 from typing import Dict, List
@@ -16,6 +18,7 @@ import torch.nn as nn
 from opacus.grad_sample.buffers import reusable_empty
 from opacus.grad_sample.registry import (
     SUMS_OVER_SEQUENCE_ATTR,
+    register_clipped_sum_sampler,
     register_grad_sampler,
     register_norm_sampler,
 )
@@ -108,4 +111,33 @@ def compute_linear_norm_sample(
         ret[layer.weight] = _weight_norm_squared(a, b).clamp_min(0).sqrt()
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = b.sum(dim=1).norm(2, dim=-1)
+    return ret
+
+
+@register_clipped_sum_sampler(nn.Linear)
+def compute_linear_clipped_sum(
+    layer: nn.Linear,
+    activations: List[torch.Tensor],
+    backprops: torch.Tensor,
+    weights: torch.Tensor,
+) -> Dict[nn.Parameter, torch.Tensor]:
+    """``sum_i weights_i * g_i`` of an ``nn.Linear`` layer's per-sample gradients ``g_i``.
+
+    Args:
+        layer: the layer.
+        activations: ``[x]`` with ``x`` of shape ``(B, ..., in_features)``.
+        backprops: gradient w.r.t. the output, shape ``(B, ..., out_features)``, scaled as for
+            the grad sampler (slice ``i`` is the gradient of sample ``i``'s own loss).
+        weights: ``(B,)`` per-sample weights (the clipping coefficients).
+
+    Returns:
+        ``{weight: (out, in), bias: (out,)}`` for the parameters that require grad.
+    """
+    a, b = _as_sequences(activations[0], backprops)
+    b = b * weights.to(b.dtype).view(-1, 1, 1)
+    ret = {}
+    if layer.weight.requires_grad:
+        ret[layer.weight] = b.reshape(-1, b.shape[2]).t() @ a.reshape(-1, a.shape[2])
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = b.sum(dim=(0, 1))
     return ret

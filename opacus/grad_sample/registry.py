@@ -5,7 +5,12 @@ A grad sampler is a pure function ``(layer, activations, backprops) -> {param: p
 loss with respect to the layer's output, both with the batch on dim 0 (the hooks move it there),
 and ``backprops`` already rescaled so that each sample's slice is the gradient of that sample's
 own loss.  A norm sampler has the same signature and returns ``{param: per_sample_norm}`` of shape
-``(batch,)`` without materialising the per-sample gradient (ghost clipping).
+``(batch,)`` without materialising the per-sample gradient (ghost clipping).  A clipped-sum
+sampler takes a fourth argument, per-sample weights ``c`` of shape ``(batch,)``, and returns
+``{param: sum_i c_i * g_i}`` (shape ``param.shape``), again without the per-sample gradients: with
+the clipping coefficients as ``c`` it is the book-keeping step of Bu et al. (2023), "Differentially
+private optimization on large model at small cost", which replaces ghost clipping's second
+backward pass.
 """
 
 from typing import Callable, Dict, Sequence, Type, Union
@@ -14,6 +19,7 @@ import torch.nn as nn
 
 GRAD_SAMPLERS: Dict[Type[nn.Module], Callable] = {}
 NORM_SAMPLERS: Dict[Type[nn.Module], Callable] = {}
+CLIPPED_SUM_SAMPLERS: Dict[Type[nn.Module], Callable] = {}
 
 
 # A grad sampler with this attribute set to True computes ``sum_t b_{i,t} a_{i,t}^T`` over the
@@ -28,27 +34,32 @@ def _as_classes(target_class_or_classes):
     return list(target_class_or_classes)
 
 
+def _registrar(table: Dict[Type[nn.Module], Callable], target_class_or_classes):
+    def decorator(f):
+        for cls in _as_classes(target_class_or_classes):
+            table[cls] = f
+        return f
+
+    return decorator
+
+
 def register_grad_sampler(
     target_class_or_classes: Union[Type[nn.Module], Sequence[Type[nn.Module]]],
 ):
     """Decorator: register ``f`` as the per-sample gradient function of the given layer type(s)."""
-
-    def decorator(f):
-        for cls in _as_classes(target_class_or_classes):
-            GRAD_SAMPLERS[cls] = f
-        return f
-
-    return decorator
+    return _registrar(GRAD_SAMPLERS, target_class_or_classes)
 
 
 def register_norm_sampler(
     target_class_or_classes: Union[Type[nn.Module], Sequence[Type[nn.Module]]],
 ):
     """Decorator: register ``f`` as the per-sample gradient *norm* function (ghost clipping)."""
+    return _registrar(NORM_SAMPLERS, target_class_or_classes)
 
-    def decorator(f):
-        for cls in _as_classes(target_class_or_classes):
-            NORM_SAMPLERS[cls] = f
-        return f
 
-    return decorator
+def register_clipped_sum_sampler(
+    target_class_or_classes: Union[Type[nn.Module], Sequence[Type[nn.Module]]],
+):
+    """Decorator: register ``f(layer, activations, backprops, weights)`` as the weighted sum of
+    per-sample gradients of the given layer type(s) (book-keeping, module docstring)."""
+    return _registrar(CLIPPED_SUM_SAMPLERS, target_class_or_classes)

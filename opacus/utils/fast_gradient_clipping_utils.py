@@ -98,13 +98,20 @@ def double_backward(
     The clip bound is the optimizer's ``max_grad_norm`` (the attribute schedulers change); it is
     copied into ``module.max_grad_norm`` before the coefficients are computed.
     """
-    module = _ghost_module(module)
+    wrapper, module = module, _ghost_module(module)
     loss_reduction = getattr(module, "loss_reduction", "mean")
     trainable = [p for p in module.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("double_backward: the module has no trainable parameters")
     if hasattr(module, "enable_hooks"):
         module.enable_hooks()
+    # Book-keeping replaces the second pass, except under torch DDP, whose gradient all-reduce
+    # is driven by the backward pass itself.
+    book_keeping = (
+        loss_per_sample.numel() > 0
+        and not isinstance(wrapper, nn.parallel.DistributedDataParallel)
+        and getattr(module, "plan_book_keeping", lambda: False)()
+    )
     # First pass: only the hooks' norms are wanted.  Asking for the gradients just below the
     # hooked layers' backward-hook nodes runs every hook but prunes the weight-gradient
     # branches; otherwise the parameter gradients are returned (not stored) and dropped.
@@ -113,7 +120,7 @@ def double_backward(
     torch.autograd.grad(
         _batch_loss(loss_per_sample, loss_reduction),
         targets,
-        retain_graph=True,
+        retain_graph=not book_keeping,
         allow_unused=True,
     )
     _check_every_hook_fired(module)
@@ -125,11 +132,19 @@ def double_backward(
             f"loss of shape {tuple(loss_per_sample.shape)}: the module's batch dimension and "
             "the loss's dim 0 must agree (check batch_first)"
         )
-    module.disable_hooks()
-    try:
-        (coef.to(loss_per_sample.dtype) * loss_per_sample).sum().backward()
-    finally:
-        module.enable_hooks()
+    if book_keeping:
+        if not module.accumulate_clipped_sum(coef):
+            raise RuntimeError(
+                "ghost clipping: the norm pass did not keep every layer's activations and "
+                "backprops for book-keeping, and its graph is freed; run exactly one forward "
+                "pass per DP loss backward"
+            )
+    else:
+        module.disable_hooks()
+        try:
+            (coef.to(loss_per_sample.dtype) * loss_per_sample).sum().backward()
+        finally:
+            module.enable_hooks()
     _mark_clipped_backward(optimizer)
 
 
