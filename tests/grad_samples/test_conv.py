@@ -1,4 +1,8 @@
-"""Conv1d/2d/3d per-sample gradients vs the brute-force oracle, over a hypothesis sweep."""
+"""Conv1d/2d/3d per-sample gradients vs the brute-force oracle, over a hypothesis sweep.
+
+Every case is checked with each forced strategy (im2col + bmm both ways round, grouped
+convolution) and with the timed ``"auto"`` choice.
+"""
 
 import pytest
 import torch
@@ -7,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opacus.grad_sample.conv import (
+    clear_conv_strategy_cache,
     compute_conv_grad_sample,
     convolution2d_backward_as_a_convolution,
+    set_conv_strategy,
 )
 from opacus.grad_sample.registry import GRAD_SAMPLERS
 from tests.oracle import assert_grad_samples_close, brute_force_grad_samples
@@ -16,6 +22,18 @@ from tests.oracle import assert_grad_samples_close, brute_force_grad_samples
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+STRATEGIES = ("unfold", "unfold_transposed", "convolution", "auto")
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+@pytest.fixture(autouse=True)
+def _auto_strategy():
+    """Every test starts and ends in the default mode with an empty cache."""
+    set_conv_strategy("auto")
+    clear_conv_strategy_cache()
+    yield
+    set_conv_strategy("auto")
+    clear_conv_strategy_cache()
 
 
 def oracle(layer, inputs, backprops):
@@ -58,6 +76,7 @@ def conv_cases(draw, dims):
     spatial = tuple(d * (k - 1) + 1 + draw(st.integers(1, 3)) for k, d in zip(kernel, dilation))
     batch = draw(st.integers(1, 3))
     bias = draw(st.booleans())
+    layout = draw(st.sampled_from(LAYOUTS))
     layer = CONVS[dims](
         in_channels,
         out_channels,
@@ -69,14 +88,39 @@ def conv_cases(draw, dims):
         bias=bias,
         padding_mode=padding_mode,
     ).double()
-    return layer, (batch, in_channels, *spatial)
+    return layer, (batch, in_channels, *spatial), layout
 
 
-def check(layer, shape, sampler=compute_conv_grad_sample):
+def in_layout(t, layout):
+    """``t``'s values stored channels-last, or as a non-contiguous strided view."""
+    if layout == "channels_last" and t.dim() in (4, 5):
+        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        return t.contiguous(memory_format=fmt)
+    if layout == "strided":
+        # Every other element of a tensor twice as long in the last dim.
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t
+
+
+def check(layer, shape, layout="contiguous", samplers=None):
+    """Every strategy (or each given sampler) against one oracle run."""
     x = torch.randn(*shape, dtype=torch.float64)
     r = torch.randn_like(layer(x))
-    got = by_name(layer, sampler(layer, [x], r))
-    assert_grad_samples_close(got, oracle(layer, x, r), atol=1e-10, rtol=1e-9)
+    expected = oracle(layer, x, r)
+    x, r = in_layout(x, layout), in_layout(r, layout)
+    if layout == "strided":
+        assert x.stride(-1) == r.stride(-1) == 2
+    if samplers is None:
+        for strategy in STRATEGIES:
+            set_conv_strategy(strategy)
+            got = by_name(layer, compute_conv_grad_sample(layer, [x], r))
+            assert_grad_samples_close(got, expected, atol=1e-10, rtol=1e-9)
+        return
+    for sampler in samplers:
+        got = by_name(layer, sampler(layer, [x], r))
+        assert_grad_samples_close(got, expected, atol=1e-10, rtol=1e-9)
 
 
 @settings(max_examples=30, deadline=None)
@@ -100,7 +144,7 @@ def test_conv3d(case):
 @settings(max_examples=25, deadline=None)
 @given(case=conv_cases(2))
 def test_conv2d_backward_as_a_convolution(case):
-    check(*case, sampler=convolution2d_backward_as_a_convolution)
+    check(*case, samplers=[convolution2d_backward_as_a_convolution])
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
@@ -110,7 +154,7 @@ def test_same_padding_even_kernel_is_asymmetric(dims):
     layer = CONVS[dims](2, 3, 4, padding="same", dilation=1).double()
     check(layer, (2, 2, *([5] * dims)))
     if dims == 2:
-        check(layer, (2, 2, 5, 5), sampler=convolution2d_backward_as_a_convolution)
+        check(layer, (2, 2, 5, 5), samplers=[convolution2d_backward_as_a_convolution])
 
 
 def test_float32_and_registration():
