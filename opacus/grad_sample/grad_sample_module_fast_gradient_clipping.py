@@ -23,6 +23,7 @@ sequences keep the memory-lean second pass.
 """
 
 import logging
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -307,12 +308,31 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             covered.update(id(p) for p in module.parameters(recurse=False) if p.requires_grad)
         trainable = [p for p in self._module.parameters() if p.requires_grad]
         budget = self.max_book_keeping_ratio * sum(p.numel() for p in trainable)
+        if self.batch_coupled_layers():
+            budget = math.inf  # the second pass would be wrong for them, whatever the memory
         self._book_keeping = (
             bool(trainable)
             and covered == {id(p) for p in trainable}
             and self._output_numel <= budget
         )
         return self._book_keeping
+
+    def batch_coupled_layers(self) -> List[str]:
+        """Trainable layers whose gradient of a batch loss is not the sum of their per-sample
+        gradients, so the second backward pass cannot form the clipped sum for them.
+
+        ``scale_grad_by_freq`` divides an embedding row's gradient by the number of times the
+        row is looked up, counted over the whole batch by torch's backward but within each
+        sample by the per-sample gradient: one sample's presence would change every other
+        sample's contribution, which no per-sample clipping bounds.
+        """
+        return [
+            name or type(m).__name__
+            for name, m in self._module.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+            and m.scale_grad_by_freq
+            and m.weight.requires_grad
+        ]
 
     def accumulate_clipped_sum(self, coef: torch.Tensor) -> bool:
         """Add ``sum_i coef_i g_i`` to ``p.grad`` of every trainable parameter, from what the

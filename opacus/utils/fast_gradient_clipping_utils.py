@@ -113,6 +113,16 @@ def double_backward(
         and not isinstance(wrapper, nn.parallel.DistributedDataParallel)
         and getattr(module, "plan_book_keeping", lambda: False)()
     )
+    coupled = [] if book_keeping else getattr(module, "batch_coupled_layers", lambda: [])()
+    if coupled:
+        raise NotImplementedError(
+            "ghost clipping: the second backward pass cannot clip "
+            + ", ".join(f"'{name}'" for name in coupled)
+            + " (scale_grad_by_freq counts lookups over the whole batch, so samples are "
+            "coupled) and this model cannot book-keep (every trainable layer must be an "
+            "nn.Linear or nn.Embedding called once per forward): use grad_sample_mode='hooks' "
+            "or scale_grad_by_freq=False"
+        )
     # First pass: only the hooks' norms are wanted.  Asking for the gradients just below the
     # hooked layers' backward-hook nodes runs every hook but prunes the weight-gradient
     # branches; otherwise the parameter gradients are returned (not stored) and dropped.

@@ -255,3 +255,40 @@ def test_book_keeping_stays_within_the_memory_budget():
     double_backward(gsm, SimpleNamespace(max_grad_norm=0.05), _sample_loss(gsm(x)))
     for n, p in seq_model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-8, atol=1e-10)
+
+
+class _FreqScaled(nn.Module):
+    def __init__(self, norm: bool):
+        super().__init__()
+        self.emb = nn.Embedding(5, 3, scale_grad_by_freq=True)
+        self.norm = nn.LayerNorm(3) if norm else nn.Identity()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, idx):
+        return self.fc(self.norm(self.emb(idx))).sum(dim=1)
+
+
+def test_scale_grad_by_freq_is_book_kept_whatever_the_memory_budget():
+    """Torch's batch backward counts lookups over the batch (coupling samples); the per-sample
+    gradient counts within the sample. Book-keeping follows the per-sample definition."""
+    torch.manual_seed(4)
+    model = _FreqScaled(norm=False).double()
+    x = torch.randint(0, 5, (4, 40))  # far over the default memory budget
+    expected, coef = _expected(model, x)
+    assert (coef < 1).all()
+    gsm = GradSampleModuleFastGradientClipping(model, loss_reduction="mean")
+    assert gsm.batch_coupled_layers() == ["emb"]
+    double_backward(gsm, SimpleNamespace(max_grad_norm=0.05), _sample_loss(gsm(x)))
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-8, atol=1e-10)
+
+
+def test_scale_grad_by_freq_without_book_keeping_is_refused():
+    model = _FreqScaled(norm=True)
+    gsm = GradSampleModuleFastGradientClipping(model)
+    loss = _sample_loss(gsm(torch.randint(0, 5, (3, 4))))
+    with pytest.raises(NotImplementedError, match="'emb'.*scale_grad_by_freq"):
+        double_backward(gsm, SimpleNamespace(max_grad_norm=1.0), loss)
+    assert all(p.grad is None for p in model.parameters())
+    model.emb.weight.requires_grad_(False)  # a frozen embedding couples nothing
+    assert gsm.batch_coupled_layers() == []
