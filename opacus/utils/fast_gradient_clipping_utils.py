@@ -11,8 +11,9 @@ learners", building on Goodfellow 2015 and Lee & Kifer 2021) needs two backward 
 
 The first pass uses ``torch.autograd.grad`` so that the unclipped gradient never lands in
 ``p.grad``.  Where the module can book-keep (Bu et al. 2023; ``plan_book_keeping``), step 3 is
-replaced by forming ``sum_i c_i g_i`` from the activations and backprops the first pass kept.  ``L_i`` is sample ``i``'s own loss (the criterion with ``reduction="none"``), so the
-per-sample gradient is the gradient of that sample's loss, as for ``GradSampleModule``.
+replaced by forming ``sum_i c_i g_i`` from the activations and backprops the first pass kept.
+``L_i`` is sample ``i``'s own loss (the criterion with ``reduction="none"``), so the per-sample
+gradient is the gradient of that sample's loss, as for ``GradSampleModule``.
 """
 
 import copy
