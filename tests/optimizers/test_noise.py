@@ -76,3 +76,43 @@ def test_errors():
         noise.gaussian_noise(-1.0, torch.zeros(2))
     with pytest.raises(ValueError, match="generator"):
         noise.gaussian_noise(1.0, torch.zeros(2), generator=torch.Generator(), secure_mode=True)
+
+
+def test_noise_for_many_tensors_is_one_draw_per_device_and_dtype(monkeypatch):
+    refs = [
+        torch.zeros(3, 4),
+        torch.zeros(7, dtype=torch.float64),
+        torch.zeros(2, 5).t(),  # non-contiguous reference
+        torch.zeros(0),
+        torch.zeros(6, dtype=torch.float64),
+    ]
+    calls = []
+    real_normal = torch.normal
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["dtype"], tuple(kwargs["size"])))
+        return real_normal(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "normal", spy)
+    out = noise.gaussian_noise_for(0.5, refs, generator=torch.Generator().manual_seed(0))
+    assert sorted(calls, key=str) == sorted(
+        [(torch.float32, (22,)), (torch.float64, (13,))], key=str
+    )
+    for z, ref in zip(out, refs):
+        assert z.shape == ref.shape and z.dtype == ref.dtype
+    # Every tensor gets its own draws: no two share values.
+    values = torch.cat([z.flatten().double() for z in out])
+    assert values.unique().numel() == values.numel() == 35
+
+
+def test_noise_for_many_tensors_is_gaussian_and_reproducible():
+    refs = [torch.zeros(n, dtype=torch.float64) for n in (5000, 1, 15000, 17)]
+    out = noise.gaussian_noise_for(1.3, refs, generator=torch.Generator().manual_seed(5))
+    assert ks_statistic(torch.cat(out), 1.3) < KS_CRIT_1E3
+    assert ks_statistic(torch.cat(out), 1.5) > KS_CRIT_1E6
+    again = noise.gaussian_noise_for(1.3, refs, generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+    zeros = noise.gaussian_noise_for(0.0, refs)
+    assert all(torch.equal(z, torch.zeros_like(r)) for z, r in zip(zeros, refs))
+    secure = noise.gaussian_noise_for(2.0, refs, secure_mode=True)
+    assert ks_statistic(torch.cat(secure), 2.0) < KS_CRIT_1E6
