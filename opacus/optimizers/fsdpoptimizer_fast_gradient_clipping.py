@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from opacus.optimizers.noise import gaussian_noise_for
+from opacus.optimizers.noise import gaussian_noise
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 
 
@@ -68,11 +68,10 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
 
     def add_noise(self):
         """Write ``summed_grad + N(0, (noise_multiplier * max_grad_norm)^2)`` into the shard."""
-        sums = [self._summed_grad_of(p, i) for i, p in enumerate(self.params)]
-        noises = gaussian_noise_for(
-            self._noise_std(), sums, generator=self.generator, secure_mode=self.secure_mode
-        )
-        for p, s, noise in zip(self.params, sums, noises):
+        std = self._noise_std()
+        for i, p in enumerate(self.params):
+            s = self._summed_grad_of(p, i)
+            noise = gaussian_noise(std, s, generator=self.generator, secure_mode=self.secure_mode)
             with torch.no_grad():
                 local_shard(p.grad).copy_(s + noise)
 

@@ -1,4 +1,4 @@
-"""Gaussian noise for the Gaussian mechanism: one sampling call per device and dtype per step.
+"""Gaussian noise for the Gaussian mechanism: one sampling call per tensor per step.
 
 Secure mode does two things (both needed for the DP guarantee to survive an adversary who sees
 the released floating-point values):
@@ -15,7 +15,7 @@ the released floating-point values):
 
 import math
 import secrets
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 
@@ -76,32 +76,3 @@ def gaussian_noise(
         device=reference.device,
         dtype=reference.dtype,
     )
-
-
-def gaussian_noise_for(
-    std: float,
-    references: Sequence[torch.Tensor],
-    *,
-    generator: Optional[torch.Generator] = None,
-    secure_mode: bool = False,
-) -> List[torch.Tensor]:
-    """Independent ``N(0, std^2)`` noise for each tensor of ``references`` (as ``gaussian_noise``),
-    drawn in one sampling call per (device, dtype): the returned tensors are views into one flat
-    buffer, shaped like their references.  A step noising hundreds of parameter tensors pays the
-    per-call overhead once.
-    """
-    groups: Dict[tuple, List[int]] = {}
-    for i, ref in enumerate(references):
-        groups.setdefault((ref.device, ref.dtype), []).append(i)
-    out: List[Optional[torch.Tensor]] = [None] * len(references)
-    for (device, dtype), members in groups.items():
-        sizes = [references[i].numel() for i in members]
-        flat = gaussian_noise(
-            std,
-            torch.empty(sum(sizes), device=device, dtype=dtype),
-            generator=generator,
-            secure_mode=secure_mode,
-        )
-        for i, chunk in zip(members, flat.split(sizes)):
-            out[i] = chunk.view(references[i].shape)
-    return out

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.optim import Optimizer
 
 from opacus.optimizers import clipping
-from opacus.optimizers.noise import gaussian_noise_for
+from opacus.optimizers.noise import gaussian_noise
 from opacus.optimizers.utils import params
 
 # Set by the hooks (opacus.grad_sample.grad_sample_module) for parameters whose per-sample norms
@@ -247,12 +247,11 @@ class DPOptimizer(Optimizer):
 
     def add_noise(self):
         """``p.grad = summed_grad + N(0, (noise_multiplier * max_grad_norm)^2)``."""
-        sums = [self._summed_grad_of(p, i) for i, p in enumerate(self.params)]
-        noises = gaussian_noise_for(
-            self._noise_std(), sums, generator=self.generator, secure_mode=self.secure_mode
-        )
-        for p, s, noise in zip(self.params, sums, noises):
-            # The fresh noise becomes the gradient: one allocation and one pass per step.
+        std = self._noise_std()
+        for i, p in enumerate(self.params):
+            s = self._summed_grad_of(p, i)
+            noise = gaussian_noise(std, s, generator=self.generator, secure_mode=self.secure_mode)
+            # The fresh noise tensor becomes the gradient: one allocation and pass per param.
             p.grad = noise.add_(s).view_as(p)
 
     def _scale_denominator(self) -> float:
