@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opacus.grad_sample.conv import (
-    clear_conv_strategy_cache,
     compute_conv_grad_sample,
     convolution2d_backward_as_a_convolution,
     set_conv_strategy,
@@ -19,21 +18,14 @@ from opacus.grad_sample.conv import (
 from opacus.grad_sample.registry import GRAD_SAMPLERS
 from tests.oracle import assert_grad_samples_close, brute_force_grad_samples
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel"),
+    pytest.mark.usefixtures("auto_conv_strategy"),
+]
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 STRATEGIES = ("unfold", "unfold_transposed", "convolution", "auto")
 LAYOUTS = ("contiguous", "channels_last", "strided")
-
-
-@pytest.fixture(autouse=True)
-def _auto_strategy():
-    """Every test starts and ends in the default mode with an empty cache."""
-    set_conv_strategy("auto")
-    clear_conv_strategy_cache()
-    yield
-    set_conv_strategy("auto")
-    clear_conv_strategy_cache()
 
 
 def oracle(layer, inputs, backprops):

@@ -18,14 +18,7 @@ from tests.oracle import assert_grad_samples_close
 
 NAMES = ("unfold", "unfold_transposed", "convolution")
 
-
-@pytest.fixture(autouse=True)
-def _auto_strategy():
-    set_conv_strategy("auto")
-    clear_conv_strategy_cache()
-    yield
-    set_conv_strategy("auto")
-    clear_conv_strategy_cache()
+pytestmark = pytest.mark.usefixtures("auto_conv_strategy")
 
 
 @pytest.fixture
