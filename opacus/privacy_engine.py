@@ -299,6 +299,15 @@ class PrivacyEngine:
             **kwargs,
         )
         optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        if (
+            grad_sample_mode in ("hooks", "functorch")
+            and not distributed
+            and isinstance(module, GradSampleHooks)
+        ):
+            # The DP optimizer replaces p.grad with the noisy clipped sum: backward need not
+            # compute the non-private batch gradient (opacus.grad_sample.batch_gradients). Kept
+            # under data parallelism, whose gradient hooks and all-reduce run on p.grad.
+            module.compute_batch_gradients = False
 
         if grad_sample_mode == "ghost":
             dp_criterion = DPLossFastGradientClipping(module, optimizer, criterion, loss_reduction)

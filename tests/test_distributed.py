@@ -60,6 +60,7 @@ def _worker(rank, init_file, out_dir):
             max_grad_norm=CLIP,
         )
         out["optimizer"] = type(opt).__name__
+        out["batch_gradients"] = gsm.compute_batch_gradients
         out["sampler"] = type(dl.batch_sampler).__name__
         out["shard"] = dl.batch_sampler.num_samples
         out["expected_batch_size"] = opt.expected_batch_size
@@ -133,6 +134,8 @@ def _oracle_update():
 def _check_setup_is_distributed(results):
     for r in results:
         assert r["optimizer"] == "DistributedDPOptimizer"
+        # Data parallelism keeps p.grad: its all-reduce (and per-layer hooks) run on it.
+        assert r["batch_gradients"] is True
         assert r["sampler"] == "DistributedUniformWithReplacementSampler"
         assert r["expected_batch_size"] == BATCH // WORLD_SIZE
     assert results[0]["shard"] + results[1]["shard"] == N

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from opacus.grad_sample import registry
+from opacus.grad_sample.batch_gradients import BatchGradientSwitch
 from opacus.grad_sample.functorch import (
     ft_compute_per_sample_gradient,
     per_sample_gradient,
@@ -231,6 +232,11 @@ class GradSampleHooks(AbstractGradSampleHooks):
             leave them without hooks).
         force_functorch: use ``torch.func`` for every layer, even those with a grad sampler.
 
+    Set ``compute_batch_gradients = False`` on the object to keep the hooked parameters out of the
+    autograd graph: backward then computes their per-sample gradients but no ``p.grad`` (about
+    half of a convolution's backward saved). ``PrivacyEngine.make_private`` does so in hooks and
+    functorch modes outside data parallelism, since its optimizer replaces ``p.grad`` anyway.
+
     Safety checks (both raise instead of letting a silently wrong gradient through):
 
     * Sample mixing: the ``torch.func`` fallback is only right for layers whose output row ``i``
@@ -248,6 +254,10 @@ class GradSampleHooks(AbstractGradSampleHooks):
     GRAD_SAMPLERS = registry.GRAD_SAMPLERS
     NORM_SAMPLERS = registry.NORM_SAMPLERS
     check_batch_mixing = True
+    # False: hooked layers' parameters stay out of the autograd graph, so backward computes their
+    # per-sample gradients but no p.grad (opacus.grad_sample.batch_gradients). PrivacyEngine sets
+    # it for the models it wraps, whose optimizer replaces p.grad anyway.
+    compute_batch_gradients = True
 
     def __init__(
         self,
@@ -264,6 +274,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self.force_functorch = force_functorch
         self.hooks_enabled = False
         self._hook_handles: List = []
+        self._batch_gradient_switch = BatchGradientSwitch(self)
         self._reset_state()
         errors = self.validate(module=m, strict=strict)
         if errors:
@@ -383,6 +394,12 @@ class GradSampleHooks(AbstractGradSampleHooks):
             self._module_names[module] = names.get(module, "") or "<root>"
             registered = self.GRAD_SAMPLERS.get(type(module))
             self._samplers[module] = None if force_functorch else registered
+            switch = self._batch_gradient_switch
+            self._hook_handles.append(module.register_forward_pre_hook(switch.before_forward))
+            # Before the capture hook (which reads requires_grad), and even if forward raises.
+            self._hook_handles.append(
+                module.register_forward_hook(switch.after_forward, always_call=True)
+            )
             self._hook_handles.append(module.register_forward_hook(self.capture_activations_hook))
             self._hook_handles.append(
                 module.register_full_backward_hook(
@@ -394,6 +411,10 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 )
             )
         self.enable_hooks()
+
+    def hooked_parameters(self, module: nn.Module) -> Iterable[nn.Parameter]:
+        """The parameters whose per-sample gradients ``module``'s hook computes."""
+        return module.parameters(recurse=self._samplers.get(module) is not None)
 
     def remove_hooks(self) -> None:
         """Remove every hook and the captured activations; the model's modules are untouched."""
