@@ -258,6 +258,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
     # per-sample gradients but no p.grad (opacus.grad_sample.batch_gradients). PrivacyEngine sets
     # it for the models it wraps, whose optimizer replaces p.grad anyway.
     compute_batch_gradients = True
+    _can_skip_batch_gradients = True
 
     def __init__(
         self,
@@ -274,7 +275,10 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self.force_functorch = force_functorch
         self.hooks_enabled = False
         self._hook_handles: List = []
-        self._batch_gradient_switch = BatchGradientSwitch(self)
+        # Ghost clipping's second pass needs p.grad: its hooks never switch parameters off.
+        self._batch_gradient_switch = (
+            BatchGradientSwitch(self) if self._can_skip_batch_gradients else None
+        )
         self._reset_state()
         errors = self.validate(module=m, strict=strict)
         if errors:
@@ -395,11 +399,12 @@ class GradSampleHooks(AbstractGradSampleHooks):
             registered = self.GRAD_SAMPLERS.get(type(module))
             self._samplers[module] = None if force_functorch else registered
             switch = self._batch_gradient_switch
-            self._hook_handles.append(module.register_forward_pre_hook(switch.before_forward))
-            # Before the capture hook (which reads requires_grad), and even if forward raises.
-            self._hook_handles.append(
-                module.register_forward_hook(switch.after_forward, always_call=True)
-            )
+            if switch is not None:
+                self._hook_handles.append(module.register_forward_pre_hook(switch.before_forward))
+                # Before the capture hook (which reads requires_grad), even if forward raises.
+                self._hook_handles.append(
+                    module.register_forward_hook(switch.after_forward, always_call=True)
+                )
             self._hook_handles.append(module.register_forward_hook(self.capture_activations_hook))
             self._hook_handles.append(
                 module.register_full_backward_hook(

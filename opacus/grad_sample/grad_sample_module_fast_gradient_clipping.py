@@ -115,6 +115,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
     # Book-keep while the kept backprops have at most this many elements per trainable parameter
     # element (module docstring); ``math.inf``: always where possible, 0: never.
     max_book_keeping_ratio = 1.0
+    _can_skip_batch_gradients = False
 
     def __init__(
         self,

@@ -171,3 +171,16 @@ def test_privacy_engine_skips_batch_gradients_for_hooks_modes(mode):
     for n, p in model.named_parameters():
         clipped_mean = torch.einsum("b,b...->...", coef, per_sample[n]) / 4
         torch.testing.assert_close(p.detach(), before[n] - 0.1 * clipped_mean, rtol=1e-4, atol=1e-6)
+
+
+def test_ghost_clipping_never_switches_parameters_off():
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    gsm = GradSampleModuleFastGradientClipping(model)
+    assert gsm._batch_gradient_switch is None
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, _: seen.append(m.weight.requires_grad))
+    gsm.compute_batch_gradients = False  # ignored: the second pass needs p.grad
+    gsm(torch.randn(2, 3))
+    assert seen == [True]
