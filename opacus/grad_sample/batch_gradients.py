@@ -13,7 +13,9 @@ after, even if the forward raises), so autograd records no path to them.  The ba
 need the gradient of the layer's *output*; when the output needs no gradient once the parameters
 are out of the graph (a first layer, whose input needs none), ``GradPath`` gives it one through
 a scalar anchor, so the gradient still flows down to the layer and its hook fires.  After the
-backward pass the parameters have ``grad_sample`` but no ``grad``.
+backward pass the parameters have ``grad_sample`` but no ``grad``.  On torch < 2.1 (no
+``always_call`` forward hooks, so no restore after a forward that raises) the switch is not
+installed and the batch gradients are computed as before.
 """
 
 from typing import Dict, List

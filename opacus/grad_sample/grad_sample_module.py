@@ -9,6 +9,7 @@ promoted into ``p.grad_sample``, which also accumulates over several backward pa
 """
 
 import functools
+import inspect
 import logging
 import warnings
 import weakref
@@ -212,6 +213,11 @@ def _batch_dim(module: nn.Module, batch_first: bool) -> int:
     return 1
 
 
+_FORWARD_HOOKS_CAN_ALWAYS_RUN = (
+    "always_call" in inspect.signature(nn.Module.register_forward_hook).parameters
+)
+
+
 def _is_batch_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
@@ -275,9 +281,12 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self.force_functorch = force_functorch
         self.hooks_enabled = False
         self._hook_handles: List = []
-        # Ghost clipping's second pass needs p.grad: its hooks never switch parameters off.
+        # Ghost clipping's second pass needs p.grad: its hooks never switch parameters off. The
+        # switch must restore requires_grad even when a forward raises (always_call, torch 2.1+).
         self._batch_gradient_switch = (
-            BatchGradientSwitch(self) if self._can_skip_batch_gradients else None
+            BatchGradientSwitch(self)
+            if self._can_skip_batch_gradients and _FORWARD_HOOKS_CAN_ALWAYS_RUN
+            else None
         )
         self._reset_state()
         errors = self.validate(module=m, strict=strict)

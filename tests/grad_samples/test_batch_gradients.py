@@ -165,7 +165,7 @@ def test_privacy_engine_skips_batch_gradients_for_hooks_modes(mode):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     criterion = out[2] if mode == "ghost" else nn.CrossEntropyLoss()
     criterion(module(x), y).backward()
-    if mode != "ghost":
+    if mode != "ghost" and module._batch_gradient_switch is not None:  # torch >= 2.1
         assert all(p.grad is None for p in model.parameters())
     optimizer.step()
     for n, p in model.named_parameters():
