@@ -115,6 +115,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
     # Book-keep while the kept backprops have at most this many elements per trainable parameter
     # element (module docstring); ``math.inf``: always where possible, 0: never.
     max_book_keeping_ratio = 1.0
+    # False where the second pass is itself needed (FSDP reduce-scatters in it).
+    _can_book_keep = True
     _can_skip_batch_gradients = False
 
     def __init__(
@@ -178,12 +180,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
 
     def _start_forward(self, module: nn.Module, _inputs) -> None:
         super()._start_forward(module, _inputs)
-        # Subclasses (FSDP) may rely on the parameter gradients of the norm pass.
-        exact = type(self) in (
-            GradSampleHooksFastGradientClipping,
-            GradSampleModuleFastGradientClipping,
-        )
-        self._first_pass_anchors = [] if exact and torch.is_grad_enabled() else None
+        self._first_pass_anchors = [] if torch.is_grad_enabled() else None
         self._anchored_calls = 0
         self._book_keeping = False
         self._book_kept = {}
@@ -292,11 +289,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         needs, if every trainable parameter qualifies (module docstring); returns whether."""
         self._book_kept = {}
         self._book_keeping = False
-        exact = type(self) in (
-            GradSampleHooksFastGradientClipping,
-            GradSampleModuleFastGradientClipping,
-        )
-        if not exact or not self.hooks_enabled:
+        if not self._can_book_keep or not self.hooks_enabled:
             return False
         covered = set()
         for module, calls in self._activations.items():

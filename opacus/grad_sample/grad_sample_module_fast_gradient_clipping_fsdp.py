@@ -2,25 +2,26 @@
 
 FSDP is data parallel: every rank clips its own samples, and a sample's gradient norm only needs
 that rank's activations and output gradients (Li et al. 2022, ghost clipping), never the other
-ranks' shards.  Three things differ from the unsharded ``GradSampleModuleFastGradientClipping``:
+ranks' shards.  Two things differ from the unsharded ``GradSampleModuleFastGradientClipping``:
 
 * ``fully_shard`` swaps each unit's class for a generated ``FSDP<Layer>`` subclass, so samplers are
   looked up by the layer class it was generated from (``_FSDPAwareSamplers``);
 * around a unit's forward and backward the module holds gathered (unsharded) parameters, while
   ``model.parameters()`` are the ``DTensor`` shards.  Samplers therefore see full tensors, and
-  their results are re-keyed by parameter name onto the shards, which carry ``_norm_sample``;
-* ghost clipping's first backward asks ``torch.autograd.grad`` for the gradients of
-  ``model.parameters()``.  The shards are not in the autograd graph (the gathered copies are), so
-  autograd would prune the whole backward and no hook would run.  Each hooked layer's output is
-  therefore passed through ``_ConnectShards``, an identity whose backward links the layer's shards
-  to the graph (with a zero gradient), which keeps every layer on a path to the requested inputs.
+  their results are re-keyed by parameter name onto the shards, which carry ``_norm_sample``.
+
+The norm pass is the unsharded wrapper's: it asks ``torch.autograd.grad`` for the gradients just
+below the hooked layers' backward-hook nodes, never for the shards (which are not in the autograd
+graph; the gathered copies are), so every hook runs, no weight gradient is computed, and FSDP's
+reduce-scatter only runs in the second, clipped pass.  Book-keeping is not used: that pass is
+where FSDP reduces the gradients.
 
 Layers without a registered grad sampler (the ``torch.func`` fallback) are not supported once
 sharded: registering a sampler for the layer class is the way out (clear error otherwise).
 """
 
 from collections.abc import MutableMapping
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn as nn
@@ -121,19 +122,6 @@ class _FSDPAwareSamplers(MutableMapping):
         return cls in self._base or unwrapped_class(cls) in self._base
 
 
-class _ConnectShards(torch.autograd.Function):
-    """Identity on ``output`` whose backward reaches ``shards`` (zero gradient): see module doc."""
-
-    @staticmethod
-    def forward(ctx, output, *shards):
-        ctx.num_shards = len(shards)
-        return output.clone()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return (grad_output,) + (None,) * ctx.num_shards
-
-
 class GradSampleHooksFastGradientClippingFSDP(GradSampleHooksFastGradientClipping):
     """Ghost-clipping hooks for FSDP2-sharded (or unsharded) models: see the module docstring.
 
@@ -144,6 +132,7 @@ class GradSampleHooksFastGradientClippingFSDP(GradSampleHooksFastGradientClippin
 
     GRAD_SAMPLERS = _FSDPAwareSamplers(registry.GRAD_SAMPLERS)
     NORM_SAMPLERS = _FSDPAwareSamplers(registry.NORM_SAMPLERS)
+    _can_book_keep = False  # the second pass is where FSDP reduce-scatters the gradients
 
     def __init__(
         self,
@@ -212,10 +201,6 @@ class GradSampleHooksFastGradientClippingFSDP(GradSampleHooksFastGradientClippin
             out[slots[name] if name in slots else p] = value
         return out
 
-    def _shards_of(self, module: nn.Module) -> List[torch.Tensor]:
-        slots = self._slots.get(module, {})
-        return [p for p in slots.values() if p.requires_grad and _is_dtensor(p)]
-
     # ------------------------------------------------------------------------ hooks
     def _start_forward(self, module: nn.Module, _inputs) -> None:
         super()._start_forward(module, _inputs)
@@ -224,22 +209,6 @@ class GradSampleHooksFastGradientClippingFSDP(GradSampleHooksFastGradientClippin
                 for p in slots.values():
                     if hasattr(p, "_norm_sample"):
                         del p._norm_sample
-
-    def capture_activations_hook(self, module: nn.Module, forward_input, _forward_output):
-        """Forward hook: capture the inputs; link the layer's shards to its output (module doc)."""
-        super().capture_activations_hook(module, forward_input, _forward_output)
-        if (
-            not self.hooks_enabled
-            or not module.training
-            or not torch.is_grad_enabled()
-            or not torch.is_tensor(_forward_output)
-            or not _forward_output.requires_grad
-        ):
-            return None
-        shards = self._shards_of(module)
-        if not shards:
-            return None
-        return _ConnectShards.apply(_forward_output, *shards)
 
     def _fallback_unsupported(self, module: nn.Module) -> bool:
         return self._samplers.get(module) is None and any(

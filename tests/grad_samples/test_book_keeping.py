@@ -292,3 +292,20 @@ def test_scale_grad_by_freq_without_book_keeping_is_refused():
     assert all(p.grad is None for p in model.parameters())
     model.emb.weight.requires_grad_(False)  # a frozen embedding couples nothing
     assert gsm.batch_coupled_layers() == []
+
+
+def test_fsdp_wrapper_never_book_keeps_and_tp_wrapper_does():
+    from opacus.grad_sample import (
+        GradSampleModuleFastGradientClippingFSDP,
+        GradSampleModuleFastGradientClippingTP,
+    )
+
+    x = torch.randn(3, 4)
+    for cls, expected in [
+        (GradSampleModuleFastGradientClippingFSDP, False),
+        (GradSampleModuleFastGradientClippingTP, True),
+    ]:
+        gsm = cls(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+        gsm.max_book_keeping_ratio = math.inf
+        gsm(x)
+        assert gsm.plan_book_keeping() is expected, cls.__name__
