@@ -111,7 +111,7 @@ def double_backward(
     # is driven by the backward pass itself.
     book_keeping = (
         loss_per_sample.numel() > 0
-        and not isinstance(wrapper, nn.parallel.DistributedDataParallel)
+        and not _under_torch_ddp(wrapper, module)
         and getattr(module, "plan_book_keeping", lambda: False)()
     )
     coupled = [] if book_keeping else getattr(module, "batch_coupled_layers", lambda: [])()
@@ -158,6 +158,15 @@ def double_backward(
         finally:
             module.enable_hooks()
     _mark_clipped_backward(optimizer)
+
+
+def _under_torch_ddp(wrapper: nn.Module, ghost: nn.Module) -> bool:
+    """True if a torch ``DistributedDataParallel`` wraps the ghost module or is wrapped by it."""
+    chain = [wrapper]
+    while chain[-1] is not ghost and isinstance(getattr(chain[-1], "module", None), nn.Module):
+        chain.append(chain[-1].module)
+    chain.append(getattr(ghost, "_module", None))
+    return any(isinstance(m, nn.parallel.DistributedDataParallel) for m in chain)
 
 
 def _check_every_hook_fired(module) -> None:

@@ -309,3 +309,33 @@ def test_fsdp_wrapper_never_book_keeps_and_tp_wrapper_does():
         gsm.max_book_keeping_ratio = math.inf
         gsm(x)
         assert gsm.plan_book_keeping() is expected, cls.__name__
+
+
+def test_torch_ddp_anywhere_around_the_ghost_module_disables_book_keeping(monkeypatch):
+    """DDP's all-reduce runs in the backward pass; detection is by type (no process group)."""
+    from opacus.utils import fast_gradient_clipping_utils as fgc
+
+    class FakeDDP(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            return self.module(*args)
+
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", FakeDDP)
+    inner = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    plain = GradSampleModuleFastGradientClipping(inner)
+    assert not fgc._under_torch_ddp(plain, plain)
+    outer = FakeDDP(plain)
+    assert fgc._under_torch_ddp(outer, plain)
+    wrapped_ddp = GradSampleModuleFastGradientClipping(FakeDDP(nn.Linear(4, 2)))
+    assert fgc._under_torch_ddp(wrapped_ddp, wrapped_ddp)
+    # End to end: the second pass runs (parameter gradients flow through autograd).
+    wrapped_ddp.max_book_keeping_ratio = math.inf
+    hits = []
+    for p in wrapped_ddp.parameters():
+        p.register_hook(lambda g: hits.append(g))
+    loss = _sample_loss(wrapped_ddp(torch.randn(3, 4)))
+    double_backward(wrapped_ddp, SimpleNamespace(max_grad_norm=1.0), loss)
+    assert len(hits) == 2
