@@ -140,6 +140,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         self._book_keeping = False
         self._book_kept: Dict[nn.Module, tuple] = {}
         self._output_numel = 0  # of the hooked calls of this forward: the backprops to keep
+        self._embeddings: Optional[List[tuple]] = None  # (name, module), for scale_grad_by_freq
         GradSampleHooks.__init__(
             self,
             m,
@@ -156,7 +157,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
     def _norm_sampler(self, module: nn.Module):
         if not self.use_ghost_clipping or self.force_functorch:
             return None
-        if any(id(p) in self._shared for p in module.parameters()):
+        if self._shared and any(id(p) in self._shared for p in module.parameters()):
             return None  # tied weights: the norm of a sum is not a sum of norms
         return self.NORM_SAMPLERS.get(type(module))
 
@@ -320,12 +321,14 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         sample by the per-sample gradient: one sample's presence would change every other
         sample's contribution, which no per-sample clipping bounds.
         """
+        if self._embeddings is None:  # the model's structure is fixed once wrapped
+            self._embeddings = [
+                (name or type(m).__name__, m)
+                for name, m in self._module.named_modules()
+                if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+            ]
         return [
-            name or type(m).__name__
-            for name, m in self._module.named_modules()
-            if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
-            and m.scale_grad_by_freq
-            and m.weight.requires_grad
+            name for name, m in self._embeddings if m.scale_grad_by_freq and m.weight.requires_grad
         ]
 
     def accumulate_clipped_sum(self, coef: torch.Tensor) -> bool:

@@ -79,8 +79,6 @@ setattr(compute_linear_grad_sample, SUMS_OVER_SEQUENCE_ATTR, True)
 def _weight_norm_squared(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``||b_i^T a_i||_F^2`` per sample for ``a: (B, T, d_in)``, ``b: (B, T, d_out)``."""
     seq_len, d_in, d_out = a.shape[1], a.shape[2], b.shape[2]
-    if seq_len == 1:
-        return a.pow(2).sum(dim=(1, 2)) * b.pow(2).sum(dim=(1, 2))
     if seq_len * seq_len <= d_in * d_out:
         # Ghost norm: ||sum_t b_t a_t^T||_F^2 = sum_{t,s} (a_t . a_s)(b_t . b_s); memory B*T^2.
         gram_a = torch.bmm(a, a.transpose(1, 2))
@@ -106,6 +104,14 @@ def compute_linear_norm_sample(
     """
     a, b = _as_sequences(activations[0], backprops, min_dtype=torch.float32)
     ret = {}
+    if a.shape[1] == 1:
+        # One position: the gradient is the outer product b a^T, of norm ||b|| ||a||.
+        b_norm = torch.linalg.vector_norm(b, dim=(1, 2))
+        if layer.weight.requires_grad:
+            ret[layer.weight] = torch.linalg.vector_norm(a, dim=(1, 2)) * b_norm
+        if layer.bias is not None and layer.bias.requires_grad:
+            ret[layer.bias] = b_norm
+        return ret
     if layer.weight.requires_grad:
         # Rounding can push the Gram contraction a hair below zero.
         ret[layer.weight] = _weight_norm_squared(a, b).clamp_min(0).sqrt()

@@ -70,6 +70,18 @@ def test_linear_norms_float32_and_frozen():
     assert set(compute_linear_norm_sample(layer, [x], r)) == {layer.weight}
 
 
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_linear_norms_one_position_with_a_frozen_parameter(frozen):
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 3).double()
+    getattr(layer, frozen).requires_grad_(False)
+    x, r = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    check_norms(layer, compute_linear_norm_sample, x, r)
+    assert set(compute_linear_norm_sample(layer, [x], r)) == {
+        p for p in layer.parameters() if p.requires_grad
+    }
+
+
 def test_linear_zero_gradient_has_zero_norm():
     layer = nn.Linear(4, 4)
     x = torch.randn(2, 3, 4)
