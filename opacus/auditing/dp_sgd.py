@@ -31,7 +31,6 @@ makes the audit weaker.
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -148,11 +147,7 @@ def _audit_runtime():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with warnings.catch_warnings():
-            # The inputs of an audited model do not require grad, which torch reports once per
-            # backward for the per-sample hooks; it is expected here.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            yield
+        yield
     finally:
         torch.set_num_threads(threads)
 

@@ -30,8 +30,13 @@ class GradPath(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, output: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        """``output`` itself, now on a path to ``anchor``."""
-        return output
+        """``output``'s values, now on a path to ``anchor``.
+
+        A fresh alias, not ``output`` itself: an input returned as-is becomes a view of it,
+        and autograd would refuse the in-place op that often follows a layer
+        (``nn.ReLU(inplace=True)``).
+        """
+        return output.detach()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):

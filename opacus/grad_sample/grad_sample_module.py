@@ -1,11 +1,13 @@
 """Per-sample gradients from module hooks: ``GradSampleHooks`` and its wrapper ``GradSampleModule``.
 
-A forward hook keeps each trainable layer's (detached) inputs, a full backward hook receives the
-gradient of the loss with respect to the layer's output, and the layer's grad sampler (or the
-``torch.func`` fallback) turns the pair into per-sample gradients.  Contributions of one backward
-pass (several calls of a layer, e.g. RNN time steps, or parameters shared by several layers) are
-summed into ``p._current_grad_sample``; when the autograd engine finishes the pass they are
-promoted into ``p.grad_sample``, which also accumulates over several backward passes.
+A forward hook keeps each trainable layer's (detached) inputs and registers a hook on that call's
+output tensor, which receives the gradient of the loss with respect to it; the layer's grad sampler
+(or the ``torch.func`` fallback) turns the pair into per-sample gradients.  Each output hook knows
+its own call, so a call whose output the loss does not use never pairs its inputs with another
+call's gradient (a module-level backward hook can only pair them by order).  Contributions of
+one backward pass (several calls of a layer, e.g. RNN time steps, or parameters shared by several
+layers) are summed into ``p._current_grad_sample``; when the autograd engine finishes the pass
+they are promoted into ``p.grad_sample``, which also accumulates over several backward passes.
 """
 
 import functools
@@ -13,7 +15,6 @@ import inspect
 import logging
 import warnings
 import weakref
-from functools import partial
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -62,15 +63,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# torch warns on every backward through a first layer whose input needs no gradient; the hook
-# only needs the output gradient, so that case is the normal one here.
-warnings.filterwarnings(
-    "ignore",
-    message="Full backward hook is firing when gradients are computed with respect to module "
-    "outputs",
-    category=UserWarning,
-)
 
 
 def create_or_accumulate_grad_sample(
@@ -213,6 +205,42 @@ def _batch_dim(module: nn.Module, batch_first: bool) -> int:
     return 1
 
 
+class _Call(list):
+    """One call's captured inputs; weakly referenced by the hook on that call's output.
+
+    ``hook`` is a weak reference to that hook (None if the output needed no gradient): the hook
+    lives as long as the output's autograd node, so once it is gone no gradient can ever reach
+    the call (e.g. an output the loss never used) and its inputs are dropped.
+    """
+
+    __slots__ = ("__weakref__", "hook")
+
+    def orphaned(self) -> bool:
+        """True if no backward pass can deliver this call's output gradient any more."""
+        return self.hook is None or self.hook() is None
+
+
+class _OutputHook:
+    """Tensor hook on one call's output: hands the gradient to the hooks object."""
+
+    __slots__ = ("__weakref__", "owner", "module", "call")
+
+    def __init__(self, owner, module: nn.Module, call: _Call):
+        self.owner, self.module, self.call = owner, module, weakref.ref(call)
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        self.owner._output_grad_hook(self.module, self.call, grad)
+
+
+def _hookable_output(output) -> Optional[torch.Tensor]:
+    """The output tensor whose gradient is the layer's backprops (the first one, for tuples)."""
+    if isinstance(output, (tuple, list)):
+        output = next((o for o in output if torch.is_tensor(o)), None)
+    if torch.is_tensor(output) and output.requires_grad:
+        return output
+    return None
+
+
 _FORWARD_HOOKS_CAN_ALWAYS_RUN = (
     "always_call" in inspect.signature(nn.Module.register_forward_hook).parameters
 )
@@ -305,6 +333,9 @@ class GradSampleHooks(AbstractGradSampleHooks):
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:
         self._activations: Dict[nn.Module, List[list]] = {}
+        # The call whose output hook is running, and the output the last captured call hooked.
+        self._firing_call: Optional[list] = None
+        self._hooked_output: Optional[weakref.ref] = None
         self._max_batch_len: Dict[nn.Module, int] = {}
         self._samplers: Dict[nn.Module, Optional[Callable]] = {}
         self._module_names: Dict[nn.Module, str] = {}
@@ -415,15 +446,8 @@ class GradSampleHooks(AbstractGradSampleHooks):
                     module.register_forward_hook(switch.after_forward, always_call=True)
                 )
             self._hook_handles.append(module.register_forward_hook(self.capture_activations_hook))
-            self._hook_handles.append(
-                module.register_full_backward_hook(
-                    partial(
-                        self.capture_backprops_hook,
-                        loss_reduction=loss_reduction,
-                        batch_first=batch_first,
-                    )
-                )
-            )
+        # The output hooks registered at each call pass these on to capture_backprops_hook.
+        self._backprops_hook_kwargs = {"loss_reduction": loss_reduction, "batch_first": batch_first}
         self.enable_hooks()
 
     def hooked_parameters(self, module: nn.Module) -> Iterable[nn.Parameter]:
@@ -432,14 +456,9 @@ class GradSampleHooks(AbstractGradSampleHooks):
 
     def remove_hooks(self) -> None:
         """Remove every hook and the captured activations; the model's modules are untouched."""
-        modules = list(self._samplers) + [self._module]
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
-        for module in modules:
-            # ``register_full_backward_hook`` flags the module; restore the pristine state.
-            if not module._backward_hooks and not module._backward_pre_hooks:
-                module._is_full_backward_hook = None
         for p in self._module.parameters():
             if hasattr(p, "_current_grad_sample"):
                 del p._current_grad_sample
@@ -459,6 +478,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
     def _start_forward(self, module: nn.Module, _inputs) -> None:
         if self._structure is not None:
             self._structure.check(type(self).__name__)
+        self._prune_orphaned_calls()
         self._first_layer = None
         self._called_this_forward = set()
         if self._finish_queued:  # the last backward raised before it finished
@@ -495,8 +515,37 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._check_batch_size(module, batch)
         if batch >= 2 and module not in self._probed:
             self._probe_batch_mixing(module, activations, _forward_output)
-        self._activations.setdefault(module, []).append(activations)
+        call = _Call(activations)
+        call.hook = None
+        self._activations.setdefault(module, []).append(call)
         self._max_batch_len[module] = max(self._max_batch_len.get(module, 0), batch)
+        output = _hookable_output(_forward_output)
+        # Weak: a strong reference would keep an unused output's graph (and its call) alive.
+        self._hooked_output = None if output is None else weakref.ref(output)
+        if output is not None:
+            hook = _OutputHook(self, module, call)
+            call.hook = weakref.ref(hook)
+            output.register_hook(hook)
+
+    def _prune_orphaned_calls(self) -> None:
+        """Drop the inputs of calls whose output gradient can no longer arrive (``_Call``)."""
+        for module in list(self._activations):
+            calls = self._activations[module]
+            calls[:] = [c for c in calls if not (isinstance(c, _Call) and c.orphaned())]
+            if not calls:
+                del self._activations[module]
+                self._max_batch_len.pop(module, None)
+
+    def _output_grad_hook(self, module: nn.Module, call_ref, grad: torch.Tensor) -> None:
+        """Tensor hook on one call's output: hand its gradient to ``capture_backprops_hook``."""
+        call = call_ref()
+        if call is None:
+            return  # the call's inputs were dropped (a failed pass, a cleared state)
+        self._firing_call = call
+        try:
+            self.capture_backprops_hook(module, None, (grad,), **self._backprops_hook_kwargs)
+        finally:
+            self._firing_call = None
 
     def _probe_batch_mixing(self, module: nn.Module, activations: list, output) -> None:
         # Registered samplers are exact by construction; only the generic fallback needs proof
@@ -561,7 +610,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         With ``loss_reduction="mean"`` each output gradient is ``1/B`` of the sample's own loss
         gradient, so the backprops are multiplied by ``B``.
         """
-        activations = self._activations[module].pop()
+        activations = self._pop_call(module)
         if _batch_dim(module, batch_first) != 0:
             activations = [
                 a.movedim(1, 0) if torch.is_tensor(a) and a.dim() > 1 else a for a in activations
@@ -570,6 +619,13 @@ class GradSampleHooks(AbstractGradSampleHooks):
         if loss_reduction == "mean":
             backprops = backprops * self._max_batch_len[module]
         return activations, backprops
+
+    def _pop_call(self, module: nn.Module) -> list:
+        """Remove and return the call whose output hook is firing (else the latest call)."""
+        calls = self._activations[module]
+        firing = self._firing_call
+        index = next((i for i, c in enumerate(calls) if c is firing), len(calls) - 1)
+        return calls.pop(index)
 
     def _per_sample_grads(
         self, module: nn.Module, activations: List, backprops: torch.Tensor
@@ -586,9 +642,12 @@ class GradSampleHooks(AbstractGradSampleHooks):
         """Activations and backprops of the call whose output gradient just arrived, or None."""
         if not self.hooks_enabled or not self._activations.get(module):
             return None
+        firing = self._firing_call
+        if firing is not None and not any(c is firing for c in self._activations[module]):
+            return None  # that call's inputs were dropped (a failed pass, a cleared state)
         backprops = grad_output[0]
-        if backprops is None:  # output not differentiated: drop the call to keep the pairing
-            self._activations[module].pop()
+        if backprops is None:  # output not differentiated: drop the call
+            self._pop_call(module)
             if not self._activations[module]:
                 del self._activations[module]
                 del self._max_batch_len[module]
@@ -617,7 +676,11 @@ class GradSampleHooks(AbstractGradSampleHooks):
         loss_reduction: str,
         batch_first: bool,
     ):
-        """Full backward hook: per-sample gradients of this call, summed into the parameters."""
+        """Backward hook of one call: its per-sample gradients, summed into the parameters.
+
+        ``forward_output`` is the tuple of output gradients (``(grad,)``), as a full backward
+        hook receives it.
+        """
         # Per-sample gradients are linear in the backprops, so "mean"'s factor B can go on
         # whichever is smaller: the backprops (e.g. a wide Linear) or the sampler's output (e.g.
         # a convolution on a large image, whose backprops dwarf its kernel).

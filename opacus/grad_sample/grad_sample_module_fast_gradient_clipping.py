@@ -22,6 +22,7 @@ the trainable parameters (the size of the gradients themselves): short inputs bo
 sequences keep the memory-lean second pass.
 """
 
+import functools
 import logging
 import math
 from typing import Dict, List, Optional
@@ -88,6 +89,21 @@ def _row_norms(grad_sample: torch.Tensor) -> torch.Tensor:
     if grad_sample.dim() == 1:
         return grad_sample.abs().to(dtype or grad_sample.dtype)
     return torch.linalg.vector_norm(grad_sample.flatten(start_dim=1), 2, dim=1, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def tensor_hooks_run_on_captured_gradients() -> bool:
+    """Whether this torch runs a non-leaf tensor's hooks when ``torch.autograd.grad`` is asked
+    for that tensor's gradient (the anchored norm pass relies on it; checked once)."""
+    get_edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
+    if get_edge is None:
+        return False
+    x = torch.zeros(1, requires_grad=True)
+    h = x * 1.0
+    fired = []
+    h.register_hook(lambda g: fired.append(g))
+    torch.autograd.grad((h * 2.0).sum(), [get_edge(h)])
+    return bool(fired)
 
 
 def _shared_params(module: nn.Module) -> set:
@@ -180,6 +196,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         return mode
 
     def _start_forward(self, module: nn.Module, _inputs) -> None:
+        # Release the last forward's anchors first: they keep its graph (and its calls) alive.
+        self._first_pass_anchors = None
         super()._start_forward(module, _inputs)
         self._first_pass_anchors = [] if torch.is_grad_enabled() else None
         self._anchored_calls = 0
@@ -208,53 +226,30 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             if torch.is_tensor(_forward_output):
                 self._output_numel += _forward_output.numel()
             if self._first_pass_anchors is not None:
-                self._record_anchors(forward_input, _forward_output)
+                ref = self._hooked_output
+                self._record_anchors(None if ref is None else ref())
 
-    def _record_anchors(self, forward_input, forward_output) -> None:
-        """Remember where the norm pass must send gradients so that this call's hook fires.
-
-        The full backward hook fires in the node that wraps the layer's inputs, or, when no input
-        needs a gradient, in the one wrapping its outputs.  Asking the first backward pass for the
-        gradient just below that node (the layer's unwrapped input, or its unwrapped output)
-        makes autograd run the node without computing any weight gradient
-        (``double_backward``).  Anything unexpected disables the shortcut for this forward.
-        """
-        edges = []
-        wrapped = [t for t in forward_input if torch.is_tensor(t) and t.requires_grad]
-        if wrapped:
-            node = wrapped[0].grad_fn
-            if node is None or node.name() != "BackwardHookFunctionBackward":
-                self._first_pass_anchors = None
-                return
-            edges = [GradientEdge(fn, nr) for fn, nr in node.next_functions if fn is not None]
-        else:
-            if torch.is_tensor(forward_output):
-                outputs = (forward_output,)
-            elif isinstance(forward_output, tuple):
-                outputs = forward_output  # the hook wraps the top-level tensors only
-            else:
-                self._first_pass_anchors = None
-                return
-            for t in outputs:
-                if torch.is_tensor(t) and t.requires_grad:
-                    if t.grad_fn is None:
-                        self._first_pass_anchors = None
-                        return
-                    edges.append(torch.autograd.graph.get_gradient_edge(t))
-        if not edges:
+    def _record_anchors(self, output: Optional[torch.Tensor]) -> None:
+        """Remember the gradient edge of this call's hooked output: asking the norm pass for the
+        gradients at those edges runs every output hook without computing any weight gradient
+        (``double_backward``).  A call without a hooked output disables the shortcut."""
+        if output is None or output.grad_fn is None:
             self._first_pass_anchors = None
             return
-        self._first_pass_anchors.extend(edges)
+        self._first_pass_anchors.append(torch.autograd.graph.get_gradient_edge(output))
         self._anchored_calls += 1
 
     def first_pass_anchors(self) -> Optional[List[GradientEdge]]:
-        """Gradient edges that make every hooked call of the last forward fire its backward hook
+        """Gradient edges that make every hooked call of the last forward fire its output hook
         (see ``_record_anchors``), or None when the shortcut is unavailable.  Forgets them: they
         serve one norm pass (and must not keep the graph's nodes alive)."""
         anchors, self._first_pass_anchors = self._first_pass_anchors, None
+        self._prune_orphaned_calls()
         pending = sum(len(calls) for calls in self._activations.values())
         if not anchors or pending != self._anchored_calls:
             return None  # e.g. calls captured by an earlier forward without a backward yet
+        if not tensor_hooks_run_on_captured_gradients():
+            return None  # an older torch: the norm pass asks for parameter gradients instead
         return anchors
 
     def capture_backprops_hook(
@@ -265,7 +260,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         loss_reduction: str,
         batch_first: bool,
     ):
-        """Full backward hook: ghost norms for single-call layers, else materialised gradients."""
+        """Output hook of one call: ghost norms for single-call layers, else materialised grads."""
         # A per-sample gradient is linear in the backprops, so with "mean" the factor B is
         # applied to the (B,) norms rather than to a copy of the (B, T, d) backprops (memory).
         call = self._take_call(module, forward_output, "sum", batch_first)

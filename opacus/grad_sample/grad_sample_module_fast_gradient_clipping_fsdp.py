@@ -242,7 +242,7 @@ class GradSampleHooksFastGradientClippingFSDP(GradSampleHooksFastGradientClippin
         loss_reduction: str,
         batch_first: bool,
     ):
-        """Full backward hook: as the non-FSDP ghost hooks, storing norms on the shards."""
+        """Output hook of one call: as the non-FSDP ghost hooks, storing norms on the shards."""
         call = self._take_call(module, forward_output, "sum", batch_first)
         if call is None:
             return

@@ -135,6 +135,9 @@ def double_backward(
         retain_graph=not book_keeping,
         allow_unused=True,
     )
+    # The anchors keep their calls' graphs alive: release them so that calls whose output the
+    # loss never used are recognised as such (they contribute nothing, see _check_every_...).
+    del anchors, targets
     _check_every_hook_fired(module)
     module.max_grad_norm = optimizer.max_grad_norm
     coef = module.get_clipping_coef().detach()
@@ -177,6 +180,8 @@ def _check_every_hook_fired(module) -> None:
     hook never runs, e.g. the first layer when the model input itself requires grad, or when a
     forward pass ran without its backward.
     """
+    if hasattr(module, "_prune_orphaned_calls"):
+        module._prune_orphaned_calls()  # calls whose output the loss never used contribute 0
     leftover = [m for m, calls in getattr(module, "_activations", {}).items() if calls]
     if not leftover:
         return

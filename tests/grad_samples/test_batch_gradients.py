@@ -184,3 +184,40 @@ def test_ghost_clipping_never_switches_parameters_off():
     gsm.compute_batch_gradients = False  # ignored: the second pass needs p.grad
     gsm(torch.randn(2, 3))
     assert seen == [True]
+
+
+class _CalledTwice(nn.Module):
+    """One layer, two calls; only one call's output reaches the loss."""
+
+    def __init__(self, live_first: bool):
+        super().__init__()
+        self.live_first = live_first
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        first, second = self.fc(x), self.fc(2 * x + 1)
+        return first if self.live_first else second
+
+
+@pytest.mark.parametrize("compute_batch_gradients", [True, False])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: _CalledTwice(live_first=True),
+        lambda: _CalledTwice(live_first=False),
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)),
+    ],
+    ids=["dead_last_call", "dead_first_call", "inplace_relu_after_first_layer"],
+)
+def test_each_output_hook_pairs_with_its_own_call(build, compute_batch_gradients):
+    """A call whose output the loss ignores contributes nothing, and never lends its inputs to
+    another call's gradient; an in-place op after a hooked layer is allowed."""
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(5, 3)
+    expected = brute_force_grad_samples(model, x)
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    gsm.compute_batch_gradients = compute_batch_gradients
+    gsm(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad_sample, expected[n], rtol=1e-5, atol=1e-6)
