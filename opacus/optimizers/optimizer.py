@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.optim import Optimizer
 
 from opacus.optimizers import clipping
-from opacus.optimizers.noise import gaussian_noise
+from opacus.optimizers.noise import with_gaussian_noise
 from opacus.optimizers.utils import params
 
 # Set by the hooks (opacus.grad_sample.grad_sample_module) for parameters whose per-sample norms
@@ -247,12 +247,12 @@ class DPOptimizer(Optimizer):
 
     def add_noise(self):
         """``p.grad = summed_grad + N(0, (noise_multiplier * max_grad_norm)^2)``."""
-        std = self._noise_std()
-        for i, p in enumerate(self.params):
-            s = self._summed_grad_of(p, i)
-            noise = gaussian_noise(std, s, generator=self.generator, secure_mode=self.secure_mode)
-            # The fresh noise tensor becomes the gradient: one allocation and pass per param.
-            p.grad = noise.add_(s).view_as(p)
+        sums = [self._summed_grad_of(p, i) for i, p in enumerate(self.params)]
+        # The fresh noisy tensors become the gradients: one allocation and pass per param.
+        for i, noisy in with_gaussian_noise(
+            self._noise_std(), sums, generator=self.generator, secure_mode=self.secure_mode
+        ):
+            self.params[i].grad = noisy.view_as(self.params[i])
 
     def _scale_denominator(self) -> float:
         return self.expected_batch_size * self.accumulated_iterations

@@ -76,3 +76,64 @@ def test_errors():
         noise.gaussian_noise(-1.0, torch.zeros(2))
     with pytest.raises(ValueError, match="generator"):
         noise.gaussian_noise(1.0, torch.zeros(2), generator=torch.Generator(), secure_mode=True)
+
+
+def _noisy(*args, **kwargs):
+    out = dict(noise.with_gaussian_noise(*args, **kwargs))
+    return [out[i] for i in range(len(out))]
+
+
+def _spy_normal(monkeypatch):
+    calls = []
+    real_normal = torch.normal
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["dtype"], tuple(kwargs["size"])))
+        return real_normal(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "normal", spy)
+    return calls
+
+
+REFS = [
+    torch.zeros(3, 4),
+    torch.zeros(7, dtype=torch.float64),
+    torch.zeros(2, 5).t(),  # non-contiguous
+    torch.zeros(0),
+    torch.zeros(6, dtype=torch.float64),
+]
+
+
+def test_with_gaussian_noise_draws_per_tensor_on_cpu(monkeypatch):
+    calls = _spy_normal(monkeypatch)
+    out = _noisy(0.5, REFS, generator=torch.Generator().manual_seed(0))
+    assert [c[1] for c in calls] == [(3, 4), (7,), (5, 2), (0,), (6,)]
+    assert all(o.shape == r.shape and o.dtype == r.dtype for o, r in zip(out, REFS))
+
+
+def test_with_gaussian_noise_one_call_per_device_and_dtype(monkeypatch):
+    calls = _spy_normal(monkeypatch)
+    out = _noisy(0.5, REFS, generator=torch.Generator().manual_seed(0), one_call_per_device=True)
+    assert sorted(calls, key=str) == sorted(
+        [(torch.float32, (22,)), (torch.float64, (13,))], key=str
+    )
+    assert all(o.shape == r.shape and o.dtype == r.dtype for o, r in zip(out, REFS))
+    values = torch.cat([o.flatten().double() for o in out])
+    assert values.unique().numel() == values.numel() == 35  # every tensor its own draws
+
+
+@pytest.mark.parametrize("one_call", [False, True])
+def test_with_gaussian_noise_is_gaussian_added_and_reproducible(one_call):
+    tensors = [torch.full((n,), 5.0, dtype=torch.float64) for n in (5000, 1, 15000, 17)]
+    before = [t.clone() for t in tensors]
+    kw = dict(one_call_per_device=one_call)
+    out = _noisy(1.3, tensors, generator=torch.Generator().manual_seed(5), **kw)
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))  # inputs untouched
+    assert all(o.data_ptr() != t.data_ptr() for o, t in zip(out, tensors))
+    assert ks_statistic(torch.cat(out) - 5.0, 1.3) < KS_CRIT_1E3
+    assert ks_statistic(torch.cat(out) - 5.0, 1.5) > KS_CRIT_1E6
+    again = _noisy(1.3, tensors, generator=torch.Generator().manual_seed(5), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+    assert all(torch.equal(o, t) for o, t in zip(_noisy(0.0, tensors, **kw), tensors))
+    secure = _noisy(2.0, tensors, secure_mode=True, **kw)
+    assert ks_statistic(torch.cat(secure) - 5.0, 2.0) < KS_CRIT_1E6
