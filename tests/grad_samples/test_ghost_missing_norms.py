@@ -29,6 +29,15 @@ def _setup(max_grad_norm=0.05):
     return model, gsm, opt, criterion
 
 
+def _assert_clipped_sum(model, expected, max_grad_norm=0.05):
+    """p.grad == the sum of the oracle's per-sample gradients clipped to ``max_grad_norm``."""
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in expected.values()], dim=1).norm(dim=1)
+    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    for name, p in model.named_parameters():
+        clipped = torch.einsum("i,i...->...", factors, expected[name])
+        torch.testing.assert_close(p.grad, clipped, atol=1e-6, rtol=1e-5)
+
+
 def test_forward_without_backward_is_refused():
     _, gsm, opt, criterion = _setup()
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
@@ -48,11 +57,7 @@ def test_dropped_stray_forward_is_forgotten_and_the_step_matches_oracle():
     )
     gsm(torch.randn(6, 4))  # output dropped at once
     criterion(gsm(x), y).backward()
-    norms = torch.stack([g.flatten(1).norm(dim=1) for g in expected.values()], dim=1).norm(dim=1)
-    factors = (0.05 / (norms + 1e-6)).clamp(max=1.0)
-    for name, p in model.named_parameters():
-        clipped = torch.einsum("i,i...->...", factors, expected[name])
-        torch.testing.assert_close(p.grad, clipped, atol=1e-6, rtol=1e-5)
+    _assert_clipped_sum(model, expected)
 
 
 @pytest.mark.parametrize("path", ["anchors", "parameter_gradients"])
@@ -71,11 +76,7 @@ def test_input_requiring_grad_matches_oracle(path, monkeypatch):
     )
     loss = criterion(gsm(x), y)
     loss.backward()
-    norms = torch.stack([g.flatten(1).norm(dim=1) for g in expected.values()], dim=1).norm(dim=1)
-    factors = (0.05 / (norms + 1e-6)).clamp(max=1.0)
-    for name, p in model.named_parameters():
-        clipped = torch.einsum("i,i...->...", factors, expected[name])
-        torch.testing.assert_close(p.grad, clipped, atol=1e-6, rtol=1e-5)
+    _assert_clipped_sum(model, expected)
 
 
 class _CalledTwice(nn.Module):
@@ -110,11 +111,7 @@ def test_a_call_the_loss_never_uses_contributes_nothing(path, monkeypatch):
     )
     criterion = DPLossFastGradientClipping(gsm, opt, nn.CrossEntropyLoss(), loss_reduction="sum")
     criterion(gsm(x), y).backward()
-    norms = torch.stack([g.flatten(1).norm(dim=1) for g in expected.values()], dim=1).norm(dim=1)
-    factors = (0.05 / (norms + 1e-6)).clamp(max=1.0)
-    for name, p in model.named_parameters():
-        clipped = torch.einsum("i,i...->...", factors, expected[name])
-        torch.testing.assert_close(p.grad, clipped, atol=1e-6, rtol=1e-5)
+    _assert_clipped_sum(model, expected)
 
 
 def test_this_torch_runs_tensor_hooks_on_captured_gradients():
