@@ -24,47 +24,10 @@ import time
 import torch
 from torch import nn
 
-from opacus import PrivacyEngine
 from opacus.auditing import audit_dp_sgd, audit_dp_sgd_one_run
-
-
-class NoClipping:
-    def clip_and_accumulate(self):
-        for p, g in zip(self.params, self.grad_samples):
-            s = g.sum(0)
-            p.summed_grad = s if getattr(p, "summed_grad", None) is None else p.summed_grad + s
-
-
-class QuietNoise:
-    def add_noise(self):
-        claimed = self.noise_multiplier
-        self.noise_multiplier = claimed / 10
-        try:
-            super().add_noise()
-        finally:
-            self.noise_multiplier = claimed
-
-
-class MixedSamples:
-    def clip_and_accumulate(self):
-        for p in self.params:
-            p.grad_sample = p.grad_sample + p.grad_sample.roll(1, dims=0)
-        super().clip_and_accumulate()
-
+from opacus.auditing.sabotage import MixedSamples, NoClipping, QuietNoise, engine_with
 
 SABOTAGE = {"none": None, "no-clip": NoClipping, "quiet-noise": QuietNoise, "mixed": MixedSamples}
-
-
-def engine_factory(sabotage):
-    class Engine(PrivacyEngine):
-        def make_private(self, **kwargs):
-            made = super().make_private(**kwargs)
-            if sabotage is not None:
-                opt = made[1]
-                opt.__class__ = type(sabotage.__name__, (sabotage, type(opt)), {})
-            return made
-
-    return lambda: Engine(accountant="prv")
 
 
 def main():
@@ -92,7 +55,7 @@ def main():
         batch_size=args.batch_size,
         delta=args.delta,
         confidence=args.confidence,
-        privacy_engine_factory=engine_factory(SABOTAGE[args.sabotage]),
+        privacy_engine_factory=engine_with(SABOTAGE[args.sabotage]),
         seed=args.seed,
     )
 

@@ -11,6 +11,8 @@ well an adversary can tell whether a canary was in the training data and turns t
 * :mod:`opacus.auditing.dp_sgd`: the white-box audits of ``PrivacyEngine`` runs: gradient
   canaries (``audit_dp_sgd``, many runs; ``audit_dp_sgd_one_run``, Steinke et al. 2023) and a
   crafted input canary (``audit_dp_sgd_input_canary``), which also exercises the grad samplers.
+* :mod:`opacus.auditing.sabotage`: deliberately broken DP-SGD variants (and one harmless one)
+  for checking that an audit catches privacy bugs.
 
 Example:
     >>> import torch

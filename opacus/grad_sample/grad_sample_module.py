@@ -215,6 +215,10 @@ class _Call(list):
 
     __slots__ = ("__weakref__", "hook")
 
+    def __init__(self, activations: list):
+        super().__init__(activations)
+        self.hook = None
+
     def orphaned(self) -> bool:
         """True if no backward pass can deliver this call's output gradient any more."""
         return self.hook is None or self.hook() is None
@@ -232,7 +236,7 @@ class _OutputHook:
         self.owner._output_grad_hook(self.module, self.call, grad)
 
 
-def _hookable_output(output) -> Optional[torch.Tensor]:
+def hookable_output(output) -> Optional[torch.Tensor]:
     """The output tensor whose gradient is the layer's backprops (the first one, for tuples)."""
     if isinstance(output, (tuple, list)):
         output = next((o for o in output if torch.is_tensor(o)), None)
@@ -333,9 +337,8 @@ class GradSampleHooks(AbstractGradSampleHooks):
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:
         self._activations: Dict[nn.Module, List[list]] = {}
-        # The call whose output hook is running, and the output the last captured call hooked.
+        # The call whose output hook is running (capture_backprops_hook pops exactly that one).
         self._firing_call: Optional[list] = None
-        self._hooked_output: Optional[weakref.ref] = None
         self._max_batch_len: Dict[nn.Module, int] = {}
         self._samplers: Dict[nn.Module, Optional[Callable]] = {}
         self._module_names: Dict[nn.Module, str] = {}
@@ -516,12 +519,9 @@ class GradSampleHooks(AbstractGradSampleHooks):
         if batch >= 2 and module not in self._probed:
             self._probe_batch_mixing(module, activations, _forward_output)
         call = _Call(activations)
-        call.hook = None
         self._activations.setdefault(module, []).append(call)
         self._max_batch_len[module] = max(self._max_batch_len.get(module, 0), batch)
-        output = _hookable_output(_forward_output)
-        # Weak: a strong reference would keep an unused output's graph (and its call) alive.
-        self._hooked_output = None if output is None else weakref.ref(output)
+        output = hookable_output(_forward_output)
         if output is not None:
             hook = _OutputHook(self, module, call)
             call.hook = weakref.ref(hook)
@@ -531,7 +531,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         """Drop the inputs of calls whose output gradient can no longer arrive (``_Call``)."""
         for module in list(self._activations):
             calls = self._activations[module]
-            calls[:] = [c for c in calls if not (isinstance(c, _Call) and c.orphaned())]
+            calls[:] = [c for c in calls if not c.orphaned()]
             if not calls:
                 del self._activations[module]
                 self._max_batch_len.pop(module, None)

@@ -35,6 +35,7 @@ from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.grad_sample.grad_sample_module import (
     GradSampleHooks,
     create_or_accumulate_grad_sample,
+    hookable_output,
     promote_current_grad_sample,
 )
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
@@ -226,8 +227,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             if torch.is_tensor(_forward_output):
                 self._output_numel += _forward_output.numel()
             if self._first_pass_anchors is not None:
-                ref = self._hooked_output
-                self._record_anchors(None if ref is None else ref())
+                self._record_anchors(hookable_output(_forward_output))
 
     def _record_anchors(self, output: Optional[torch.Tensor]) -> None:
         """Remember the gradient edge of this call's hooked output: asking the norm pass for the
@@ -270,7 +270,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         scale = max_batch_len if loss_reduction == "mean" else None
         norm_sampler = self._norm_sampler(module)
         if only_call and norm_sampler is not None and backprops.shape[0] > 0:
-            for p, norms in norm_sampler(module, activations, backprops).items():
+            for p, norms in self._norms(module, norm_sampler, activations, backprops).items():
                 norms = norms if scale is None else norms * scale
                 create_norm_sample(param=p, grad_sample=norms, max_batch_len=max_batch_len)
             if self._book_keeping:
@@ -279,6 +279,10 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         if scale is not None:
             backprops = backprops * scale
         self._accumulate(self._per_sample_grads(module, activations, backprops), max_batch_len)
+
+    def _norms(self, module: nn.Module, norm_sampler, activations, backprops) -> Dict:
+        """``norm_sampler``'s ``{param: (B,) norms}`` (subclasses re-key the parameters)."""
+        return norm_sampler(module, activations, backprops)
 
     def plan_book_keeping(self) -> bool:
         """After a forward pass: make the next norm pass keep what ``accumulate_clipped_sum``

@@ -30,7 +30,6 @@ from opacus.grad_sample import registry
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleHooksFastGradientClipping,
-    create_norm_sample,
 )
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.utils.module_utils import requires_grad, trainable_parameters
@@ -234,31 +233,8 @@ class GradSampleHooksFastGradientClippingFSDP(GradSampleHooksFastGradientClippin
             self._raise_fallback(module)
         return self._to_slots(module, super()._per_sample_grads(module, activations, backprops))
 
-    def capture_backprops_hook(
-        self,
-        module: nn.Module,
-        _forward_input: torch.Tensor,
-        forward_output: torch.Tensor,
-        loss_reduction: str,
-        batch_first: bool,
-    ):
-        """Output hook of one call: as the non-FSDP ghost hooks, storing norms on the shards."""
-        call = self._take_call(module, forward_output, "sum", batch_first)
-        if call is None:
-            return
-        activations, backprops, max_batch_len, only_call = call
-        # Per-sample gradients are linear in the backprops: "mean"'s factor B goes on the norms.
-        scale = max_batch_len if loss_reduction == "mean" else None
-        norm_sampler = self._norm_sampler(module)
-        if only_call and norm_sampler is not None and backprops.shape[0] > 0:
-            norms = self._to_slots(module, norm_sampler(module, activations, backprops))
-            for p, n in norms.items():
-                n = n if scale is None else n * scale
-                create_norm_sample(param=p, grad_sample=n, max_batch_len=max_batch_len)
-            return
-        if scale is not None:
-            backprops = backprops * scale
-        self._accumulate(self._per_sample_grads(module, activations, backprops), max_batch_len)
+    def _norms(self, module: nn.Module, norm_sampler, activations, backprops) -> Dict:
+        return self._to_slots(module, norm_sampler(module, activations, backprops))
 
     def get_norm_sample(self) -> torch.Tensor:
         """This rank's per-sample total gradient norm over all (full) parameters, ``(batch,)``."""

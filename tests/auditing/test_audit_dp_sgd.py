@@ -19,69 +19,19 @@ import torch
 from scipy import stats
 from torch import nn
 
-from opacus import PrivacyEngine
 from opacus.auditing import (
     audit_dp_sgd,
     audit_dp_sgd_input_canary,
     audit_dp_sgd_one_run,
     run_canary_experiment,
 )
-
-
-class NoClipping:
-    """Sums the raw per-sample gradients into summed_grad (contract: clip stage writes it)."""
-
-    def clip_and_accumulate(self):
-        for p, g in zip(self.params, self.grad_samples):
-            s = g.sum(0)
-            p.summed_grad = s if getattr(p, "summed_grad", None) is None else p.summed_grad + s
-
-
-class QuietNoise:
-    """Claims noise_multiplier (the accountant reads it) but adds a tenth of the noise."""
-
-    def add_noise(self):
-        claimed = self.noise_multiplier
-        self.noise_multiplier = claimed / 10
-        try:
-            super().add_noise()
-        finally:
-            self.noise_multiplier = claimed
-
-
-class MixedSamples:
-    """Per-sample gradient i also holds sample i-1's (a batch-dimension mix-up, like feeding
-    seq-first activations to a batch-first grad sampler)."""
-
-    def clip_and_accumulate(self):
-        for p in self.params:
-            p.grad_sample = p.grad_sample + p.grad_sample.roll(1, dims=0)
-        super().clip_and_accumulate()
-
-
-class SwappedSamples:
-    """Swaps two samples' per-sample gradients (in every parameter alike). The clipped sum is
-    invariant under a permutation of the samples, so this is NOT a privacy bug: the audit must
-    not flag it."""
-
-    def clip_and_accumulate(self):
-        for p in self.params:
-            g = p.grad_sample
-            if g.shape[0] >= 2:
-                p.grad_sample = torch.cat([g[1:2], g[0:1], g[2:]])
-        super().clip_and_accumulate()
-
-
-def engine_with(sabotage=None):
-    class Engine(PrivacyEngine):
-        def make_private(self, **kwargs):
-            made = super().make_private(**kwargs)
-            if sabotage is not None:
-                opt = made[1]
-                opt.__class__ = type(sabotage.__name__, (sabotage, type(opt)), {})
-            return made
-
-    return lambda: Engine(accountant="prv")
+from opacus.auditing.sabotage import (
+    MixedSamples,
+    NoClipping,
+    QuietNoise,
+    SwappedSamples,
+    engine_with,
+)
 
 
 def tiny_data(n=64, seed=0):
