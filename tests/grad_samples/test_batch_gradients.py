@@ -221,3 +221,17 @@ def test_each_output_hook_pairs_with_its_own_call(build, compute_batch_gradients
     gsm(x).sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad_sample, expected[n], rtol=1e-5, atol=1e-6)
+
+
+def test_grad_path_covers_tuple_outputs_and_leaves_the_rest():
+    from opacus.grad_sample.batch_gradients import _with_grad_path
+
+    anchor = torch.zeros((), requires_grad=True)
+    a, b = torch.randn(2, 3), torch.arange(3)
+    out = _with_grad_path((a, b, None), anchor)
+    assert isinstance(out, tuple) and out[0].requires_grad and out[2] is None
+    assert out[1] is b  # integer tensors cannot require grad
+    torch.testing.assert_close(out[0], a)
+    (g,) = torch.autograd.grad(out[0].sum() * 3, [out[0]])
+    torch.testing.assert_close(g, torch.full_like(a, 3.0))
+    assert _with_grad_path("text", anchor) == "text"
