@@ -29,21 +29,25 @@ import torch
 from torch.optim import Optimizer
 
 from opacus.optimizers import clipping
-from opacus.optimizers.noise import gaussian_noise
-from opacus.optimizers.optimizer import DPOptimizer
+from opacus.optimizers.optimizer import DPOptimizer, _generate_noise, _real_scalar
+
+
+def _check_noise_split(noise_multiplier: float, unclipped_num_std: float, owner: str) -> None:
+    # noise_multiplier == 0 (no privacy at all, noise-free debugging) needs no split.
+    if noise_multiplier != 0 and noise_multiplier >= 2 * unclipped_num_std:
+        raise ValueError(
+            f"{owner}: noise_multiplier must be smaller than 2 * unclipped_num_std (got "
+            f"noise_multiplier={noise_multiplier}, unclipped_num_std={unclipped_num_std}): "
+            "otherwise the released unclipped count uses up the whole privacy budget; increase "
+            "unclipped_num_std (the paper suggests about expected_batch_size / 20)"
+        )
 
 
 def gradient_noise_multiplier(noise_multiplier: float, unclipped_num_std: float) -> float:
     """``(sigma^-2 - (2 s)^-2)^(-1/2)``: the gradient's share of the total noise multiplier."""
     if noise_multiplier == 0:
         return 0.0
-    if not 2 * unclipped_num_std > noise_multiplier:
-        raise ValueError(
-            f"unclipped_num_std={unclipped_num_std} is too small for noise_multiplier="
-            f"{noise_multiplier}: adaptive clipping needs 2 * unclipped_num_std > "
-            "noise_multiplier (the released unclipped count would use up the whole privacy "
-            "budget); increase unclipped_num_std (the paper suggests about batch_size / 20)"
-        )
+    _check_noise_split(noise_multiplier, unclipped_num_std, "gradient_noise_multiplier")
     return (noise_multiplier**-2 - (2 * unclipped_num_std) ** -2) ** -0.5
 
 
@@ -80,23 +84,8 @@ class AdaClipDPOptimizer(DPOptimizer):
         secure_mode: bool = False,
         **kwargs,
     ):
-        if expected_batch_size is None:
-            raise ValueError(
-                "AdaClipDPOptimizer needs expected_batch_size (also for loss_reduction='sum'): "
-                "the noisy unclipped fraction is normalised by the expected batch size, since the "
-                "actual batch size is private under Poisson sampling"
-            )
-        if not 0 <= target_unclipped_quantile <= 1:
-            raise ValueError(
-                f"target_unclipped_quantile must be in [0, 1], got {target_unclipped_quantile}"
-            )
-        if not 0 < min_clipbound <= max_clipbound:
-            raise ValueError(
-                f"need 0 < min_clipbound <= max_clipbound, got {min_clipbound}, {max_clipbound}"
-            )
-        if unclipped_num_std < 0:
-            raise ValueError(f"unclipped_num_std must be >= 0, got {unclipped_num_std}")
-        gradient_noise_multiplier(noise_multiplier, unclipped_num_std)  # fail early
+        # Order as in Opacus 1.6: the base optimizer's checks, the clip-bound range, then the
+        # split of the noise between the gradient and the unclipped count.
         super().__init__(
             optimizer,
             noise_multiplier=noise_multiplier,
@@ -107,6 +96,29 @@ class AdaClipDPOptimizer(DPOptimizer):
             secure_mode=secure_mode,
             **kwargs,
         )
+        owner = type(self).__name__
+        if max_clipbound <= min_clipbound:
+            raise ValueError(
+                f"{owner}: max_clipbound must be larger than min_clipbound, got "
+                f"max_clipbound={max_clipbound}, min_clipbound={min_clipbound}"
+            )
+        if not min_clipbound > 0:
+            raise ValueError(f"{owner}: min_clipbound must be > 0, got {min_clipbound}")
+        unclipped_num_std = _real_scalar(unclipped_num_std, "unclipped_num_std", owner)
+        if unclipped_num_std < 0:
+            raise ValueError(f"{owner}: unclipped_num_std must be >= 0, got {unclipped_num_std}")
+        _check_noise_split(self.noise_multiplier, unclipped_num_std, owner)
+        if expected_batch_size is None:
+            raise ValueError(
+                f"{owner} needs expected_batch_size (also for loss_reduction='sum'): the noisy "
+                "unclipped fraction is normalised by the expected batch size, since the actual "
+                "batch size is private under Poisson sampling"
+            )
+        if not 0 <= target_unclipped_quantile <= 1:
+            raise ValueError(
+                f"{owner}: target_unclipped_quantile must be in [0, 1], got "
+                f"{target_unclipped_quantile}"
+            )
         self.target_unclipped_quantile = target_unclipped_quantile
         self.clipbound_learning_rate = clipbound_learning_rate
         self.max_clipbound = max_clipbound
@@ -117,14 +129,14 @@ class AdaClipDPOptimizer(DPOptimizer):
         # The released (noisy) unclipped fraction of the last real step (module docstring).
         self.unclipped_frac: Optional[float] = None
 
-    def clip_and_accumulate(self):
+    def _clipped_sums(self, grad_samples, params):
         """Flat clipping at the current bound, also counting the unclipped samples."""
-        grad_samples = self.grad_samples
         norms = clipping.per_sample_norms(grad_samples)
         factors = clipping.clip_factors(norms, self.max_grad_norm)
-        self._accumulate([clipping.weighted_sum(factors, g) for g in grad_samples])
+        sums = [clipping.weighted_sum(factors, g) for g in grad_samples]
         self.sample_size += norms.shape[0]
         self.unclipped_num += float(clipping.unclipped_count(norms, self.max_grad_norm))
+        return sums
 
     def _noise_std(self) -> float:
         sigma_grad = gradient_noise_multiplier(self.noise_multiplier, self.unclipped_num_std)
@@ -137,11 +149,11 @@ class AdaClipDPOptimizer(DPOptimizer):
         """
         super().add_noise()
         centred = torch.tensor(self.unclipped_num - self.sample_size / 2, dtype=torch.float64)
-        count_noise = gaussian_noise(
+        count_noise = _generate_noise(
             self.unclipped_num_std,
             centred,
-            generator=self._count_generator(),
-            secure_mode=self.secure_mode,
+            self._count_generator(),
+            self.secure_mode,
         )
         n = self.expected_batch_size * self.accumulated_iterations
         self.unclipped_frac = unclipped_fraction(float(centred + count_noise), n)
@@ -174,29 +186,3 @@ class AdaClipDPOptimizer(DPOptimizer):
             self.sample_size = 0
             self.unclipped_num = 0.0
         super().zero_grad(set_to_none)
-
-    def _dp_state(self) -> dict:
-        state = super()._dp_state()
-        state.update(
-            sample_size=self.sample_size,
-            unclipped_num=self.unclipped_num,
-            target_unclipped_quantile=self.target_unclipped_quantile,
-            clipbound_learning_rate=self.clipbound_learning_rate,
-            max_clipbound=self.max_clipbound,
-            min_clipbound=self.min_clipbound,
-            unclipped_num_std=self.unclipped_num_std,
-        )
-        return state
-
-    def _load_dp_state(self, dp_state: dict) -> None:
-        super()._load_dp_state(dp_state)
-        for key in (
-            "sample_size",
-            "unclipped_num",
-            "target_unclipped_quantile",
-            "clipbound_learning_rate",
-            "max_clipbound",
-            "min_clipbound",
-            "unclipped_num_std",
-        ):
-            setattr(self, key, dp_state[key])

@@ -15,18 +15,51 @@ from functools import partial
 from typing import Callable, List, Optional
 
 import torch
+import torch.nn as nn
 from torch.optim import Optimizer
 
 from opacus.optimizers import clipping
+from opacus.optimizers.consumed import check_fresh, mark_consumed
 from opacus.optimizers.ddpoptimizer import DistributedDPOptimizer
 from opacus.optimizers.noise import gaussian_noise
-from opacus.optimizers.optimizer import DPOptimizer
+from opacus.optimizers.optimizer import (
+    DPOptimizer,
+    _chunk_list,
+    _concat,
+    _missing_grad_sample_message,
+)
 from opacus.optimizers.perlayeroptimizer import (
     DPPerLayerOptimizer,
     per_layer_max_grad_norm,
     validated_per_layer_norms,
 )
 from opacus.optimizers.reduction import process_group_info
+
+
+def _clip_and_accumulate_parameter(p: nn.Parameter, max_grad_norm: float) -> None:
+    """Clip ``p``'s per-sample gradients (this parameter alone) and add their sum to
+    ``p.summed_grad`` (created when None), on ``p``'s device.
+
+    The factor is ``min(1, max_grad_norm / (norm + 1e-6))`` with ``norm`` the L2 norm of each
+    sample's flattened gradient of ``p``.  Release once: the per-sample chunks must be fresh and
+    are marked consumed, ``summed_grad`` must not have been released already.
+    """
+    owner = "_clip_and_accumulate_parameter"
+    gs = getattr(p, "grad_sample", None)
+    if gs is None:
+        raise ValueError(_missing_grad_sample_message(owner, p, 0))
+    chunks = _chunk_list(gs)
+    check_fresh(chunks, owner=owner, what="p.grad_sample")
+    summed = getattr(p, "summed_grad", None)
+    check_fresh(summed, owner=owner, what="p.summed_grad")
+    grad_sample = _concat(chunks)
+    factors = clipping.clip_factors(clipping.per_sample_param_norms(grad_sample), max_grad_norm)
+    clipped_sum = clipping.weighted_sum(factors, grad_sample).to(p.device)
+    if summed is None:
+        p.summed_grad = clipped_sum
+    else:
+        summed.add_(clipped_sum.to(summed.dtype))
+    mark_consumed(chunks)
 
 
 class SimpleDistributedPerLayerOptimizer(DPPerLayerOptimizer, DistributedDPOptimizer):
@@ -93,32 +126,28 @@ class DistributedPerLayerOptimizer(DPOptimizer):
             **kwargs,
         )
         self.rank, self.world_size = process_group_info(type(self).__name__)
+        self._released_since_step = False
         self._hook_handles = [
             p.register_hook(partial(self._private_grad_hook, p, k))
             for k, p in enumerate(self.params)
         ]
 
     def _private_grad_hook(self, p: torch.Tensor, k: int, grad: torch.Tensor) -> torch.Tensor:
-        grad_sample = self._grad_sample_of(p, k)
-        factors = clipping.clip_factors(
-            clipping.per_sample_param_norms(grad_sample), self.max_grad_norms[k]
-        )
-        clipped_sum = clipping.weighted_sum(factors, grad_sample)
-        if getattr(p, "summed_grad", None) is None:
-            p.summed_grad = clipped_sum
-        else:
-            p.summed_grad.add_(clipped_sum)
+        # Release once: the chunks must be fresh and the running sum unreleased (both checked
+        # and the chunks marked by _clip_and_accumulate_parameter); the released sum is marked.
+        chunks = _chunk_list(self._chunks_of(p, k, type(self).__name__))
+        _clip_and_accumulate_parameter(p, self.max_grad_norms[k])
         if self._check_skip_next_step(pop_next=False):
             return torch.zeros_like(grad)
         private = p.summed_grad.clone()
+        mark_consumed(p.summed_grad)
+        self._released_since_step = True
         if self.rank == 0:
             private += gaussian_noise(
                 self._noise_std(), private, generator=self.generator, secure_mode=self.secure_mode
             )
         if self.loss_reduction == "mean":
-            chunks = p.grad_sample  # a list holds several accumulated batches
-            iterations = len(chunks) if isinstance(chunks, (list, tuple)) else 1
-            private /= self.expected_batch_size * iterations
+            private /= self.expected_batch_size * len(chunks)
         else:
             private *= self.world_size
         return private.view_as(grad).to(grad.dtype)
@@ -138,18 +167,20 @@ class DistributedPerLayerOptimizer(DPOptimizer):
         """Nothing to do: the hooks scaled the gradients before DDP reduced them."""
 
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """Consume the skip signal; on a real step run the step hook (accountant)."""
+        """Consume the skip signal; on a real step run the step hook (accountant).
+
+        A real step needs a backward pass whose hooks released the gradients since the last
+        step: a second ``step()`` would apply (and account) the same release twice.
+        """
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
+        if not getattr(self, "_released_since_step", False):
+            raise ValueError(
+                f"{type(self).__name__}: step() found no gradients released since the last step "
+                "(the per-parameter hooks run during backward): run forward and backward before "
+                "each step(), call optimizer.step() once per backward pass and "
+                "optimizer.zero_grad() after it"
+            )
+        self._released_since_step = False
         return self._finish_real_step()
-
-    def _dp_state(self) -> dict:
-        state = super()._dp_state()
-        state["max_grad_norms"] = list(self.max_grad_norms)
-        return state
-
-    def _load_dp_state(self, dp_state: dict) -> None:
-        self.max_grad_norms = list(dp_state["max_grad_norms"])
-        dp_state = {**dp_state, "max_grad_norm": self.max_grad_norm}
-        super()._load_dp_state(dp_state)

@@ -8,10 +8,11 @@ gradient then has norm at most ``C = ||(C_1, ..., C_K)||_2``, so the noise std i
 import math
 from typing import List, Optional, Sequence
 
+import torch
 from torch.optim import Optimizer
 
 from opacus.optimizers import clipping
-from opacus.optimizers.optimizer import DPOptimizer
+from opacus.optimizers.optimizer import DPOptimizer, _real_scalar
 from opacus.optimizers.utils import params
 
 
@@ -28,7 +29,10 @@ def validated_per_layer_norms(optimizer: Optimizer, max_grad_norm: Sequence[floa
             f"per-layer clipping got {len(max_grad_norm)} max_grad_norm values for {n_params} "
             "trainable parameters: pass one value per parameter (in optimizer order)"
         )
-    norms = [float(c) for c in max_grad_norm]
+    norms = [
+        _real_scalar(c, f"max_grad_norm[{k}]", "per-layer clipping")
+        for k, c in enumerate(max_grad_norm)
+    ]
     if not all(c > 0 for c in norms):
         raise ValueError(f"every per-layer max_grad_norm must be > 0, got {norms}")
     return norms
@@ -42,8 +46,9 @@ def _get_total_norm(self) -> float:
 def _set_total_norm(self, value: float) -> None:
     # Setting the total bound (e.g. from a grad-clip scheduler) rescales every per-layer bound by
     # the same factor, so the noise std (noise_multiplier * total) stays matched to the clipping.
+    value = _real_scalar(value, "max_grad_norm", type(self).__name__)
     if not value > 0:
-        raise ValueError(f"max_grad_norm must be > 0, got {value}")
+        raise ValueError(f"{type(self).__name__}: max_grad_norm must be > 0, got {value}")
     scale = value / _get_total_norm(self)
     self.max_grad_norms = [c * scale for c in self.max_grad_norms]
 
@@ -88,21 +93,10 @@ class DPPerLayerOptimizer(DPOptimizer):
             **kwargs,
         )
 
-    def clip_and_accumulate(self):
-        """Clip parameter ``k``'s per-sample gradients to ``max_grad_norms[k]``; accumulate."""
-        grad_samples = self.grad_samples
-        self._accumulate(
-            clipping.per_layer_clipped_sums(
-                grad_samples, self.max_grad_norms, self._bookkeeping(grad_samples)
-            )
+    def _clipped_sums(
+        self, grad_samples: List[torch.Tensor], params: Sequence[torch.Tensor]
+    ) -> List[torch.Tensor]:
+        """Clip parameter ``k``'s per-sample gradients to ``max_grad_norms[k]``; sum each."""
+        return clipping.per_layer_clipped_sums(
+            grad_samples, self.max_grad_norms, self._bookkeeping(grad_samples, params)
         )
-
-    def _dp_state(self) -> dict:
-        state = super()._dp_state()
-        state["max_grad_norms"] = list(self.max_grad_norms)
-        return state
-
-    def _load_dp_state(self, dp_state: dict) -> None:
-        self.max_grad_norms = list(dp_state["max_grad_norms"])
-        dp_state = {**dp_state, "max_grad_norm": _get_total_norm(self)}
-        super()._load_dp_state(dp_state)

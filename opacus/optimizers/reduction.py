@@ -63,13 +63,9 @@ class DataParallelSteps:
     def _init_data_parallel(self) -> None:
         self.rank, self.world_size = process_group_info(type(self).__name__)
 
-    def add_noise(self):
-        """Rank 0 adds the noise; the other ranks pass their clipped sum through."""
-        if self.rank == 0:
-            super().add_noise()
-        else:
-            for i, p in enumerate(self.params):
-                p.grad = self._summed_grad_of(p, i).clone().view_as(p)
+    def _noise_std(self) -> float:
+        """Rank 0 adds the noise; the other ranks release their clipped sum as it is."""
+        return super()._noise_std() if self.rank == 0 else 0.0
 
     def reduce_gradients(self):
         """All-reduce (sum) ``p.grad``; average over ranks for ``loss_reduction="mean"``."""

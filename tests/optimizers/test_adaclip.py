@@ -135,6 +135,7 @@ def test_gradient_noise_std_and_errors():
 def test_unclipped_count_noise_std():
     gen = torch.Generator().manual_seed(1)
     p = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    p.grad_sample = torch.zeros(6, 1, dtype=torch.float64)  # one backward pass
     opt = _adaclip([p], unclipped_num_std=3.0, generator=gen, noise_multiplier=0.5)
     draws = []
     for _ in range(2000):
@@ -220,16 +221,18 @@ def test_gradient_and_count_releases_compose_to_one_gaussian_of_multiplier_sigma
     assert grad_rho + count_rho == pytest.approx(rho(1.0, sigma))
 
 
-def test_state_dict_round_trip():
+def test_state_dict_is_the_wrapped_optimizers():
     ps = _params_with_norms(NORMS)
     opt = _adaclip(ps)
     opt.pre_step()
     opt2 = _adaclip(_params_with_norms(NORMS), max_grad_norm=7.0, min_clipbound=0.5)
     sd = opt.state_dict()
     # the param ids of the inner state dict line up: same single-param layout
+    assert sd.keys() == {"state", "param_groups"}
     opt2.load_state_dict(sd)
-    assert opt2.max_grad_norm == opt.max_grad_norm
-    assert opt2.min_clipbound == 0.1
+    # Opacus 1.6: the clip bound and AdaClip's knobs are settings, not checkpoint state
+    assert opt.max_grad_norm != 7.0 and opt2.max_grad_norm == 7.0
+    assert opt2.min_clipbound == 0.5
 
 
 def test_errors():

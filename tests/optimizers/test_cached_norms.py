@@ -143,16 +143,21 @@ def test_mlp_cache_is_hit(monkeypatch):
 
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_two_backward_passes_accumulate(per_layer):
-    """grad_sample summed over two backward passes: the cache of the first must not be used."""
+    """Two backward passes keep their samples apart (a list of two chunks): every sample of
+    both batches is clipped on its own; a cache may only describe the chunk it was made for."""
     gsm, reference, opt, c = make("mlp", per_layer, "sum")
     x1, y1 = data("mlp", seed=1)
     x2, y2 = data("mlp", seed=2)
-    grads = [g1 + g2 for g1, g2 in zip(oracle(reference, x1, y1), oracle(reference, x2, y2))]
+    grads = [
+        torch.cat([g1, g2]) for g1, g2 in zip(oracle(reference, x1, y1), oracle(reference, x2, y2))
+    ]
     expected = expected_update(grads, c, per_layer, "sum")
     before = run_step(gsm, opt, x1, y1, "sum")
     F.cross_entropy(gsm(x2), y2, reduction="sum").backward()
     for p in gsm.parameters():
+        assert isinstance(p.grad_sample, list) and len(p.grad_sample) == 2
         assert cached_grad_sample_norms(p, p.grad_sample) is None
+    assert opt.accumulated_iterations == 2
     opt.step()
     check_update(gsm, before, expected)
 

@@ -44,36 +44,66 @@ def test_generator_reproducible():
     assert torch.equal(a, b)
 
 
-def test_secure_mode_std_and_resampling(monkeypatch):
+def test_secure_mode_std_and_distribution():
     ref = torch.zeros(100_000, dtype=torch.float64)
     z = noise.gaussian_noise(2.5, ref, secure_mode=True)
     assert abs(z.std().item() / 2.5 - 1) < 0.02  # relative sd of the estimate: 0.22%
     assert abs(z.mean().item()) < 5 * 2.5 / math.sqrt(ref.numel())
     assert ks_statistic(z, 2.5) < KS_CRIT_1E6
 
-    sizes = []
-    real_normal = torch.normal
 
-    def spy(*args, **kwargs):
-        sizes.append((args[1], tuple(kwargs["size"])))
-        return real_normal(*args, **kwargs)
+def test_secure_mode_never_uses_torchs_generators(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("secure mode must not draw from torch's (non-cryptographic) RNG")
 
-    monkeypatch.setattr(torch, "normal", spy)
-    noise.gaussian_noise(2.0, torch.zeros(4), secure_mode=True)
-    # one call drawing n=2 normals of std sigma/sqrt(2) per coordinate
-    assert sizes == [(2.0 / math.sqrt(2), (2, 4))]
+    for name in ("normal", "randn", "rand", "randint", "randperm", "manual_seed"):
+        monkeypatch.setattr(torch, name, refuse)
+    state = torch.get_rng_state()
+    z = noise.gaussian_noise(1.0, torch.zeros(1000), secure_mode=True)
+    assert z.std() > 0.5 and torch.equal(torch.get_rng_state(), state)
+
+
+def test_secure_mode_is_sum_of_four_draws_over_two_after_one_discarded_scalar(monkeypatch):
+    """Holohan-Braghin with n = 2: a sampler patched to 0.6 everywhere gives 4 * 0.6 / 2."""
+    draws = []
+
+    def constant(shape, *, dtype, device):
+        draws.append(tuple(shape))
+        return torch.full(tuple(shape), 0.6, dtype=dtype, device=device)
+
+    monkeypatch.setattr(noise, "csprng_standard_normal", constant)
+    z = noise.gaussian_noise(1.0, torch.zeros(3, 4, dtype=torch.float64), secure_mode=True)
+    torch.testing.assert_close(z, torch.full((3, 4), 1.2, dtype=torch.float64))
+    assert draws == [(), (3, 4), (3, 4), (3, 4), (3, 4)]
+
+
+def test_csprng_standard_normal_moments_and_uniform_bits():
+    z = noise.csprng_standard_normal((200_001,), dtype=torch.float64)
+    assert z.shape == (200_001,) and z.dtype == torch.float64
+    assert abs(z.mean().item()) < 5 / math.sqrt(z.numel())
+    assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / z.numel())
+    assert ks_statistic(z, 1.0) < KS_CRIT_1E6
+    # fourth moment of N(0, 1) is 3 (sd of the estimate sqrt(96 / n) ~ 0.022)
+    assert abs((z**4).mean().item() - 3) < 0.15
+    u1, u2 = noise._csprng_uniforms(50_000)
+    assert 0 < u1.min() and u1.max() <= 1 and 0 <= u2.min() and u2.max() < 1
+    assert abs(u2.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / 50_000)
+    assert noise.csprng_standard_normal((2, 3), dtype=torch.float16).dtype == torch.float16
 
 
 def test_secure_generators_are_not_seeded_alike():
-    a = noise.gaussian_noise(1.0, torch.zeros(8), secure_mode=True)
+    a = torch.randn(8, generator=noise.secure_generator("cpu"))
     noise._secure_generators.clear()
-    b = noise.gaussian_noise(1.0, torch.zeros(8), secure_mode=True)
+    b = torch.randn(8, generator=noise.secure_generator("cpu"))
     assert not torch.equal(a, b)
+    assert noise.secure_generator("cpu") is noise.secure_generator(torch.device("cpu"))
 
 
 def test_errors():
     with pytest.raises(ValueError, match="std"):
         noise.gaussian_noise(-1.0, torch.zeros(2))
+    with pytest.raises(ValueError, match="std"):
+        noise.gaussian_noise(float("inf"), torch.zeros(2))
     with pytest.raises(ValueError, match="generator"):
         noise.gaussian_noise(1.0, torch.zeros(2), generator=torch.Generator(), secure_mode=True)
 
@@ -137,3 +167,52 @@ def test_with_gaussian_noise_is_gaussian_added_and_reproducible(one_call):
     assert all(torch.equal(o, t) for o, t in zip(_noisy(0.0, tensors, **kw), tensors))
     secure = _noisy(2.0, tensors, secure_mode=True, **kw)
     assert ks_statistic(torch.cat(secure) - 5.0, 2.0) < KS_CRIT_1E6
+
+
+# ------------------------------------------------ the 1.6 helper opacus.optimizers.optimizer
+def test_generate_noise_zero_std_gives_zeros_without_touching_the_generator():
+    from opacus.optimizers.optimizer import _generate_noise
+
+    gen = torch.Generator().manual_seed(7)
+    state = gen.get_state()
+    ref = torch.ones(3, 2, dtype=torch.float64)
+    z = _generate_noise(0.0, ref, gen)
+    assert torch.equal(z, torch.zeros_like(ref)) and z.dtype == ref.dtype
+    assert torch.equal(gen.get_state(), state)
+    assert torch.equal(_generate_noise(0.0, ref, secure_mode=True), torch.zeros_like(ref))
+
+
+def test_generate_noise_is_one_draw_of_the_generator():
+    from opacus.optimizers.optimizer import _generate_noise
+
+    ref = torch.zeros(50_000, dtype=torch.float64)
+    z = _generate_noise(0.7, ref, torch.Generator().manual_seed(3))
+    # one draw of torch.normal with the generator, nothing else
+    expected = torch.normal(
+        0.0, 0.7, size=(50_000,), generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    assert torch.equal(z, expected)
+    assert abs(z.std().item() / 0.7 - 1) < 0.03 and abs(z.mean().item()) < 5 * 0.7 / 224
+    assert ks_statistic(z, 0.7) < KS_CRIT_1E6
+
+
+def test_generate_noise_secure_mode_patched_sampler_gives_1_2(monkeypatch):
+    from opacus.optimizers.optimizer import _generate_noise
+
+    monkeypatch.setattr(
+        noise,
+        "csprng_standard_normal",
+        lambda shape, *, dtype, device: torch.full(tuple(shape), 0.6, dtype=dtype),
+    )
+    torch.testing.assert_close(
+        _generate_noise(1.0, torch.zeros(2, 5), secure_mode=True), torch.full((2, 5), 1.2)
+    )
+
+
+def test_generate_noise_secure_mode_moments():
+    from opacus.optimizers.optimizer import _generate_noise
+
+    z = _generate_noise(3.0, torch.zeros(100_000, dtype=torch.float64), secure_mode=True)
+    assert abs(z.std().item() / 3.0 - 1) < 0.02
+    assert abs(z.mean().item()) < 5 * 3.0 / math.sqrt(z.numel())
+    assert ks_statistic(z, 3.0) < KS_CRIT_1E6

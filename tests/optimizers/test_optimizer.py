@@ -233,36 +233,49 @@ def test_grad_sample_list_is_concatenated_and_counts_iterations():
         torch.testing.assert_close(p.grad, e, atol=1e-10, rtol=1e-8)
 
 
-def test_state_dict_round_trip():
+def test_state_dict_is_the_wrapped_optimizers_and_dp_settings_are_not_restored():
     model = small_model()
-    dp = _dp(model, "adam", noise_multiplier=0.5, generator=torch.Generator().manual_seed(0))
+    dp = _dp(model, "adam", noise_multiplier=0.0, generator=torch.Generator().manual_seed(0))
     for k in range(2):
         set_grad_samples(model, *batch(5, seed=k))
         dp.step()
         dp.zero_grad()
-    dp.noise_multiplier = 0.8
     dp.signal_skip_step(True)
     sd = dp.state_dict()
-    assert "state" in sd and "param_groups" in sd
+    # exactly the wrapped optimizer's state dict (Opacus 1.6)
+    inner = dp.original_optimizer.state_dict()
+    assert sd.keys() == inner.keys() == {"state", "param_groups"}
+    assert sd["param_groups"] == inner["param_groups"]
 
     model2 = copy.deepcopy(model)
-    dp2 = _dp(model2, "adam", noise_multiplier=0.1)
+    dp2 = _dp(model2, "adam", noise_multiplier=2.0, max_grad_norm=3.0, expected_batch_size=4)
     dp2.load_state_dict(copy.deepcopy(sd))
-    assert dp2.noise_multiplier == 0.8 and dp2._step_skip_queue == [True]
+    # DP settings are the caller's: not part of the checkpoint
+    assert dp.noise_multiplier != dp2.noise_multiplier
+    assert (dp2.noise_multiplier, dp2.max_grad_norm, dp2.expected_batch_size) == (2.0, 3.0, 4)
+    assert dp2._step_skip_queue == []
     for p, q in zip(dp.params, dp2.params):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(dp.state[p][key], dp2.state[q][key])
-    # identical continuation (noise off to compare exactly): the restored skip, then a real step
-    dp.noise_multiplier = dp2.noise_multiplier = 0.0
+    # identical continuation with equal DP settings: the inner state was fully restored
+    dp._step_skip_queue.clear()
+    dp2.noise_multiplier, dp2.max_grad_norm, dp2.expected_batch_size = 0.0, 1.0, 8
     for opt, m in ((dp, model), (dp2, model2)):
-        for seed in (9, 10):
-            set_grad_samples(m, *batch(5, seed=seed))
-            opt.step()
-            opt.zero_grad()
+        set_grad_samples(m, *batch(5, seed=9))
+        opt.step()
+        opt.zero_grad()
     for p, q in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(p, q)
-    # a plain torch.optim state dict also loads
-    dp2.load_state_dict(dp.original_optimizer.state_dict())
+
+
+def test_checkpoint_with_legacy_dp_optimizer_entry_loads_and_is_ignored():
+    model = small_model()
+    dp = _dp(model, "sgd", noise_multiplier=1.5)
+    sd = dict(dp.state_dict())
+    sd["dp_optimizer"] = {"noise_multiplier": 0.0, "max_grad_norm": 9.0}
+    dp.load_state_dict(sd)
+    assert dp.noise_multiplier == 1.5 and dp.max_grad_norm == 1.0
+    assert "dp_optimizer" not in dp.original_optimizer.state_dict()
 
 
 def test_secure_mode_std_and_unpredictability():
@@ -372,8 +385,13 @@ def test_errors():
     dp = DPOptimizer(sgd, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=2)
     set_grad_samples(model, *batch(3))
     model[0].bias.grad_sample = None
-    with pytest.raises(ValueError, match=r"parameter 1 .*GradSampleModule"):
+    with pytest.raises(ValueError, match=r"parameter 1 .*model\.train\(\)"):
         dp.step()
+    del model[0].bias.grad_sample
+    with pytest.raises(ValueError, match=r"parameter 1 .*are you using GradSampleModule"):
+        dp.step()
+    with pytest.raises(ValueError, match="are you using GradSampleModule"):
+        dp.accumulated_iterations
     model[0].bias.grad_sample = torch.zeros(2, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="batch size"):
         dp.step()

