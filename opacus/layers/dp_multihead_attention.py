@@ -88,9 +88,9 @@ class DPMultiheadAttention(nn.Module):
     """Drop-in replacement for ``torch.nn.MultiheadAttention`` that supports DP-SGD.
 
     Same constructor and ``forward`` as ``nn.MultiheadAttention`` and the same outputs given
-    the same weights; loads ``nn.MultiheadAttention`` state dicts (``in_proj_weight`` or
-    ``q/k/v_proj_weight``, ``in_proj_bias``, ``bias_k``, ``bias_v``, ``out_proj.*``), directly
-    or nested in a bigger model.
+    the same weights. Its state dict has ``nn.MultiheadAttention``'s format (``in_proj_weight``
+    or ``q/k/v_proj_weight``, ``in_proj_bias``, ``bias_k``, ``bias_v``, ``out_proj.*``) and it
+    loads that format as well as its internal one, directly or nested in a bigger model.
     """
 
     # Read by nn.TransformerEncoder(Layer): False keeps them off their fused fast path, which
@@ -145,6 +145,7 @@ class DPMultiheadAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self._reset_parameters()
         self.register_load_state_dict_pre_hook(_load_from_torch_mha)
+        self.register_state_dict_post_hook(_save_as_torch_mha)
 
     @property
     def add_bias_kv(self) -> bool:
@@ -166,19 +167,28 @@ class DPMultiheadAttention(nn.Module):
             nn.init.zeros_(self.out_proj.bias)
 
     def state_dict(self, destination=None, prefix="", keep_vars=False):
-        """The parameters under this layer's own names (``qlinear.weight``, ``seq_bias_k.bias``...).
+        """The parameters in ``nn.MultiheadAttention``'s format: same keys, shapes and order.
 
-        ``load_state_dict`` accepts these as well as ``nn.MultiheadAttention``'s names.
+        ``in_proj_weight`` (the q, k, v weights stacked, ``(3E, E)``) when
+        ``kdim == vdim == embed_dim``, else ``q_proj_weight`` ``(E, E)``, ``k_proj_weight``
+        ``(E, kdim)`` and ``v_proj_weight`` ``(E, vdim)``; ``in_proj_bias`` ``(3E,)`` with
+        ``bias``; ``bias_k`` and ``bias_v`` ``(1, 1, E)`` with ``add_bias_kv``; ``out_proj.weight``
+        and ``out_proj.bias``. So ``nn.MultiheadAttention(...).load_state_dict(dp.state_dict())``
+        works. The conversion is a state-dict hook, so a parent model saves this layer in the same
+        format. The stacked ``in_proj_weight``/``in_proj_bias`` are new tensors (with
+        ``keep_vars=True``, functions of the parameters rather than parameters);
+        ``named_parameters()`` reports the projections ``qlinear``, ``klinear``, ``vlinear``.
         """
         return super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
 
     def load_state_dict(self, state_dict):
-        """Load our own state dict or an ``nn.MultiheadAttention`` one (strict: keys must match).
+        """Load an ``nn.MultiheadAttention`` state dict or one in the internal format (strict).
 
         ``in_proj_weight``/``in_proj_bias`` are split into the q/k/v projections,
         ``q/k/v_proj_weight`` (different ``kdim``/``vdim``) map onto them, and
-        ``bias_k``/``bias_v`` of shape ``(1, 1, E)`` onto ``seq_bias_k/v.bias``. The conversion is a
-        load pre-hook, so it also applies when a parent module loads a checkpoint.
+        ``bias_k``/``bias_v`` of shape ``(1, 1, E)`` onto ``seq_bias_k/v.bias``; internal keys
+        (``qlinear.weight``...) load unchanged. The conversion is a load pre-hook, so it also
+        applies when a parent module loads a checkpoint.
         """
         return super().load_state_dict(state_dict)
 
@@ -374,36 +384,90 @@ class DPMultiheadAttention(nn.Module):
         )
 
 
+_PROJECTIONS = ("qlinear", "klinear", "vlinear")
+_SEPARATE_WEIGHTS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+_SEQUENCE_BIASES = (("bias_k", "seq_bias_k"), ("bias_v", "seq_bias_v"))
+
+
+def _save_as_torch_mha(module, state_dict, prefix, local_metadata):
+    """State-dict post-hook: rewrite our entries into nn.MultiheadAttention's, in place.
+
+    Runs at every depth right after this layer's entries were appended (they are the last ones),
+    so popping and re-inserting them in torch's order keeps their place in a parent's dict.
+    """
+    e = module.embed_dim
+    ours = [f"{p}.{kind}" for p in _PROJECTIONS for kind in ("weight", "bias")]
+    ours += [f"{p}.bias" for _, p in _SEQUENCE_BIASES] + ["out_proj.weight", "out_proj.bias"]
+    found = {name: state_dict.pop(prefix + name) for name in ours if prefix + name in state_dict}
+    converted = {}
+    weights = [found.pop(f"{p}.weight", None) for p in _PROJECTIONS]
+    packed = module.kdim == e and module.vdim == e  # torch's _qkv_same_embed_dim
+    if packed and all(w is not None for w in weights):
+        converted["in_proj_weight"] = torch.cat(weights)
+    else:  # separate weights; partial (filtered) packed dicts keep the internal names
+        names = [f"{p}.weight" for p in _PROJECTIONS] if packed else _SEPARATE_WEIGHTS
+        converted.update({n: w for n, w in zip(names, weights) if w is not None})
+    biases = [found.pop(f"{p}.bias", None) for p in _PROJECTIONS]
+    if all(b is not None for b in biases):
+        converted["in_proj_bias"] = torch.cat(biases)
+    else:  # partial (filtered) dicts keep what they have, under the internal names
+        converted.update({f"{p}.bias": b for p, b in zip(_PROJECTIONS, biases) if b is not None})
+    for torch_name, seq in _SEQUENCE_BIASES:
+        bias = found.pop(f"{seq}.bias", None)
+        if bias is not None:
+            converted[torch_name] = bias.view(1, 1, e)
+    converted.update(found)  # out_proj.weight / out_proj.bias: already torch's names
+    for name, value in converted.items():
+        state_dict[prefix + name] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # the internal submodules are not part of the saved format
+        for child in _PROJECTIONS + tuple(seq for _, seq in _SEQUENCE_BIASES) + ("dropout",):
+            metadata.pop(prefix + child, None)
+
+
 def _load_from_torch_mha(
     module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
 ):
     """Load-state-dict pre-hook: rewrite nn.MultiheadAttention keys into ours, in place.
 
     Runs for direct and nested loads, so a checkpoint of a model built with
-    nn.MultiheadAttention loads into the same model after ``ModuleValidator.fix``.
+    nn.MultiheadAttention loads into the same model after ``ModuleValidator.fix``. Keys already
+    in the internal format pass through unchanged.
     """
     e = module.embed_dim
 
     def pop(name):
         return state_dict.pop(prefix + name, None)
 
+    def wrong_shape(name, value, expected):
+        errors.append(
+            f"DPMultiheadAttention: '{prefix}{name}' has shape {tuple(value.shape)}, expected "
+            f"{expected} (embed_dim={e}); is the checkpoint from a layer with the same embed_dim, "
+            "kdim and vdim?"
+        )
+
     in_proj_weight = pop("in_proj_weight")
     if in_proj_weight is not None:
-        for i, name in enumerate(("qlinear", "klinear", "vlinear")):
-            state_dict[f"{prefix}{name}.weight"] = in_proj_weight[i * e : (i + 1) * e]
-    for name, ours in (
-        ("q_proj_weight", "qlinear"),
-        ("k_proj_weight", "klinear"),
-        ("v_proj_weight", "vlinear"),
-    ):
+        if in_proj_weight.dim() != 2 or in_proj_weight.shape[0] != 3 * e:
+            wrong_shape("in_proj_weight", in_proj_weight, f"({3 * e}, {e})")
+        else:
+            for i, name in enumerate(_PROJECTIONS):
+                state_dict[f"{prefix}{name}.weight"] = in_proj_weight[i * e : (i + 1) * e]
+    for name, ours in zip(_SEPARATE_WEIGHTS, _PROJECTIONS):
         weight = pop(name)
         if weight is not None:
             state_dict[f"{prefix}{ours}.weight"] = weight
     in_proj_bias = pop("in_proj_bias")
     if in_proj_bias is not None:
-        for i, name in enumerate(("qlinear", "klinear", "vlinear")):
-            state_dict[f"{prefix}{name}.bias"] = in_proj_bias[i * e : (i + 1) * e]
-    for name, ours in (("bias_k", "seq_bias_k"), ("bias_v", "seq_bias_v")):
+        if tuple(in_proj_bias.shape) != (3 * e,):
+            wrong_shape("in_proj_bias", in_proj_bias, f"({3 * e},)")
+        else:
+            for i, name in enumerate(_PROJECTIONS):
+                state_dict[f"{prefix}{name}.bias"] = in_proj_bias[i * e : (i + 1) * e]
+    for name, ours in _SEQUENCE_BIASES:
         bias = pop(name)
         if bias is not None:
-            state_dict[f"{prefix}{ours}.bias"] = bias.reshape(e)
+            if bias.numel() != e:
+                wrong_shape(name, bias, f"(1, 1, {e})")
+            else:
+                state_dict[f"{prefix}{ours}.bias"] = bias.reshape(e)

@@ -291,8 +291,11 @@ class DPRNNBase(RenameParamsMixin, nn.Module):
     Same inputs and outputs as the corresponding ``torch.nn`` layer: ``(L, N, H_in)`` (or
     ``(N, L, H_in)`` with ``batch_first``), unbatched ``(L, H_in)``, or a ``PackedSequence``;
     returns ``(output, h_n)`` (``(output, (h_n, c_n))`` for LSTM). Parameters of layer ``k``
-    live in ``l{k}`` (``l{k}_reverse`` backwards); torch's names (``weight_ih_l0``...) load and
-    resolve as attributes.
+    live in ``l{k}`` (``l{k}_reverse`` backwards), which ``named_parameters()`` reports.
+    ``state_dict()`` has exactly the keys, shapes and order of the ``torch.nn`` layer
+    (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, ``weight_hr_l0``...,
+    gate order as in torch), also when nested in a bigger model; ``load_state_dict`` accepts
+    those names and the internal ones, and torch's names resolve as attributes.
     """
 
     def __init__(
@@ -363,9 +366,11 @@ class DPRNNBase(RenameParamsMixin, nn.Module):
                 cell = self.cell_type(in_size, self.hidden_size, self.bias, **self.cell_params)
                 setattr(self, cell_name, cell)
                 cells.append(cell)
+                # torch.nn's order: weight_ih, weight_hh, bias_ih, bias_hh, weight_hr.
                 for kind in ("ih", "hh"):
                     rename_map[f"weight_{kind}_l{layer}{suffix}"] = f"{cell_name}.{kind}.weight"
-                    if self.bias:
+                if self.bias:
+                    for kind in ("ih", "hh"):
                         rename_map[f"bias_{kind}_l{layer}{suffix}"] = f"{cell_name}.{kind}.bias"
                 if self.proj_size > 0:
                     rename_map[f"weight_hr_l{layer}{suffix}"] = f"{cell_name}.hr.weight"

@@ -1,10 +1,12 @@
-"""Let a DP layer load state dicts written by the ``torch.nn`` layer it replaces.
+"""Give a DP layer the state-dict format of the ``torch.nn`` layer it replaces.
 
 The DP layers keep their parameters in small submodules (``l0.ih.weight``) so that per-sample
 gradients come from the ordinary hooks, while ``torch.nn`` names them flatly (``weight_ih_l0``).
-``RenameParamsMixin`` maps the old names to the new ones on load (directly or nested inside a
-bigger model) and resolves the old names as attributes, so code written for ``torch.nn`` keeps
-working.
+``RenameParamsMixin`` saves state dicts under the old (``torch.nn``) names, in the old layer's
+order, and loads both the old and the new names, whether the layer is saved or loaded on its own
+or nested inside a bigger model. The old names also resolve as attributes, so code written for
+``torch.nn`` keeps working. ``named_parameters()`` keeps the new names: the parameters live in
+the submodules that the per-sample-gradient hooks see.
 """
 
 from typing import Dict
@@ -14,25 +16,32 @@ import torch.nn as nn
 
 
 def filter_out_old_keys(self, state_dict, prefix, local_metadata):
-    """State-dict hook: drop ``prefix + old_name`` entries so only the new names are saved.
+    """State-dict hook: keep only the new (internal) names, moving old-name entries to them.
 
-    ``self`` is the module the hook is registered on (it carries the rename map).
+    ``self`` is the module carrying the rename map. Entries ``prefix + old_name`` are removed;
+    their value is stored under ``prefix + new_name`` unless that key is already present. Register
+    it (``module.register_state_dict_post_hook``) after the mixin's own hook to save the internal
+    format instead of the ``torch.nn`` one.
     """
-    for old_name in getattr(self, "_rename_map", {}):
-        state_dict.pop(prefix + old_name, None)
+    for old_name, new_name in getattr(self, "_rename_map", {}).items():
+        if prefix + old_name in state_dict:
+            value = state_dict.pop(prefix + old_name)
+            state_dict.setdefault(prefix + new_name, value)
 
 
 class RenameParamsMixin:
     """Mixin for an ``nn.Module`` whose parameters had other names in the layer it replaces.
 
-    Call ``set_rename_map({old_name: new_name})`` in ``__init__`` after creating the submodules.
+    Call ``set_rename_map({old_name: new_name})`` in ``__init__`` after creating the submodules,
+    listing the old names in the order the old layer saves them.
     """
 
     def set_rename_map(self, rename_map: Dict[str, str]):
-        """Register ``{old_name: new_name}``; old names then load, and resolve as attributes."""
+        """Register ``{old_name: new_name}``: state dicts then use the old names (in this order),
+        loading accepts both, and the old names resolve as attributes."""
         self._rename_map = dict(rename_map)
         if not getattr(self, "_rename_hooks_registered", False):
-            self._register_state_dict_hook(filter_out_old_keys)
+            self.register_state_dict_post_hook(_save_old_names)
             self.register_load_state_dict_pre_hook(_rename_on_load)
             self._rename_hooks_registered = True
 
@@ -49,7 +58,7 @@ class RenameParamsMixin:
         return out
 
     def load_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True):
-        """``nn.Module.load_state_dict`` that also accepts the old (``torch.nn``) names."""
+        """``nn.Module.load_state_dict`` accepting the old (``torch.nn``) and the new names."""
         return nn.Module.load_state_dict(self, self._renamed(state_dict), strict=strict)
 
     def __getattr__(self, name):
@@ -63,6 +72,27 @@ class RenameParamsMixin:
                     target = getattr(target, part)
                 return target
             raise
+
+
+def _save_old_names(module, state_dict, prefix, local_metadata):
+    """State-dict post-hook: store ``prefix + new_name`` entries as ``prefix + old_name``.
+
+    Runs at every depth (a parent's ``state_dict`` calls each child's), right after the module's
+    own entries were appended, so they are the last ones and re-inserting keeps their place.
+    The values are moved, not copied (``keep_vars=True`` still gives the parameters).
+    """
+    rename_map = getattr(module, "_rename_map", {})
+    new_names = {prefix + new: prefix + old for old, new in rename_map.items()}
+    present = {key: state_dict.pop(key) for key in list(state_dict) if key in new_names}
+    for old, new in rename_map.items():
+        if prefix + new in present:
+            state_dict[prefix + old] = present[prefix + new]
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # the internal submodules are not part of the saved format
+        for new in rename_map.values():
+            parts = new.split(".")[:-1]
+            for depth in range(1, len(parts) + 1):
+                metadata.pop(prefix + ".".join(parts[:depth]), None)
 
 
 def _rename_on_load(
