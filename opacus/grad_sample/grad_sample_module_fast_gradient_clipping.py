@@ -107,6 +107,13 @@ def tensor_hooks_run_on_captured_gradients() -> bool:
     return bool(fired)
 
 
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (e.g. a checkpointed segment's
+    forward, re-run to recompute its activations)."""
+    current_task = getattr(torch._C, "_current_graph_task_id", None)
+    return current_task is not None and current_task() != -1
+
+
 def _shared_params(module: nn.Module) -> set:
     """ids of parameters owned by more than one submodule (tied weights)."""
     seen, shared = set(), set()
@@ -158,6 +165,9 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         self._book_kept: Dict[nn.Module, tuple] = {}
         self._output_numel = 0  # of the hooked calls of this forward: the backprops to keep
         self._embeddings: Optional[List[tuple]] = None  # (name, module), for scale_grad_by_freq
+        # Hooked calls of this forward that ran with gradients off, per layer: reentrant
+        # checkpointing re-runs them inside the backward pass, where they are captured instead.
+        self._calls_to_recompute: Dict[nn.Module, int] = {}
         GradSampleHooks.__init__(
             self,
             m,
@@ -170,6 +180,9 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             self.log_module_gradient_sample_mode(
                 module, force_functorch=force_functorch, use_ghost_clipping=use_ghost_clipping
             )
+        # Norms only: per-sample gradients never stay on the parameters (they read None).
+        for _, p in trainable_parameters(self._module):
+            p.grad_sample = None
 
     def _norm_sampler(self, module: nn.Module):
         if not self.use_ghost_clipping or self.force_functorch:
@@ -197,6 +210,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         return mode
 
     def _start_forward(self, module: nn.Module, _inputs) -> None:
+        if _in_backward():
+            return  # a checkpointed model re-run for its activations: the same forward pass
         # Release the last forward's anchors first: they keep its graph (and its calls) alive.
         self._first_pass_anchors = None
         super()._start_forward(module, _inputs)
@@ -205,6 +220,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         self._book_keeping = False
         self._book_kept = {}
         self._output_numel = 0
+        self._calls_to_recompute = {}
         if self.hooks_enabled:
             self._per_sample_gradient_norms = None
             # Norms of the previous step must not leak into this one (unused params stay at 0).
@@ -218,7 +234,22 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         forward_input: List[torch.Tensor],
         _forward_output: torch.Tensor,
     ):
-        """Forward hook: keep the layer's detached inputs (as ``GradSampleHooks``)."""
+        """Forward hook: keep the layer's detached inputs (as ``GradSampleHooks``).
+
+        Activation checkpointing runs a segment's forward twice.  Without reentrancy the first
+        run builds the graph the loss is differentiated through, so the re-run inside the
+        backward pass (recomputing saved tensors only) is ignored.  Reentrant checkpointing runs
+        the segment with gradients off, then again inside the backward pass, where its own
+        backward delivers the output gradients: that re-run is the one captured.
+        """
+        if self.hooks_enabled and module.training and requires_grad(module, recurse=True):
+            if _in_backward():
+                if not self._calls_to_recompute.get(module):
+                    return
+                self._calls_to_recompute[module] -= 1
+            elif not torch.is_grad_enabled():
+                self._calls_to_recompute[module] = self._calls_to_recompute.get(module, 0) + 1
+                return
         calls = self._activations.get(module)
         before = len(calls) if calls else 0
         super().capture_activations_hook(module, forward_input, _forward_output)
@@ -250,7 +281,15 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             return None  # e.g. calls captured by an earlier forward without a backward yet
         if not tensor_hooks_run_on_captured_gradients():
             return None  # an older torch: the norm pass asks for parameter gradients instead
+        if self.norm_pass_needs_backward():
+            return None
         return anchors
+
+    def norm_pass_needs_backward(self) -> bool:
+        """True if the norm pass must be a real backward pass: hooked layers of the last
+        forward ran with gradients off (reentrant activation checkpointing), so their hooks only
+        run when the engine re-runs them, which ``torch.autograd.grad`` refuses."""
+        return any(self._calls_to_recompute.values())
 
     def capture_backprops_hook(
         self,
@@ -364,6 +403,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
                 grad_sample=_row_norms(grad_sample),
                 max_batch_len=grad_sample.shape[0],
             )
+            p.grad_sample = None  # only the norms are kept
 
     def _norms_by_param(self) -> Dict[nn.Parameter, torch.Tensor]:
         return {

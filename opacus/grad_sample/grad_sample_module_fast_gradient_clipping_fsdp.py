@@ -30,6 +30,7 @@ from opacus.grad_sample import registry
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleHooksFastGradientClipping,
+    _in_backward,
 )
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.utils.module_utils import requires_grad, trainable_parameters
@@ -203,7 +204,7 @@ class GradSampleHooksFastGradientClippingFSDP(GradSampleHooksFastGradientClippin
     # ------------------------------------------------------------------------ hooks
     def _start_forward(self, module: nn.Module, _inputs) -> None:
         super()._start_forward(module, _inputs)
-        if self.hooks_enabled:
+        if self.hooks_enabled and not _in_backward():
             for slots in self._slots.values():
                 for p in slots.values():
                     if hasattr(p, "_norm_sample"):

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from opacus.optimizers.consumed import mark_consumed
 from opacus.optimizers.noise import with_gaussian_noise
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 
@@ -58,13 +59,14 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
 
     def accumulate(self):
         """Add ``W * local shard of p.grad`` (the cross-rank clipped sum) to ``summed_grad``."""
-        self._consume_clipped_backward()
+        self._check_release_once()
         for i, p in enumerate(self.params):
             clipped_sum = local_shard(self._clipped_sum_of(p, i)).detach() * self.world_size
             if getattr(p, "summed_grad", None) is None:
                 p.summed_grad = clipped_sum
             else:
                 p.summed_grad.add_(clipped_sum)
+            mark_consumed(p.grad)
 
     def add_noise(self):
         """Write ``summed_grad + N(0, (noise_multiplier * max_grad_norm)^2)`` into the shard."""

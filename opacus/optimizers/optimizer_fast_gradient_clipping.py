@@ -11,6 +11,12 @@ criterion would silently release *unclipped* gradients with noise calibrated to
 ``max_grad_norm``.  The double backward therefore records itself on the optimizer
 (``_record_clipped_backward``) and ``accumulate`` refuses gradients that no clipped backward
 produced since the last step / ``zero_grad``.
+
+Release once (``opacus.optimizers.consumed``): the clipped ``p.grad`` this optimizer adds to
+``summed_grad`` is marked as consumed, and so is the noisy ``p.grad`` a step releases; meeting a
+marked ``p.grad`` or an already noised ``summed_grad`` again (a second ``step()`` after one
+backward, a forgotten ``optimizer.zero_grad()``, ``model.zero_grad()`` in its place) raises
+instead of releasing the same samples twice.
 """
 
 from typing import Callable, Optional
@@ -18,6 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch.optim import Optimizer
 
+from opacus.optimizers.consumed import check_fresh, is_consumed, mark_consumed
 from opacus.optimizers.optimizer import DPOptimizer
 
 
@@ -84,13 +91,23 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
 
     def accumulate(self):
         """Add ``p.grad`` (the clipped sum from the double backward) to ``p.summed_grad``."""
-        self._consume_clipped_backward()
+        self._check_release_once()
         for i, p in enumerate(self.params):
             clipped_sum = self._clipped_sum_of(p, i)
             if getattr(p, "summed_grad", None) is None:
                 p.summed_grad = clipped_sum.detach().clone()
             else:
                 p.summed_grad.add_(clipped_sum)
+            mark_consumed(p.grad)
+
+    def _check_release_once(self) -> None:
+        """Refuse a ``p.grad`` or ``summed_grad`` an earlier step used, then gradients that no
+        clipped backward produced (module docstring)."""
+        owner = type(self).__name__
+        for p in self.params:
+            check_fresh(p.grad, owner=owner, what="the clipped p.grad")
+            check_fresh(getattr(p, "summed_grad", None), owner=owner, what="p.summed_grad")
+        self._consume_clipped_backward()
 
     def clip_and_accumulate(self):
         """Same as ``accumulate``: the clipping already happened in the double backward."""
@@ -108,6 +125,10 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
             return False
         self.add_noise()
         self.scale_grad()
+        for p in self.params:
+            # The released update and the sum it came from: never to be released again.
+            mark_consumed(p.grad)
+            mark_consumed(p.summed_grad)
         return self._finish_real_step()
 
     def zero_grad(self, set_to_none: bool = False):
@@ -117,3 +138,8 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
             if not self._is_last_step_skipped:
                 p.summed_grad = None
         self.original_optimizer.zero_grad(set_to_none)
+        for p in self.params:
+            if is_consumed(p.grad):
+                # Zeroed in place, the tensor would keep its mark: the next backward's clipped
+                # sum is fresh and goes into a fresh tensor.
+                p.grad = torch.zeros_like(p.grad)

@@ -10,14 +10,21 @@ learners", building on Goodfellow 2015 and Lee & Kifer 2021) needs two backward 
    the clipped sum, which ``DPOptimizerFastGradientClipping`` then noises and scales.
 
 The first pass uses ``torch.autograd.grad`` so that the unclipped gradient never lands in
-``p.grad``.  Where the module can book-keep (Bu et al. 2023; ``plan_book_keeping``), step 3 is
-replaced by forming ``sum_i c_i g_i`` from the activations and backprops the first pass kept.
-``L_i`` is sample ``i``'s own loss (the criterion with ``reduction="none"``), so the per-sample
-gradient is the gradient of that sample's loss, as for ``GradSampleModule``.
+``p.grad``.  Reentrant activation checkpointing (``torch.utils.checkpoint(...,
+use_reentrant=True)``) cannot run under ``torch.autograd.grad``: when the forward pass ran
+hooked layers with gradients off (which is how that checkpointing runs its segments), the first
+pass is a real backward whose (unclipped) parameter gradients are discarded, ``p.grad`` being
+restored to what it held before.  Where the module can book-keep (Bu et al. 2023;
+``plan_book_keeping``), step 3 is replaced by forming ``sum_i c_i g_i`` from the activations and
+backprops the first pass kept.  ``L_i`` is sample ``i``'s own loss (the criterion with
+``reduction="none"``), so the per-sample gradient is the gradient of that sample's loss, as for
+``GradSampleModule``.  Adaptive clipping (``opacus.utils.adaptive_clipping``) runs the same
+passes and only chooses the bound between them (``clip_bound`` of ``double_backward``).
 """
 
 import copy
-from typing import Optional, Sequence, Union
+import logging
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -37,24 +44,49 @@ __all__ = [
     "double_backward",
 ]
 
+logger = logging.getLogger(__name__)
+
+_REDUCTIONS = ("mean", "sum")
+
+
+def _check_reduction(loss_reduction, owner: str) -> None:
+    if loss_reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"{owner}: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}: it says "
+            "how the per-sample losses make up the batch loss (and must match the module's)"
+        )
+
 
 def _batch_loss(loss_per_sample: torch.Tensor, loss_reduction: str) -> torch.Tensor:
     return loss_per_sample.mean() if loss_reduction == "mean" else loss_per_sample.sum()
 
 
-def per_sample_loss(loss: torch.Tensor, loss_reduction: str, shape=None) -> torch.Tensor:
+def per_sample_loss(
+    loss: torch.Tensor,
+    loss_reduction: str,
+    shape=None,
+    weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Reduce an unreduced criterion output to one loss per sample, shape ``(batch,)``.
 
     ``shape=(batch, ...)``: the loss was computed on inputs flattened from that shape (e.g. a
     language model's ``(B * T, V)`` logits), so it is first reshaped to ``(batch, -1)``.  Losses
-    with extra dims (per-token losses ``(B, T)``) are reduced over them with ``loss_reduction``,
-    which keeps ``mean``/``sum`` of the per-sample losses equal to the criterion's batch loss.
+    with extra dims (per-token losses ``(B, T)``) are reduced over them with ``loss_reduction``
+    (``"mean"`` or ``"sum"``).  ``weights`` (same number of elements as ``loss``): each element's
+    weight in that mean, e.g. 0 for a token whose label is a criterion's ``ignore_index``; the
+    mean of sample ``i`` is then ``sum_t loss_it / sum_t weights_it`` (0 if all its weights are
+    0), which is what ``nn.CrossEntropyLoss`` gives for that sample alone.
     """
     if loss.dim() == 0:
         raise ValueError(
             "the criterion returned a scalar; DPLossFastGradientClipping needs one loss per "
             "sample: use a criterion with a `reduction` attribute (set to 'none' here) or a "
             "function returning an unreduced loss with the batch on dim 0"
+        )
+    if weights is not None and weights.numel() != loss.numel():
+        raise ValueError(
+            f"per_sample_loss: weights has {weights.numel()} elements but the loss has "
+            f"{loss.numel()}; pass one weight per loss element"
         )
     if shape is not None:
         batch = shape[0]
@@ -63,13 +95,34 @@ def per_sample_loss(loss: torch.Tensor, loss_reduction: str, shape=None) -> torc
                 f"cannot split a loss of {loss.numel()} elements into shape[0]={batch} samples"
             )
         loss = loss.reshape(batch, -1)
-    if loss.dim() > 1:
-        dims = tuple(range(1, loss.dim()))
-        loss = loss.mean(dim=dims) if loss_reduction == "mean" else loss.sum(dim=dims)
-    return loss
+    if loss.dim() <= 1:
+        return loss
+    flat = loss.reshape(loss.shape[0], -1)
+    if loss_reduction == "sum":
+        return flat.sum(dim=1)
+    if weights is None:
+        return flat.mean(dim=1)
+    total = weights.reshape(flat.shape).to(flat.dtype).sum(dim=1)
+    # A sample whose tokens are all ignored has loss 0 (not 0/0): it contributes nothing.
+    return flat.sum(dim=1) / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def _ghost_module(module: nn.Module) -> nn.Module:
+def _mean_weights(criterion, target) -> Optional[torch.Tensor]:
+    """Weights of the elements in ``criterion``'s own ``"mean"`` (``per_sample_loss``), for the
+    criteria whose mean is weighted: ``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` with class-index
+    targets divide by the summed class weights of the targets that are not ``ignore_index``."""
+    if not isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return None
+    if not torch.is_tensor(target) or target.is_floating_point() or target.is_complex():
+        return None  # class probabilities: a plain mean over the elements
+    valid = target != criterion.ignore_index
+    if criterion.weight is None:
+        return valid
+    classes = torch.where(valid, target, torch.zeros_like(target))
+    return criterion.weight[classes] * valid
+
+
+def _ghost_module(module) -> GradSampleHooksFastGradientClipping:
     # A data-parallel wrapper (DPDDP, DDP) holds the GradSampleModuleFastGradientClipping in
     # ``.module`` and does not forward attribute access to it.
     inner = module
@@ -86,25 +139,42 @@ def _ghost_module(module: nn.Module) -> nn.Module:
     return inner
 
 
+def _model_of(ghost) -> nn.Module:
+    """The ``nn.Module`` whose parameters the ghost hooks cover: the wrapper itself, or the
+    user's model for the unwrapped hooks object (``make_private(..., wrap_model=False)``)."""
+    return ghost if isinstance(ghost, nn.Module) else ghost._module
+
+
 _GhostModule = Union[GradSampleModuleFastGradientClipping, GradSampleHooksFastGradientClipping]
+#: ``clip_bound(per_sample_norms) -> C``: the bound of this step, chosen between the passes.
+ClipBoundRule = Callable[[torch.Tensor], float]
 
 
 def double_backward(
     module: _GhostModule,
     optimizer: DPOptimizerFastGradientClipping,
     loss_per_sample: torch.Tensor,
+    *,
+    clip_bound: Optional[ClipBoundRule] = None,
 ) -> None:
     """The two backward passes of ghost clipping (module docstring); leaves the clipped sum in
     ``p.grad`` of every trainable parameter of ``module``.
 
-    The clip bound is the optimizer's ``max_grad_norm`` (the attribute schedulers change); it is
-    copied into ``module.max_grad_norm`` before the coefficients are computed.
+    The clip bound is the optimizer's ``max_grad_norm`` (the attribute schedulers change), or
+    ``clip_bound(norms)`` given the per-sample gradient norms of the first pass (adaptive
+    clipping); it is copied into ``module.max_grad_norm`` before the coefficients are computed.
     """
     wrapper, module = module, _ghost_module(module)
     loss_reduction = getattr(module, "loss_reduction", "mean")
-    trainable = [p for p in module.parameters() if p.requires_grad]
+    trainable = [p for p in _model_of(module).parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("double_backward: the module has no trainable parameters")
+    if loss_per_sample.dim() != 1:
+        raise ValueError(
+            f"double_backward: loss_per_sample must have shape (batch,), got "
+            f"{tuple(loss_per_sample.shape)}; reduce extra dims first (DPLossFastGradientClipping "
+            "does, see per_sample_loss)"
+        )
     if hasattr(module, "enable_hooks"):
         module.enable_hooks()
     # Book-keeping replaces the second pass, except under torch DDP, whose gradient all-reduce
@@ -124,22 +194,14 @@ def double_backward(
             "nn.Linear or nn.Embedding called once per forward): use grad_sample_mode='hooks' "
             "or scale_grad_by_freq=False"
         )
-    # First pass: only the hooks' norms are wanted.  Asking for the gradients just below the
-    # hooked layers' backward-hook nodes runs every hook but prunes the weight-gradient
-    # branches; otherwise the parameter gradients are returned (not stored) and dropped.
-    anchors = getattr(module, "first_pass_anchors", lambda: None)()
-    targets = _lowest_anchors(anchors) if anchors else trainable
-    torch.autograd.grad(
-        _batch_loss(loss_per_sample, loss_reduction),
-        targets,
-        retain_graph=not book_keeping,
-        allow_unused=True,
+    used = _norm_pass(
+        module, trainable, _batch_loss(loss_per_sample, loss_reduction), retain=not book_keeping
     )
-    # The anchors keep their calls' graphs alive: release them so that calls whose output the
-    # loss never used are recognised as such (they contribute nothing, see _check_every_...).
-    del anchors, targets
     _check_every_hook_fired(module)
-    module.max_grad_norm = optimizer.max_grad_norm
+    if used is not None and isinstance(module, GradSampleHooksFastGradientClipping):
+        _check_every_used_parameter_has_a_norm(module, used)
+    bound = optimizer.max_grad_norm if clip_bound is None else clip_bound(module.get_norm_sample())
+    module.max_grad_norm = bound
     coef = module.get_clipping_coef().detach()
     if coef.shape != loss_per_sample.shape:
         raise ValueError(
@@ -163,7 +225,72 @@ def double_backward(
     _mark_clipped_backward(optimizer)
 
 
-def _under_torch_ddp(wrapper: nn.Module, ghost: nn.Module) -> bool:
+def _mark_clipped_backward(optimizer) -> None:
+    """Tell the optimizer that ``p.grad`` now holds a clipped sum (it refuses ``p.grad`` left by
+    a plain, unclipped ``backward()`` otherwise); an optimizer without that record is left be."""
+    record = getattr(optimizer, "_record_clipped_backward", None)
+    if record is not None:
+        record()
+
+
+def _norm_pass(
+    module, trainable: List[nn.Parameter], batch_loss: torch.Tensor, *, retain: bool
+) -> Optional[List[nn.Parameter]]:
+    """Run every hook once (the per-sample norms) without touching ``p.grad``.
+
+    Returns the trainable parameters that the loss reached, or None where the pass does not
+    tell (the anchored shortcut, which computes no parameter gradient at all).
+    """
+    # Asking for the gradients just below the hooked layers' output-hook nodes runs every hook
+    # but prunes the weight-gradient branches; otherwise the parameter gradients are returned
+    # (not stored) and dropped.
+    anchors = getattr(module, "first_pass_anchors", lambda: None)()
+    if getattr(module, "norm_pass_needs_backward", lambda: False)():
+        # Reentrant checkpointing re-runs its segments inside the engine and refuses .grad():
+        # a real backward, after which p.grad gets back what it held (the clipped sums of
+        # earlier passes, or None).
+        del anchors
+        held = [p.grad for p in trainable]
+        for p in trainable:
+            p.grad = None
+        try:
+            batch_loss.backward(retain_graph=retain)
+            return [p for p in trainable if p.grad is not None]
+        finally:
+            for p, grad in zip(trainable, held):
+                p.grad = grad
+    if anchors:
+        targets = _lowest_anchors(anchors)
+        # The anchors keep their calls' graphs alive: released right after the pass so that
+        # calls whose output the loss never used are recognised as such.
+        del anchors
+        torch.autograd.grad(batch_loss, targets, retain_graph=retain, allow_unused=True)
+        return None
+    grads = torch.autograd.grad(batch_loss, trainable, retain_graph=retain, allow_unused=True)
+    return [p for p, g in zip(trainable, grads) if g is not None]
+
+
+def _check_every_used_parameter_has_a_norm(module, used: List[nn.Parameter]) -> None:
+    """A parameter the loss reached but no hook measured would count as norm 0: its samples
+    would be clipped too little (a privacy breach), so refuse, naming it."""
+    missing = {id(p) for p in used if getattr(p, "_norm_sample", None) is None}
+    if not missing:
+        return
+    names = [
+        name.replace("_module.", "", 1)
+        for name, p in _model_of(module).named_parameters()
+        if id(p) in missing
+    ]
+    raise RuntimeError(
+        "ghost clipping: no per-sample norm was computed for parameter(s) "
+        + ", ".join(f"'{n}'" for n in names)
+        + ", which the loss depends on; clipping without them would under-clip. Their layer "
+        "has no hooks (unsupported layer with strict=False?) or ran outside the hooked "
+        "forward pass: use a supported layer, or freeze those parameters."
+    )
+
+
+def _under_torch_ddp(wrapper, ghost) -> bool:
     """True if a torch ``DistributedDataParallel`` wraps the ghost module or is wrapped by it."""
     chain = [wrapper]
     while chain[-1] is not ghost and isinstance(getattr(chain[-1], "module", None), nn.Module):
@@ -185,7 +312,9 @@ def _check_every_hook_fired(module) -> None:
     leftover = [m for m, calls in getattr(module, "_activations", {}).items() if calls]
     if not leftover:
         return
-    names = {id(m): name.replace("_module.", "", 1) for name, m in module.named_modules()}
+    names = {
+        id(m): name.replace("_module.", "", 1) for name, m in _model_of(module).named_modules()
+    }
     listed = ", ".join(
         f"'{names.get(id(m), type(m).__name__)}' ({type(m).__name__})" for m in leftover
     )
@@ -221,18 +350,31 @@ def _lowest_anchors(anchors: list) -> list:
     return [edge for edge in anchors if not below[edge.node]]
 
 
-def _mark_clipped_backward(optimizer) -> None:
-    """Tell the optimizer that ``p.grad`` now holds a clipped sum (it refuses ``p.grad`` left by
-    a plain, unclipped ``backward()`` otherwise)."""
-    record = getattr(optimizer, "_record_clipped_backward", None)
-    if record is not None:
-        record()
+def _operand(owner, other, op: str):
+    """``other``'s per-sample losses if it is a DP tensor (same reduction), else ``other``."""
+    if not isinstance(other, DPTensorFastGradientClipping):
+        return other
+    if op in ("*", "/"):
+        raise TypeError(
+            f"{type(owner).__name__} {op} {type(other).__name__} is not defined: per-sample "
+            "losses can be added or subtracted, and scaled by numbers or tensors"
+        )
+    if other.loss_reduction != owner.loss_reduction:
+        raise ValueError(
+            f"cannot combine DP losses with loss_reduction={owner.loss_reduction!r} and "
+            f"{other.loss_reduction!r}: build both with the same loss_reduction"
+        )
+    return other.loss_per_sample
 
 
 class DPTensorFastGradientClipping(object):
     """A per-sample loss whose ``backward()`` runs ghost clipping's double backward.
 
-    Behaves like the reduced loss for logging (``item()``, ``detach()``, ``str``).
+    The constructor only stores its arguments.  Behaves like the reduced loss for logging
+    (``item()``, ``detach()``, ``str``); ``+``, ``-`` (with numbers, tensors or another DP
+    tensor of the same reduction), ``*``, ``/`` (by numbers or tensors) and unary ``-`` act on
+    the per-sample losses and return a DP tensor of the same class, module, optimizer and
+    reduction.
     """
 
     def __init__(
@@ -242,38 +384,70 @@ class DPTensorFastGradientClipping(object):
         loss_per_sample: torch.Tensor,
         loss_reduction: str = "mean",
     ):
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        module_reduction = getattr(_ghost_module(module), "loss_reduction", loss_reduction)
-        if module_reduction != loss_reduction:
-            raise ValueError(
-                f"loss_reduction={loss_reduction!r} differs from the module's "
-                f"loss_reduction={module_reduction!r}: wrap the module and the loss with the same"
-            )
-        if loss_per_sample.dim() != 1:
-            raise ValueError(
-                f"loss_per_sample must have shape (batch,), got {tuple(loss_per_sample.shape)}"
-            )
         self.module = module
         self.optimizer = optimizer
         self.loss_per_sample = loss_per_sample
         self.loss_reduction = loss_reduction
 
-    def item(self):
-        """The reduced (``mean`` or ``sum``) loss as a Python number."""
-        return self.detach().item()
+    def item(self) -> float:
+        """The reduced (``mean`` or ``sum``) loss as a Python float."""
+        return float(self.detach().item())
 
-    def detach(self):
+    def detach(self) -> torch.Tensor:
         """The reduced loss, detached from the graph."""
+        _check_reduction(self.loss_reduction, type(self).__name__)
         return _batch_loss(self.loss_per_sample.detach(), self.loss_reduction)
 
     def __str__(self):
-        return f"DPTensorFastGradientClipping(loss={self.item()}, reduction={self.loss_reduction})"
+        return f"{type(self).__name__}(loss={self.detach()!r}, reduction={self.loss_reduction!r})"
 
     __repr__ = __str__
 
+    # ---------------------------------------------------------------- arithmetic
+    def _with_loss(self, loss_per_sample: torch.Tensor) -> "DPTensorFastGradientClipping":
+        # A shallow copy keeps the subclass and its settings (adaptive clipping's knobs).
+        result = copy.copy(self)
+        result.loss_per_sample = loss_per_sample
+        return result
+
+    def __add__(self, other):
+        return self._with_loss(self.loss_per_sample + _operand(self, other, "+"))
+
+    def __radd__(self, other):
+        return self._with_loss(_operand(self, other, "+") + self.loss_per_sample)
+
+    def __sub__(self, other):
+        return self._with_loss(self.loss_per_sample - _operand(self, other, "-"))
+
+    def __rsub__(self, other):
+        return self._with_loss(_operand(self, other, "-") - self.loss_per_sample)
+
+    def __mul__(self, other):
+        return self._with_loss(self.loss_per_sample * _operand(self, other, "*"))
+
+    def __rmul__(self, other):
+        return self._with_loss(_operand(self, other, "*") * self.loss_per_sample)
+
+    def __truediv__(self, other):
+        return self._with_loss(self.loss_per_sample / _operand(self, other, "/"))
+
+    def __neg__(self):
+        return self._with_loss(-self.loss_per_sample)
+
+    # ---------------------------------------------------------------- backward
+    def _check_module_reduction(self) -> None:
+        _check_reduction(self.loss_reduction, type(self).__name__)
+        module_reduction = getattr(_ghost_module(self.module), "loss_reduction", None)
+        if isinstance(module_reduction, str) and module_reduction != self.loss_reduction:
+            raise ValueError(
+                f"{type(self).__name__}: loss_reduction={self.loss_reduction!r} differs from the "
+                f"module's loss_reduction={module_reduction!r}: wrap the module and the loss with "
+                "the same"
+            )
+
     def backward(self):
         """Double backward: afterwards ``p.grad`` holds the sum of clipped per-sample gradients."""
+        self._check_module_reduction()
         double_backward(self.module, self.optimizer, self.loss_per_sample)
 
 
@@ -281,8 +455,12 @@ class DPLossFastGradientClipping(object):
     """Wraps a criterion so that ``criterion(output, target).backward()`` clips (ghost clipping).
 
     ``criterion`` is a loss module with a ``reduction`` attribute (a copy with
-    ``reduction="none"`` is used; ``loss_reduction``, not the criterion's own reduction, decides
-    how the batch loss is reduced) or a function returning unreduced losses.
+    ``reduction="none"`` is used) or a function returning unreduced losses.  ``loss_reduction``
+    says how the batch loss combines the per-sample losses.  Sample ``i``'s loss is the
+    criterion on that sample alone: losses with extra dims (per-token losses of a sequence) are
+    reduced over them with the criterion's own reduction (``"mean"``/``"sum"``; for a function
+    or ``reduction="none"``, with ``loss_reduction``), and ``nn.CrossEntropyLoss``/``nn.NLLLoss``
+    average only over the tokens whose label is not ``ignore_index`` (weighted by ``weight``).
     """
 
     def __init__(
@@ -292,8 +470,14 @@ class DPLossFastGradientClipping(object):
         criterion,
         loss_reduction: str = "mean",
     ):
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        _check_reduction(loss_reduction, type(self).__name__)
+        module_reduction = getattr(_ghost_module(module), "loss_reduction", None)
+        if isinstance(module_reduction, str) and module_reduction != loss_reduction:
+            raise ValueError(
+                f"{type(self).__name__}: loss_reduction={loss_reduction!r} differs from the "
+                f"module's loss_reduction={module_reduction!r}: wrap the module and the loss with "
+                "the same"
+            )
         criterion_reduction = getattr(criterion, "reduction", None)
         if criterion_reduction is not None:
             criterion = copy.copy(criterion)
@@ -302,6 +486,38 @@ class DPLossFastGradientClipping(object):
         self.optimizer = optimizer
         self.criterion = criterion
         self.loss_reduction = loss_reduction
+        self.sample_reduction = (
+            criterion_reduction if criterion_reduction in _REDUCTIONS else loss_reduction
+        )
+        self._warned_extra_dims = False
+
+    def _per_sample_losses(self, input, target, shape=None) -> torch.Tensor:
+        """``(batch,)``: sample ``i``'s ``criterion(input_i, target_i)`` (class docstring)."""
+        loss = self.criterion(input, target)
+        if shape is not None or loss.dim() > 1:
+            self._warn_extra_dims(loss, shape)
+        weights = None
+        if self.sample_reduction == "mean":
+            weights = _mean_weights(self.criterion, target)
+        return per_sample_loss(loss, self.sample_reduction, shape, weights)
+
+    def _warn_extra_dims(self, loss: torch.Tensor, shape) -> None:
+        if self._warned_extra_dims:
+            return
+        self._warned_extra_dims = True
+        how = f"{self.sample_reduction} over their extra dimensions"
+        if self.sample_reduction == "mean" and isinstance(
+            self.criterion, (nn.CrossEntropyLoss, nn.NLLLoss)
+        ):
+            how += " (ignore_index labels left out, class weights applied)"
+        logger.warning(
+            "DPLossFastGradientClipping: the criterion returned losses of shape %s for a batch "
+            "of %d; each sample's losses are reduced to one by their %s, so that each sample "
+            "is clipped as one (the loss of that sample alone). Logged once.",
+            tuple(loss.shape),
+            shape[0] if shape is not None else loss.shape[0],
+            how,
+        )
 
     def __call__(
         self, input, target, shape: Optional[Sequence[int]] = None
@@ -310,5 +526,5 @@ class DPLossFastGradientClipping(object):
 
         ``shape``: the ``(batch, ...)`` shape that ``input`` was flattened from, if any.
         """
-        loss = per_sample_loss(self.criterion(input, target), self.loss_reduction, shape)
+        loss = self._per_sample_losses(input, target, shape)
         return DPTensorFastGradientClipping(self.module, self.optimizer, loss, self.loss_reduction)

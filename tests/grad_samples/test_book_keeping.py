@@ -119,6 +119,7 @@ def _run(model, x, loss_reduction, batch_first=True, max_grad_norm=0.05, plan=No
         p.register_hook(lambda g: param_grads_in_autograd.append(g))
     loss = _sample_loss(gsm(x))
     double_backward(gsm, SimpleNamespace(max_grad_norm=max_grad_norm), loss)
+    gsm.remove_hooks()  # the model can be wrapped again
     return gsm, len(param_grads_in_autograd)
 
 
@@ -183,7 +184,9 @@ def _plan(model, x, ratio=math.inf):
     gsm = GradSampleModuleFastGradientClipping(model)
     gsm.max_book_keeping_ratio = ratio
     gsm(x)
-    return gsm.plan_book_keeping()
+    planned = gsm.plan_book_keeping()
+    gsm.remove_hooks()  # the model can be wrapped again
+    return planned
 
 
 def test_plan_covers_exactly_the_qualifying_models():

@@ -187,10 +187,16 @@ def test_wrapper_errors():
     model = small_model()
     x, y = batch(3)
     stub = GhostStub(model, x, y, "sum")
+    # The tensor only stores its arguments (Opacus 1.6); backward() checks the reductions.
+    loss = DPTensorFastGradientClipping(stub, _fgc(model), torch.ones(3), "mean")
+    with pytest.raises(ValueError, match="loss_reduction='mean' differs"):
+        loss.backward()
     with pytest.raises(ValueError, match="loss_reduction"):
-        DPTensorFastGradientClipping(stub, _fgc(model), torch.ones(3), "mean")
+        DPTensorFastGradientClipping(stub, _fgc(model), torch.ones(3), "avg").backward()
     with pytest.raises(ValueError, match="loss_reduction"):
         DPLossFastGradientClipping(stub, _fgc(model), nn.CrossEntropyLoss(), "avg")
+    with pytest.raises(ValueError, match="differs from the module's"):
+        DPLossFastGradientClipping(stub, _fgc(model), nn.CrossEntropyLoss(), "mean")
     with pytest.raises(TypeError, match="ghost"):
         double_backward(model, _fgc(model), torch.ones(3, requires_grad=True))
 

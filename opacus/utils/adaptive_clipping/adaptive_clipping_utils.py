@@ -54,10 +54,7 @@ from opacus.privacy_engine import PrivacyEngine
 from opacus.utils.fast_gradient_clipping_utils import (
     DPLossFastGradientClipping,
     DPTensorFastGradientClipping,
-    _batch_loss,
-    _ghost_module,
-    _mark_clipped_backward,
-    per_sample_loss,
+    double_backward,
 )
 
 __all__ = [
@@ -166,15 +163,6 @@ class DPOptimizerFastGradientAdaptiveClipping(DPOptimizerFastGradientClipping):
         sigma_grad = gradient_noise_multiplier(self.noise_multiplier, self.unclipped_num_std)
         return sigma_grad * self.max_grad_norm
 
-    def _dp_state(self) -> dict:
-        state = super()._dp_state()
-        state["unclipped_num_std"] = self.unclipped_num_std
-        return state
-
-    def _load_dp_state(self, dp_state: dict) -> None:
-        super()._load_dp_state(dp_state)
-        self.unclipped_num_std = dp_state.get("unclipped_num_std")
-
 
 def _check_adaptive_optimizer(optimizer) -> None:
     if not isinstance(optimizer, DPOptimizerFastGradientAdaptiveClipping):
@@ -262,9 +250,13 @@ class DPTensorFastGradientAdaptiveClipping(DPTensorFastGradientClipping):
             )
 
     def backward(self):
-        """Norm pass, noisy count, clip-bound update, clipped pass (module docstring)."""
+        """Norm pass, noisy count, clip-bound update, clipped pass (module docstring).
+
+        The passes and their safety checks are ghost clipping's own (``double_backward``); only
+        the bound between them is chosen here.
+        """
         optimizer = self.optimizer
-        module = _ghost_module(self.module)
+        self._check_module_reduction()
         self._check_step_is_real()
         if optimizer.expected_batch_size is None:
             raise ValueError(
@@ -275,19 +267,14 @@ class DPTensorFastGradientAdaptiveClipping(DPTensorFastGradientClipping):
         # raised sigma above 2 * sigma_b, or initial_noise_multiplier=0 with a noisy optimizer).
         gradient_noise_multiplier(optimizer.noise_multiplier, self.unclipped_num_std)
         optimizer.unclipped_num_std = self.unclipped_num_std
-
-        trainable = [p for p in module.parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("adaptive clipping: the module has no trainable parameters")
-        module.enable_hooks()
-        torch.autograd.grad(
-            _batch_loss(self.loss_per_sample, module.loss_reduction),
-            trainable,
-            retain_graph=True,
-            allow_unused=True,
+        double_backward(
+            self.module, optimizer, self.loss_per_sample, clip_bound=self._adapted_bound
         )
-        norms = module.get_norm_sample()
 
+    def _adapted_bound(self, norms: torch.Tensor) -> float:
+        """The clip bound of this step from the first pass's per-sample norms (module docstring);
+        also the optimizer's ``max_grad_norm`` from now on."""
+        optimizer = self.optimizer
         unclipped_frac = noisy_unclipped_fraction(
             norms,
             optimizer.max_grad_norm,
@@ -305,21 +292,7 @@ class DPTensorFastGradientAdaptiveClipping(DPTensorFastGradientClipping):
             max_clipbound=self.max_clipbound,
         )
         optimizer.max_grad_norm = new_bound
-        module.max_grad_norm = new_bound
-
-        coef = module.get_clipping_coef().detach()
-        if coef.shape != self.loss_per_sample.shape:
-            raise ValueError(
-                f"clipping coefficients of shape {tuple(coef.shape)} do not match the per-sample "
-                f"loss of shape {tuple(self.loss_per_sample.shape)}: the module's batch "
-                "dimension and the loss's dim 0 must agree (check batch_first)"
-            )
-        module.disable_hooks()
-        try:
-            (coef.to(self.loss_per_sample.dtype) * self.loss_per_sample).sum().backward()
-        finally:
-            module.enable_hooks()
-        _mark_clipped_backward(optimizer)
+        return new_bound
 
 
 class DPLossFastGradientAdaptiveClipping(DPLossFastGradientClipping):
@@ -352,7 +325,7 @@ class DPLossFastGradientAdaptiveClipping(DPLossFastGradientClipping):
         self, input, target, shape: Optional[Sequence[int]] = None
     ) -> DPTensorFastGradientAdaptiveClipping:
         """Per-sample losses of ``criterion(input, target)`` as the adaptive tensor wrapper."""
-        loss = per_sample_loss(self.criterion(input, target), self.loss_reduction, shape)
+        loss = self._per_sample_losses(input, target, shape)
         return DPTensorFastGradientAdaptiveClipping(
             self.module,
             self.optimizer,
