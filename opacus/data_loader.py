@@ -1,12 +1,17 @@
 """Data loaders with Poisson sampling (the sampling DP-SGD's privacy accounting assumes).
 
 A Poisson batch can be empty. ``default_collate`` cannot build a batch from nothing, so the
-collate function is wrapped: an empty batch becomes, for each field of a sample, a tensor of shape
-``(0, *sample_shape)`` with the sample's dtype, which every ``nn`` layer and loss accepts.
+collate function is wrapped (:class:`CollateFnWithEmpty`): it learns the *structure* of the
+collated batches (containers, keys, tensor shapes, dtypes and devices; never their values) from
+the first non-empty batch, and turns an empty batch into the same structure with a batch
+dimension of 0, which every ``nn`` layer and loss accepts.
+
+The sampling rate a :class:`DPDataLoader` really uses is its ``sample_rate`` attribute (also on its
+batch sampler): the privacy accountant must record that rate, not ``1 / len(loader)``.
 """
 
 import logging
-import warnings
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, List, Optional, Sequence, Tuple, Type, Union
 
@@ -32,6 +37,8 @@ __all__ = [
     "wrap_collate_with_empty",
 ]
 
+_POISSON_SAMPLERS = (UniformWithReplacementSampler, DistributedUniformWithReplacementSampler)
+
 # default_collate turns Python scalars into these tensor dtypes; empty batches must match.
 _PY_TO_TORCH_DTYPE = {bool: torch.bool, int: torch.int64, float: torch.float64}
 
@@ -53,32 +60,95 @@ def _as_torch_dtype(dtype: Union[torch.dtype, Type]) -> torch.dtype:
         return dtype
     if dtype in _PY_TO_TORCH_DTYPE:
         return _PY_TO_TORCH_DTYPE[dtype]
-    try:  # numpy dtypes
-        return torch.from_numpy(__import__("numpy").empty(0, dtype=dtype)).dtype
-    except Exception:
-        return torch.get_default_dtype()
+    try:  # numpy dtypes (np.float32, np.dtype("int16"), ...)
+        import numpy as np
+
+        return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    except Exception as err:
+        raise TypeError(
+            f"CollateFnWithEmpty: Unsupported batch type {dtype!r} for an empty batch: only "
+            "tensors, numpy arrays and Python bool/int/float fields can be made empty. Pass "
+            "dtypes= with torch dtypes, or use a collate_fn whose batches are tensors."
+        ) from err
 
 
-def _empty_field(shape: Tuple, dtype, *, batch_first: bool, rand_on_empty: bool) -> torch.Tensor:
-    dtype = _as_torch_dtype(dtype)
-    batch = 1 if rand_on_empty else 0
-    if batch_first or len(shape) == 0:
-        full_shape = (batch, *shape)
-    else:
-        full_shape = (shape[0], batch, *shape[1:])
-    if rand_on_empty and dtype.is_floating_point:
-        return torch.rand(full_shape, dtype=dtype)
-    return torch.zeros(full_shape, dtype=dtype)
+# ------------------------------------------------------------------ batch structure
+# A learned structure is a tree of tuples; leaves describe tensors (never their values):
+#   ("tensor", shape, dtype, device) | ("mapping", keys, children)
+#   | ("sequence", container_type, children) | ("unsupported", type)
+
+
+def _structure_of(batch: Any):
+    if torch.is_tensor(batch):
+        return ("tensor", tuple(batch.shape), batch.dtype, batch.device)
+    if isinstance(batch, Mapping):
+        keys = list(batch.keys())
+        return ("mapping", keys, [_structure_of(batch[k]) for k in keys])
+    if isinstance(batch, (list, tuple)):
+        return ("sequence", type(batch), [_structure_of(b) for b in batch])
+    # Only reported if an empty batch must be built: non-empty batches pass through untouched.
+    return ("unsupported", type(batch))
+
+
+def _empty_tensor(shape, dtype, device, *, batch_first: bool, rand_on_empty: bool):
+    shape = list(shape)
+    if shape:
+        # Batch dimension: 0 if batch_first, else 1 (a 1-D tensor only has dimension 0).
+        dim = 0 if batch_first or len(shape) == 1 else 1
+        shape[dim] = 1 if rand_on_empty else 0
+    if rand_on_empty:
+        # One data-independent input of random 0/1 values: carries nothing about the dataset.
+        return torch.randint(0, 2, shape, device=device).to(dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _empty_like_structure(structure, *, batch_first: bool, rand_on_empty: bool):
+    kind = structure[0]
+    if kind == "tensor":
+        _, shape, dtype, device = structure
+        return _empty_tensor(
+            shape, dtype, device, batch_first=batch_first, rand_on_empty=rand_on_empty
+        )
+    if kind == "mapping":
+        _, keys, children = structure
+        return {
+            k: _empty_like_structure(c, batch_first=batch_first, rand_on_empty=rand_on_empty)
+            for k, c in zip(keys, children)
+        }
+    if kind == "sequence":
+        _, container, children = structure
+        items = [
+            _empty_like_structure(c, batch_first=batch_first, rand_on_empty=rand_on_empty)
+            for c in children
+        ]
+        if container is list:
+            return items
+        if hasattr(container, "_fields"):  # namedtuple
+            return container(*items)
+        return container(items)
+    raise TypeError(
+        f"CollateFnWithEmpty: Unsupported batch type {structure[1].__name__} in the collated "
+        "batches: an empty batch can only be built from tensors, mappings, lists and tuples. "
+        "Return tensors from collate_fn (or keep such fields out of the batch)."
+    )
 
 
 class CollateFnWithEmpty:
-    """Collate function that also handles empty batches.
+    """Collate function that also handles the empty batches of Poisson sampling.
 
-    Non-empty batches go to ``collator_fn`` (``default_collate`` if None). An empty batch becomes
-    one tensor per sample field, of shape ``(0, *shape)`` (``(shape[0], 0, *shape[1:])`` when
-    ``batch_first=False``) and the field's dtype. With ``rand_on_empty=True`` it is instead a batch
-    of one data-independent random input (uniform floats, zero integers), for models that cannot
-    run on an empty batch; it carries no information about the dataset.
+    A non-empty batch goes to ``collator_fn`` (returned as the list of samples if it is None);
+    the structure of the first such output is remembered: containers (mappings as ``dict``, lists,
+    tuples, nested), and for each tensor its shape, dtype and device. Values are never kept.
+
+    An empty batch then becomes that structure with fresh tensors whose batch dimension (0 if
+    ``batch_first``, else 1) is 0. With ``rand_on_empty=True`` that dimension is 1 and the tensor
+    holds random 0/1 values instead, for models that cannot run on an empty batch. Structures with
+    anything else than tensors, mappings, lists and tuples give a ``TypeError``.
+
+    An empty batch before any non-empty one logs a warning ("First batch is empty") and returns a
+    list with one ``torch.zeros(shape, dtype)`` per entry of ``sample_empty_shapes``/``dtypes``,
+    which are full batch shapes including the 0 (e.g. ``[(0, 3), (0,)]``), or ``[]`` if they
+    were not given.
     """
 
     def __init__(
@@ -89,37 +159,50 @@ class CollateFnWithEmpty:
         sample_empty_shapes: Optional[Sequence[Tuple]] = None,
         dtypes: Optional[Sequence[Union[torch.dtype, Type]]] = None,
     ) -> None:
-        self.collator_fn = collator_fn if collator_fn is not None else default_collate
+        self.collator_fn = collator_fn
         self.batch_first = batch_first
         self.rand_on_empty = rand_on_empty
         self.sample_empty_shapes = sample_empty_shapes
         self.dtypes = dtypes
-        # How an empty batch is laid out: a list of fields (default), one bare tensor when each
-        # sample is a single tensor, or a dict when samples are dicts (set by DPDataLoader).
-        self._keys: Optional[List[Any]] = None
-        self._single_field = False
+        self._structure = None
+        # Layout of the first-batch-empty fallback: a list (as Opacus 1.6), or, set by
+        # DPDataLoader for datasets of dicts or of single tensors, a dict or a bare tensor.
+        self._fallback_keys: Optional[List[Any]] = None
+        self._fallback_single = False
 
     def __call__(self, batch: List[Any]) -> Any:
         if len(batch) > 0:
-            return self.collator_fn(batch)
-        return self._empty_batch()
-
-    def _empty_batch(self) -> Any:
-        if self.sample_empty_shapes is None or self.dtypes is None:
-            raise ValueError(
-                "Poisson sampling produced an empty batch but CollateFnWithEmpty was built without "
-                "sample_empty_shapes/dtypes: pass them (shape_safe/dtype_safe of each field of a "
-                "sample), as DPDataLoader does."
+            collated = self.collator_fn(batch) if self.collator_fn is not None else batch
+            if self._structure is None:
+                self._structure = _structure_of(collated)
+            return collated
+        if self._structure is not None:
+            return _empty_like_structure(
+                self._structure, batch_first=self.batch_first, rand_on_empty=self.rand_on_empty
             )
-        make = [
-            _empty_field(s, d, batch_first=self.batch_first, rand_on_empty=self.rand_on_empty)
-            for s, d in zip(self.sample_empty_shapes, self.dtypes)
+        return self._first_batch_empty()
+
+    def _first_batch_empty(self) -> Any:
+        logger.warning(
+            "First batch is empty: Poisson sampling drew no sample before any non-empty batch "
+            "showed the batch structure; returning %s.",
+            (
+                "empty tensors of sample_empty_shapes/dtypes"
+                if self.sample_empty_shapes is not None and self.dtypes is not None
+                else "[]"
+            ),
+        )
+        if self.sample_empty_shapes is None or self.dtypes is None:
+            return []
+        fields = [
+            torch.zeros(tuple(shape), dtype=_as_torch_dtype(dtype))
+            for shape, dtype in zip(self.sample_empty_shapes, self.dtypes)
         ]
-        if self._keys is not None:
-            return dict(zip(self._keys, make))
-        if self._single_field:
-            return make[0]
-        return make
+        if self._fallback_keys is not None:
+            return dict(zip(self._fallback_keys, fields))
+        if self._fallback_single:
+            return fields[0]
+        return fields
 
 
 def wrap_collate_with_empty(
@@ -130,7 +213,7 @@ def wrap_collate_with_empty(
     sample_empty_shapes: Optional[Sequence[Tuple]] = None,
     dtypes: Optional[Sequence[Union[torch.dtype, Type]]] = None,
 ) -> CollateFnWithEmpty:
-    """Wrap ``collate_fn`` so that empty batches become correctly shaped empty tensors."""
+    """Wrap ``collate_fn`` in a :class:`CollateFnWithEmpty` with these arguments."""
     return CollateFnWithEmpty(
         collate_fn,
         batch_first=batch_first,
@@ -143,7 +226,7 @@ def wrap_collate_with_empty(
 def _collate_for_dataset(
     dataset: Dataset, collate_fn, *, batch_first: bool, rand_on_empty: bool
 ) -> CollateFnWithEmpty:
-    # Sample 0 tells the empty batch which fields, shapes and dtypes to produce.
+    # Sample 0 gives the fields, shapes and dtypes of the first-batch-empty fallback.
     sample = dataset[0]
     keys, single = None, False
     if isinstance(sample, Mapping):
@@ -154,23 +237,56 @@ def _collate_for_dataset(
     else:
         fields, single = [sample], True
     wrapped = wrap_collate_with_empty(
-        collate_fn=collate_fn,
+        collate_fn=collate_fn if collate_fn is not None else default_collate,
         batch_first=batch_first,
         rand_on_empty=rand_on_empty,
-        sample_empty_shapes=[shape_safe(f) for f in fields],
+        sample_empty_shapes=[(0, *shape_safe(f)) for f in fields],
         dtypes=[dtype_safe(f) for f in fields],
     )
-    wrapped._keys = keys
-    wrapped._single_field = single
+    wrapped._fallback_keys = keys
+    wrapped._fallback_single = single
     return wrapped
+
+
+def _poisson_sample_rate(data_loader: DataLoader) -> Optional[float]:
+    """The rate at which ``data_loader`` Poisson-samples its dataset, or None if it does not.
+
+    This is the rate the privacy accountant must record (``1 / len(data_loader)`` differs from it
+    whenever ``1 / sample_rate`` is not a whole number). Also found on loaders returned by
+    :func:`switch_generator`.
+    """
+    batch_sampler = getattr(data_loader, "batch_sampler", None)
+    if isinstance(batch_sampler, _POISSON_SAMPLERS):
+        return batch_sampler.sample_rate
+    return None
+
+
+def _rate_for_batches(num_batches: int) -> float:
+    """The largest float ``q <= 1 / num_batches`` with ``int(1 / q) == num_batches``.
+
+    ``1 / (1 / L)`` is below ``L`` in floating point for some L (93, 99, ...), which truncation
+    would turn into one batch less per epoch; lowering q by an ulp or two keeps the epoch length.
+    """
+    q = 1.0 / num_batches
+    while int(1 / q) < num_batches:
+        q = math.nextafter(q, 0.0)
+    return q
 
 
 class DPDataLoader(DataLoader):
     """``DataLoader`` drawing Poisson batches: each sample is in each batch w.p. ``sample_rate``.
 
     The expected batch size is ``sample_rate * len(dataset)``; one epoch is
-    ``round(1 / sample_rate)`` batches. With ``distributed=True`` each rank Poisson-samples its own
+    ``int(1 / sample_rate)`` batches. With ``distributed=True`` each rank Poisson-samples its own
     shard of the dataset (``DistributedUniformWithReplacementSampler``).
+
+    ``sample_rate`` (on the loader and on its ``batch_sampler``) is the rate actually used, which
+    the privacy accountant records. ``drop_last`` is ignored (a warning is logged): dropping a
+    batch would change the sampling. Empty batches are handled by :class:`CollateFnWithEmpty`
+    around ``collate_fn`` (``default_collate`` if None); the fallback for an empty first batch is
+    one ``(0, *field shape)`` tensor per field of ``dataset[0]``.
+
+    ``generator`` drives the sampler only: batches are exactly the sampler's draws from it.
     """
 
     def __init__(
@@ -197,7 +313,6 @@ class DPDataLoader(DataLoader):
                     f"DPDataLoader chooses batches by Poisson sampling; do not pass {forbidden}= "
                     "(set sample_rate = expected_batch_size / len(dataset) instead)."
                 )
-        self.sample_rate = sample_rate
         self.distributed = distributed
         if distributed:
             batch_sampler = DistributedUniformWithReplacementSampler(
@@ -208,10 +323,9 @@ class DPDataLoader(DataLoader):
                 num_samples=len(dataset), sample_rate=sample_rate, generator=generator
             )
         if drop_last:
-            warnings.warn(
+            logger.warning(
                 "DPDataLoader ignores drop_last=True: dropping a Poisson batch would change the "
-                "sampling the privacy accounting assumes.",
-                stacklevel=2,
+                "sampling the privacy accounting assumes."
             )
         super().__init__(
             dataset=dataset,
@@ -221,8 +335,13 @@ class DPDataLoader(DataLoader):
             ),
             **kwargs,
         )
-        # Not handed to DataLoader: it would draw its worker base seed from the same stream,
-        # so batches would no longer be exactly the sampler's draws from `generator`.
+        # `generator` is not handed to DataLoader: it would draw its worker base seed from the
+        # same stream, so batches would no longer be exactly the sampler's draws from it.
+
+    @property
+    def sample_rate(self) -> float:
+        """The Poisson sampling rate in use (the batch sampler's): what the accountant records."""
+        return self.batch_sampler.sample_rate
 
     @classmethod
     def from_data_loader(
@@ -236,28 +355,32 @@ class DPDataLoader(DataLoader):
     ):
         """A ``DPDataLoader`` over the same dataset with ``sample_rate = 1 / len(data_loader)``.
 
-        The expected batch size thus equals the original batch size; dataset, collate_fn and the
-        worker settings (num_workers, pin_memory, timeout, worker_init_fn, ...) are kept.
+        The expected batch size thus equals the original batch size and an epoch keeps
+        ``len(data_loader)`` batches. A loader that already Poisson-samples keeps its rate.
+        Dataset, collate_fn and the worker settings (num_workers, pin_memory, timeout,
+        worker_init_fn, ...) are kept; ``generator`` defaults to the loader's sampling generator.
         """
         if isinstance(data_loader.dataset, IterableDataset):
             raise ValueError(
-                "Poisson sampling needs a map-style dataset; the data loader wraps an "
-                "IterableDataset. Use a Dataset with __len__/__getitem__."
+                "DPDataLoader.from_data_loader: Poisson sampling needs a map-style dataset; the "
+                "data loader wraps an IterableDataset. Use a Dataset with __len__/__getitem__."
             )
         batch_sampler = data_loader.batch_sampler
-        if isinstance(
-            batch_sampler, (UniformWithReplacementSampler, DistributedUniformWithReplacementSampler)
-        ):
+        if isinstance(batch_sampler, _POISSON_SAMPLERS):
             sample_rate = batch_sampler.sample_rate
         elif batch_sampler is None or type(batch_sampler) is BatchSampler:
             if len(data_loader) == 0:
-                raise ValueError("The data loader yields no batches: cannot derive a sample rate.")
-            sample_rate = 1.0 / len(data_loader)
+                raise ValueError(
+                    "DPDataLoader.from_data_loader: the data loader yields no batches, so no "
+                    "sample rate can be derived from it."
+                )
+            sample_rate = _rate_for_batches(len(data_loader))
         else:
             raise ValueError(
-                f"The data loader uses a custom batch_sampler ({type(batch_sampler).__name__}): "
-                "its batches cannot be turned into Poisson batches. Build the DPDataLoader "
-                "directly with DPDataLoader(dataset, sample_rate=...)."
+                "DPDataLoader.from_data_loader: the data loader uses a custom batch_sampler "
+                f"({type(batch_sampler).__name__}): its batches cannot be turned into Poisson "
+                "batches. Build the DPDataLoader directly with DPDataLoader(dataset, "
+                "sample_rate=...)."
             )
         kwargs = _worker_settings(data_loader)
         collate_fn = data_loader.collate_fn
@@ -295,29 +418,42 @@ def _worker_settings(data_loader: DataLoader) -> dict:
 
 
 def _sampler_generator(data_loader: DataLoader):
-    if isinstance(data_loader, DPDataLoader):
+    if isinstance(data_loader.batch_sampler, _POISSON_SAMPLERS):
         return data_loader.batch_sampler.generator
     return data_loader.generator
 
 
 def switch_generator(*, data_loader: DataLoader, generator):
-    """Return a data loader over the same batches whose sampler draws from ``generator``.
+    """A new ``DataLoader`` over the same batches, drawing its randomness from ``generator``.
 
-    Poisson loaders get the generator on their batch sampler; ordinary loaders on their sampler
-    (e.g. ``RandomSampler``). Used by secure mode to swap in a cryptographically seeded generator.
+    The batch sampler is retargeted: a Poisson sampler's own ``generator`` is replaced, a
+    ``BatchSampler``'s inner sampler's (e.g. ``RandomSampler``). The new loader has the same
+    dataset, batch sampler, collate_fn and worker settings, and ``generator=generator`` too:
+    PyTorch draws each iteration's base seed from the loader's generator before the sampler
+    draws, so both must share the stream. Used by secure mode to swap in its generator.
     """
     batch_sampler = data_loader.batch_sampler
-    if isinstance(
-        batch_sampler, (UniformWithReplacementSampler, DistributedUniformWithReplacementSampler)
-    ):
+    if isinstance(batch_sampler, _POISSON_SAMPLERS):
         batch_sampler.generator = generator
-    elif isinstance(batch_sampler, BatchSampler) and hasattr(batch_sampler.sampler, "generator"):
-        batch_sampler.sampler.generator = generator
-    elif hasattr(batch_sampler, "sampler") and hasattr(batch_sampler.sampler, "generator"):
+    elif isinstance(batch_sampler, BatchSampler):
+        if not hasattr(batch_sampler.sampler, "generator"):
+            raise ValueError(
+                "switch_generator: the data loader's sampler "
+                f"({type(batch_sampler.sampler).__name__}) draws no random numbers (it has no "
+                "generator attribute), so there is no generator to switch."
+            )
         batch_sampler.sampler.generator = generator
     else:
         raise ValueError(
-            f"Cannot switch the generator of a data loader whose batch sampler is "
-            f"{type(batch_sampler).__name__}: it exposes no generator."
+            "switch_generator: unsupported batch sampler "
+            f"{type(batch_sampler).__name__}; only BatchSampler and the Poisson samplers are "
+            "supported (batch_size=None, non-batch loading, is not)."
         )
-    return data_loader
+    # drop_last stays with the BatchSampler: DataLoader refuses it next to a batch_sampler.
+    return DataLoader(
+        dataset=data_loader.dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=data_loader.collate_fn,
+        generator=generator,
+        **_worker_settings(data_loader),
+    )

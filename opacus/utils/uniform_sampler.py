@@ -3,7 +3,10 @@
 The privacy analysis of DP-SGD (Abadi et al. 2016; Mironov et al. 2019, "Rényi Differential Privacy
 of the Sampled Gaussian Mechanism") assumes *Poisson* subsampling: every sample joins every batch
 independently with probability ``q``. Batch sizes are therefore random (Binomial(n, q)) and may be
-zero; the samplers below yield index lists of varying length, possibly empty.
+zero; the samplers below yield batches of varying length, empty ones included.
+
+One epoch is ``int(1 / q)`` batches (truncated, as ``get_noise_multiplier`` converts epochs to
+steps): rounding up would take more steps per epoch than the noise was calibrated for.
 """
 
 from typing import Iterator, List, Optional
@@ -12,66 +15,82 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+__all__ = ["DistributedUniformWithReplacementSampler", "UniformWithReplacementSampler"]
 
-def _check_sample_rate(sample_rate: float) -> None:
-    if not (0.0 < float(sample_rate) <= 1.0):
+
+def _check_sample_rate(owner: str, sample_rate: float) -> float:
+    if isinstance(sample_rate, bool) or not (0.0 < float(sample_rate) <= 1.0):
         raise ValueError(
-            f"sample_rate={sample_rate} is not a probability in (0, 1]: pass the probability "
-            "with which each sample joins a batch (e.g. batch_size / len(dataset))."
+            f"{owner}: sample_rate={sample_rate!r} is not a probability in (0, 1]: pass the "
+            "probability with which each sample joins a batch (e.g. batch_size / len(dataset))."
         )
+    return float(sample_rate)
 
 
-def _default_steps(sample_rate: float, steps: Optional[int]) -> int:
+def _batches_per_epoch(owner: str, sample_rate: float, steps: Optional[int]) -> int:
     if steps is not None:
-        if int(steps) <= 0:
-            raise ValueError(f"steps={steps} must be a positive number of batches per epoch.")
+        if isinstance(steps, bool) or int(steps) != steps or int(steps) <= 0:
+            raise ValueError(
+                f"{owner}: steps={steps!r} must be a positive whole number of batches per epoch "
+                "(or None for int(1 / sample_rate))."
+            )
         return int(steps)
-    # One epoch sees each sample once in expectation: 1/q batches.
-    return max(1, int(round(1.0 / sample_rate)))
-
-
-def _poisson_indices(
-    candidates: torch.Tensor, sample_rate: float, generator: Optional[torch.Generator]
-) -> List[int]:
-    mask = torch.rand(candidates.numel(), generator=generator) < sample_rate
-    return candidates[mask].tolist()
+    # One epoch sees each sample once in expectation; truncated, like the epochs-to-steps
+    # conversion of noise calibration, so an epoch never has more steps than calibrated for.
+    return int(1 / sample_rate)
 
 
 class UniformWithReplacementSampler(Sampler[List[int]]):
     """Batch sampler drawing Poisson batches: each index is in each batch with probability q.
 
-    Batches are drawn independently of each other (hence "with replacement" across batches); one
-    epoch is ``steps`` batches, ``round(1 / sample_rate)`` by default.
+    Batches are drawn independently of each other (hence "with replacement" across batches) and
+    are Python lists of indices, possibly empty. One epoch is ``steps`` batches,
+    ``int(1 / sample_rate)`` by default.
+
+    Attributes: ``num_samples``, ``sample_rate`` (the rate actually used: what the privacy
+    accountant must record), ``generator``, ``steps``.
     """
 
     def __init__(self, *, num_samples: int, sample_rate: float, generator=None, steps=None):
+        owner = type(self).__name__
         if int(num_samples) <= 0:
             raise ValueError(
-                f"num_samples={num_samples}: the dataset must contain at least one sample."
+                f"{owner}: num_samples={num_samples}: the dataset must contain at least one sample."
             )
-        _check_sample_rate(sample_rate)
         self.num_samples = int(num_samples)
-        self.sample_rate = float(sample_rate)
+        self.sample_rate = _check_sample_rate(owner, sample_rate)
         self.generator = generator
-        self.steps = _default_steps(self.sample_rate, steps)
+        self.steps = _batches_per_epoch(owner, self.sample_rate, steps)
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[List[int]]:
-        candidates = torch.arange(self.num_samples)
         for _ in range(self.steps):
-            yield _poisson_indices(candidates, self.sample_rate, self.generator)
+            # One uniform draw per sample: sample i joins iff u_i < q.
+            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            yield mask.nonzero().view(-1).tolist()
 
 
-class DistributedUniformWithReplacementSampler(Sampler[List[int]]):
+class DistributedUniformWithReplacementSampler(Sampler[torch.Tensor]):
     """Poisson batch sampler for data-parallel training.
 
-    The dataset is split into ``world_size`` disjoint shards (after an optional shuffle that is the
-    same on every rank: it is seeded by ``shuffle_seed + epoch``); each rank Poisson-samples its own
-    shard with rate ``sample_rate``. The union of the ranks' batches is then a Poisson sample of
-    the whole dataset with the same rate, which is what the accountant assumes. Shards are not
-    padded: duplicating a sample would double its sampling probability.
+    The rank and world size are read from the default process group (``torch.distributed``)
+    once, in the constructor. The dataset is split into ``num_replicas`` disjoint shards: the
+    indices are shuffled by a fresh generator seeded ``shuffle_seed + epoch`` (the same on every
+    rank; kept in order with ``shuffle=False``), and rank ``r`` takes every ``num_replicas``-th
+    one starting at ``r``. Each rank Poisson-samples its own shard with rate ``sample_rate``, so
+    the union of the ranks' batches is a Poisson sample of the whole dataset with that rate, which
+    is what the accountant assumes. Shards are not padded: duplicating a sample would double its
+    sampling probability.
+
+    Batches are 1-D int64 tensors of dataset indices. Empty batches are yielded too (as empty
+    tensors), so that every rank takes exactly ``len(sampler)`` steps: the ranks' gradient
+    all-reduces must pair up step by step (Opacus 1.6 skips them instead).
+
+    Attributes: ``total_size``, ``sample_rate``, ``shuffle``, ``shuffle_seed``, ``generator``,
+    ``num_replicas``, ``rank``, ``num_samples`` (this rank's shard size), ``num_batches``,
+    ``epoch``.
     """
 
     def __init__(
@@ -84,31 +103,35 @@ class DistributedUniformWithReplacementSampler(Sampler[List[int]]):
         steps: int = None,
         generator=None,
     ):
+        owner = type(self).__name__
         if int(total_size) <= 0:
             raise ValueError(
-                f"total_size={total_size}: the dataset must contain at least one sample."
-            )
-        _check_sample_rate(sample_rate)
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "DistributedUniformWithReplacementSampler needs an initialised process group: "
-                "call torch.distributed.init_process_group first, or use "
-                "UniformWithReplacementSampler for single-process training."
+                f"{owner}: total_size={total_size}: the dataset must contain at least one sample."
             )
         self.total_size = int(total_size)
-        self.sample_rate = float(sample_rate)
+        self.sample_rate = _check_sample_rate(owner, sample_rate)
         self.shuffle = shuffle
         self.shuffle_seed = shuffle_seed
         self.generator = generator
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
+        try:
+            self.num_replicas = dist.get_world_size()
+            self.rank = dist.get_rank()
+        except (RuntimeError, ValueError) as err:
+            if hasattr(err, "add_note"):
+                err.add_note(
+                    f"{owner} reads the rank and world size of the default process group: call "
+                    "torch.distributed.init_process_group first, or use "
+                    "UniformWithReplacementSampler for single-process training."
+                )
+            raise
         self.epoch = 0
-        # Size of this rank's shard: indices rank, rank + W, rank + 2W, ...
-        self.num_samples = len(range(self.rank, self.total_size, self.world_size))
-        self.steps = _default_steps(self.sample_rate, steps)
+        # Shard = positions rank, rank + W, rank + 2W, ...: lower ranks get one more when W does
+        # not divide the dataset.
+        self.num_samples = len(range(self.rank, self.total_size, self.num_replicas))
+        self.num_batches = _batches_per_epoch(owner, self.sample_rate, steps)
 
     def __len__(self) -> int:
-        return self.steps
+        return self.num_batches
 
     def _shard(self) -> torch.Tensor:
         if self.shuffle:
@@ -117,12 +140,13 @@ class DistributedUniformWithReplacementSampler(Sampler[List[int]]):
             order = torch.randperm(self.total_size, generator=g)
         else:
             order = torch.arange(self.total_size)
-        return order[self.rank : self.total_size : self.world_size]
+        return order[self.rank : self.total_size : self.num_replicas]
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[torch.Tensor]:
         shard = self._shard()
-        for _ in range(self.steps):
-            yield _poisson_indices(shard, self.sample_rate, self.generator)
+        for _ in range(self.num_batches):
+            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            yield shard[mask]
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle the shards for ``epoch`` (same on all ranks, as DistributedSampler does)."""
