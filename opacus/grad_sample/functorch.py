@@ -4,12 +4,17 @@ For one layer ``y = f(theta, x)`` and the gradient ``g = dL/dy`` of the batched 
 sample ``i``'s gradient is ``d/dtheta <f(theta, x_i), g_i>`` (the chain rule restricted to the
 sample's own slice). ``grad`` differentiates that scalar and ``vmap`` maps it over the batch,
 which runs the layer once per sample without a Python loop.
+
+A layer handled this way is handled *whole*: the parameters of its children are differentiated
+with its own (the hooks do not visit the children).  ``prepare_layer`` gives the layer the
+attribute ``ft_compute_sample_grad`` (as Opacus 1.6 does) when the hooks are installed; the hooks
+remove it again with the other hooks.
 """
 
 import copy
 import weakref
 from collections import OrderedDict
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,7 +22,17 @@ from torch.func import functional_call, grad, vmap
 
 from opacus.layers.dp_rnn import RNNLinear  # noqa: F401  (re-exported, as in Opacus 1.6)
 
-__all__ = ["RNNLinear", "ft_compute_per_sample_gradient", "make_functional", "prepare_layer"]
+__all__ = [
+    "FT_COMPUTE_SAMPLE_GRAD_ATTR",
+    "RNNLinear",
+    "ft_compute_per_sample_gradient",
+    "make_functional",
+    "per_sample_gradient",
+    "prepare_layer",
+]
+
+# The attribute ``prepare_layer`` sets on a layer (the name Opacus 1.6 uses).
+FT_COMPUTE_SAMPLE_GRAD_ATTR = "ft_compute_sample_grad"
 
 
 def make_functional(mod: nn.Module, disable_autograd_tracking: bool = False):
@@ -38,11 +53,6 @@ def make_functional(mod: nn.Module, disable_autograd_tracking: bool = False):
     return fmodel, params
 
 
-# Layout recorded by ``prepare_layer`` for ``ft_compute_per_sample_gradient``; weak keys, so the
-# layers themselves carry no extra attribute and are freed normally.
-_PREPARED_LAYOUT: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
 def _sample_dim(layer: nn.Module, batch_first: bool) -> int:
     # The hooks hand over tensors with the batch on dim 0; one sample is re-inserted where the
     # layer expects its batch dimension.
@@ -56,7 +66,8 @@ def _without_hooks(layer: nn.Module) -> nn.Module:
 
     The per-sample function must not re-enter the hooks that called it (they would capture
     activations again, and torch's backward-hook function does not support ``vmap``); children
-    are copied too, as they may carry hooks of their own.
+    are copied too, as they may carry hooks of their own.  Built at each use, so the copy sees
+    the layer as it is then (training flag, attributes).
     """
     clone = copy.copy(layer)
     for attr in (
@@ -82,67 +93,127 @@ def _without_hooks(layer: nn.Module) -> nn.Module:
     return clone
 
 
-def prepare_layer(layer: nn.Module, batch_first=True) -> Callable:
-    """Build ``per_sample_grad(params, activations, backprops)`` for one sample of ``layer``.
+def _check_preparable(layer: nn.Module) -> None:
+    if isinstance(layer, nn.EmbeddingBag):
+        raise NotImplementedError(
+            "prepare_layer: nn.EmbeddingBag is not supported by the torch.func fallback (its "
+            "1-D input and offsets have no per-sample batch dimension); use its registered grad "
+            "sampler (grad_sample_mode='hooks', not 'functorch')"
+        )
+    buffers = [name for name, _ in layer.named_buffers()]
+    if buffers:
+        raise NotImplementedError(
+            f"prepare_layer: {type(layer).__name__} has buffers ({', '.join(buffers[:5])}), "
+            "which the torch.func fallback cannot handle. Register a grad sampler for it with "
+            "opacus.grad_sample.register_grad_sampler, or freeze its parameters."
+        )
 
-    ``params`` maps the names of the layer's own trainable parameters to tensors, ``activations``
-    is a tuple with one sample's inputs (batch dimension removed) and ``backprops`` that sample's
-    output gradient. The function returns the gradients as a dict keyed like ``params``; it is
-    meant to be ``vmap``-ed over the batch (``ft_compute_per_sample_gradient`` does so).
-    ``batch_first`` is also remembered (outside the layer, which is not modified) for later
-    ``ft_compute_per_sample_gradient(layer, ...)`` calls.
-    """
-    _PREPARED_LAYOUT[layer] = batch_first
-    return _sample_grad_fn(layer, batch_first)
 
-
-def _sample_grad_fn(layer: nn.Module, batch_first: bool) -> Callable:
+def _per_sample_grads(
+    layer: nn.Module,
+    params: Dict[str, torch.Tensor],
+    activations,
+    backprops: torch.Tensor,
+    batch_first: bool,
+) -> Dict[str, torch.Tensor]:
+    """``{name: (batch, *shape)}``: per-sample gradients w.r.t. ``params`` (named as in
+    ``layer.named_parameters()``; the layer's other parameters are held fixed)."""
+    if torch.is_tensor(activations):
+        activations = (activations,)
+    activations = tuple(activations)
     dim = _sample_dim(layer, batch_first)
-    layer = _without_hooks(layer)
+    clone = _without_hooks(layer)
 
-    def sample_loss(params, activations, backprops):
-        inputs = tuple(a.unsqueeze(dim) if torch.is_tensor(a) else a for a in activations)
-        output = functional_call(layer, params, inputs)
+    def sample_loss(diff_params, sample_inputs, sample_backprops):
+        inputs = tuple(a.unsqueeze(dim) if torch.is_tensor(a) else a for a in sample_inputs)
+        output = functional_call(clone, diff_params, inputs)
         if not torch.is_tensor(output):
             raise NotImplementedError(
                 f"{type(layer).__name__} returns {type(output).__name__}, not one tensor: the "
                 "functorch fallback needs a single-tensor output. Register a grad sampler for it "
                 "with opacus.grad_sample.register_grad_sampler."
             )
-        return (output * backprops.unsqueeze(dim)).sum()
+        return (output * sample_backprops.unsqueeze(dim)).sum()
 
-    return grad(sample_loss)
+    in_dims = tuple(0 if torch.is_tensor(a) else None for a in activations)
+    return vmap(grad(sample_loss), in_dims=(None, in_dims, 0))(params, activations, backprops)
 
 
-def _own_trainable_params(layer: nn.Module) -> List[Tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
+class _ComputeSampleGrad:
+    """The callable ``prepare_layer`` stores: ``(params, activations, backprops) -> tuple``.
+
+    ``params`` are the tensors to use for ``layer.parameters()`` (recursive, in that order),
+    ``activations`` the layer's input (or a sequence of its positional inputs) and
+    ``backprops`` the output gradient, both with the batch on dim 0.  Returns one per-sample
+    gradient ``(batch, *shape)`` per parameter, in the same order.  Holds the layer weakly (the
+    attribute would otherwise make a reference cycle).
+    """
+
+    def __init__(self, layer: nn.Module, batch_first: bool):
+        self._layer = weakref.ref(layer)
+        self.batch_first = batch_first
+
+    def __call__(self, params: Sequence[torch.Tensor], activations, backprops: torch.Tensor):
+        layer = self._layer()
+        if layer is None:
+            raise RuntimeError("ft_compute_sample_grad: its layer no longer exists")
+        names = [name for name, _ in layer.named_parameters()]
+        params = list(params)
+        if len(params) != len(names):
+            raise ValueError(
+                f"ft_compute_sample_grad of {type(layer).__name__}: got {len(params)} parameter "
+                f"tensors, expected {len(names)} (one per layer.parameters(), in that order)"
+            )
+        grads = _per_sample_grads(
+            layer, dict(zip(names, params)), activations, backprops, self.batch_first
+        )
+        return tuple(grads[name] for name in names)
+
+
+def prepare_layer(layer: nn.Module, batch_first=True) -> None:
+    """Give ``layer`` the attribute ``ft_compute_sample_grad`` (see ``_ComputeSampleGrad``).
+
+    ``batch_first=False`` re-inserts each sample on dim 1 of the layer's input (on dim 0 for
+    layers whose class sets ``_batch_dim_always_first``, e.g. ``RNNLinear``).
+
+    Raises:
+        NotImplementedError: ``layer`` (or a submodule) has buffers, or is an ``nn.EmbeddingBag``.
+    """
+    _check_preparable(layer)
+    setattr(layer, FT_COMPUTE_SAMPLE_GRAD_ATTR, _ComputeSampleGrad(layer, batch_first))
 
 
 def ft_compute_per_sample_gradient(layer, activations, backprops):
-    """Per-sample gradients ``{param: (batch, *param.shape)}`` of ``layer``'s own parameters.
+    """Per-sample gradients ``{param: (batch, *param.shape)}`` over all of ``layer.parameters()``.
 
-    ``activations`` (list of the layer's positional inputs) and ``backprops`` carry the batch on
-    dim 0, as the hooks provide them. The layer itself is assumed to expect its batch where
-    ``prepare_layer(layer, batch_first)`` last said (dim 0 if it was never called).
+    ``activations`` (the layer's input, or a list of its positional inputs) and ``backprops``
+    carry the batch on dim 0, as the hooks provide them.  The layer is prepared first
+    (``prepare_layer(layer)``, batch first) if it has no ``ft_compute_sample_grad`` yet.
+    Floating-point activations are cast to the backprops' dtype.
     """
-    return per_sample_gradient(
-        layer, activations, backprops, batch_first=_PREPARED_LAYOUT.get(layer, True)
-    )
+    compute = getattr(layer, FT_COMPUTE_SAMPLE_GRAD_ATTR, None)
+    if compute is None:
+        prepare_layer(layer)
+        compute = getattr(layer, FT_COMPUTE_SAMPLE_GRAD_ATTR)
+    if torch.is_tensor(activations):
+        activations = [activations]
+    activations = [
+        a.to(backprops.dtype) if torch.is_tensor(a) and a.is_floating_point() else a
+        for a in activations
+    ]
+    params = list(layer.parameters())
+    grads = compute([p.detach() for p in params], activations, backprops)
+    return dict(zip(params, grads))
 
 
 def per_sample_gradient(
     layer: nn.Module, activations, backprops: torch.Tensor, *, batch_first: bool
 ) -> Dict[nn.Parameter, torch.Tensor]:
-    """``ft_compute_per_sample_gradient`` with the layer's layout given explicitly."""
-    named = _own_trainable_params(layer)
+    """Per-sample gradients of ``layer``'s trainable parameters, its children's included (the
+    hooks' path: frozen parameters are held fixed and get nothing)."""
+    named = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
     if not named:
         return {}
-    if torch.is_tensor(activations):
-        activations = [activations]
-    activations = tuple(activations)
     params = {n: p.detach() for n, p in named}
-    in_dims = tuple(0 if torch.is_tensor(a) else None for a in activations)
-    per_sample = vmap(_sample_grad_fn(layer, batch_first), in_dims=(None, in_dims, 0))(
-        params, activations, backprops
-    )
+    per_sample = _per_sample_grads(layer, params, activations, backprops, batch_first)
     return {p: per_sample[n] for n, p in named}

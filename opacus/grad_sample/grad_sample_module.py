@@ -6,8 +6,10 @@ output tensor, which receives the gradient of the loss with respect to it; the l
 its own call, so a call whose output the loss does not use never pairs its inputs with another
 call's gradient (a module-level backward hook can only pair them by order).  Contributions of
 one backward pass (several calls of a layer, e.g. RNN time steps, or parameters shared by several
-layers) are summed into ``p._current_grad_sample``; when the autograd engine finishes the pass
-they are promoted into ``p.grad_sample``, which also accumulates over several backward passes.
+layers) are summed per sample into ``p._current_grad_sample``; when the autograd engine finishes
+the pass it becomes that pass's chunk of ``p.grad_sample``: the first pass after a reset leaves a
+tensor ``(batch, *p.shape)``, later passes make it a list of one tensor per pass (rows of
+different passes are different samples and are never added together).
 """
 
 import functools
@@ -22,7 +24,14 @@ import torch.nn as nn
 
 from opacus.grad_sample import registry
 from opacus.grad_sample.batch_gradients import BatchGradientSwitch
+from opacus.grad_sample.batch_norm import (
+    compute_eval_batch_norm_grad_sample,
+    is_batch_norm,
+    uses_batch_statistics,
+)
 from opacus.grad_sample.functorch import (
+    FT_COMPUTE_SAMPLE_GRAD_ATTR,
+    _check_preparable,
     ft_compute_per_sample_gradient,
     per_sample_gradient,
     prepare_layer,
@@ -102,21 +111,24 @@ def create_or_accumulate_grad_sample(
 
 
 def promote_current_grad_sample(p: nn.Parameter) -> None:
-    """Move ``p._current_grad_sample`` into ``p.grad_sample`` (summing with what is there)."""
+    """Move ``p._current_grad_sample`` (one finished backward pass) into ``p.grad_sample``.
+
+    The first pass after a reset makes ``grad_sample`` that tensor; a later one turns it into
+    the list ``[first, second]`` and further ones append: each element holds the samples of one
+    pass (batch sizes may differ).  Adding rows of two passes would add the gradients of two
+    unrelated samples, which clipping could then no longer bound.
+    """
     current = p._current_grad_sample
     del p._current_grad_sample
     existing = getattr(p, "grad_sample", None)
     if existing is None:
         p.grad_sample = current
-        return
-    if existing.shape != current.shape:
-        raise ValueError(
-            f"cannot accumulate per-sample gradients of shape {tuple(current.shape)} into "
-            f"grad_sample of shape {tuple(existing.shape)} (parameter of shape {tuple(p.shape)}): "
-            "the batches of two backward passes differ in size. Call optimizer.step() or "
-            "zero_grad() between them."
-        )
-    p.grad_sample = existing + current
+    elif isinstance(existing, list):
+        existing.append(current)
+    elif isinstance(existing, tuple):
+        p.grad_sample = [*existing, current]
+    else:
+        p.grad_sample = [existing, current]
 
 
 # Read by the optimizer (opacus.optimizers.optimizer.cached_grad_sample_norms): see there.
@@ -200,7 +212,12 @@ def _concat_calls(
 
 
 def _batch_dim(module: nn.Module, batch_first: bool) -> int:
-    if batch_first or getattr(module, "_batch_dim_always_first", False):
+    # nn.EmbeddingBag's output is (bags, dim) whatever the layout of the rest of the model.
+    if (
+        batch_first
+        or getattr(module, "_batch_dim_always_first", False)
+        or isinstance(module, nn.EmbeddingBag)
+    ):
         return 0
     return 1
 
@@ -250,8 +267,70 @@ _FORWARD_HOOKS_CAN_ALWAYS_RUN = (
 )
 
 
-def _is_batch_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+# The attribute the model carries while hooks are attached (the name Opacus 1.6 uses).
+HOOKS_ATTR = "autograd_grad_sample_hooks"
+
+
+class _HookHandles:
+    """Several removable handles that count as one entry of ``autograd_grad_sample_hooks``."""
+
+    def __init__(self, handles: Iterable = ()):
+        self.handles = list(handles)
+
+    def remove(self) -> None:
+        """Remove every hook of the group (idempotent)."""
+        handles, self.handles = self.handles, []
+        for handle in handles:
+            handle.remove()
+
+    def __enter__(self) -> "_HookHandles":
+        return self
+
+    def __exit__(self, *args) -> None:
+        self.remove()
+
+
+def _walk_hook_targets(module: nn.Module, has_sampler: Callable[[nn.Module], bool]):
+    """Yield the modules to hook, each covering its whole subtree (Opacus 1.6's walk).
+
+    A module with a grad sampler is hooked and its sampler covers its subtree (a registered
+    container need not own parameters itself).  A module that owns a trainable parameter
+    directly but has no sampler is handled whole by ``torch.func``, its children's parameters
+    included, so its children are not visited.  Otherwise the walk continues into the children
+    (DP RNN containers own no parameters: their ``RNNLinear``s are hooked).
+    """
+    if not requires_grad(module, recurse=True):
+        return
+    if has_sampler(module) or requires_grad(module):
+        yield module
+        return
+    for child in module.children():
+        yield from _walk_hook_targets(child, has_sampler)
+
+
+class _ForgetCalls:
+    """Removable handle of a module's output-gradient side: removing it drops the inputs its
+    pending calls captured, so their output hooks (registered per call) do nothing."""
+
+    def __init__(self, owner, module: nn.Module):
+        self.owner = weakref.ref(owner)
+        self.module = module
+
+    def remove(self) -> None:
+        """Forget the module's pending calls."""
+        owner = self.owner()
+        if owner is not None and "_activations" in vars(owner):
+            owner._forget_calls([self.module])
+
+
+def _check_not_hooked(model: nn.Module, who: str) -> None:
+    if hasattr(model, HOOKS_ATTR):
+        raise ValueError(
+            f"{who}: the model already carries per-sample gradient hooks (attribute "
+            f"'{HOOKS_ATTR}'): hooks are already attached, e.g. the same model was wrapped "
+            "twice. Keep using the first wrapper, or remove its hooks first (remove_hooks(), "
+            "cleanup() or to_standard_module())."
+        )
 
 
 class GradSampleHooks(AbstractGradSampleHooks):
@@ -307,12 +386,13 @@ class GradSampleHooks(AbstractGradSampleHooks):
         strict: bool = True,
         force_functorch=False,
     ):
+        _check_not_hooked(m, type(self).__name__)
         AbstractGradSampleHooks.__init__(
             self, m, batch_first=batch_first, loss_reduction=loss_reduction
         )
         self.force_functorch = force_functorch
         self.hooks_enabled = False
-        self._hook_handles: List = []
+        self._strict = strict
         # Ghost clipping's second pass needs p.grad: its hooks never switch parameters off. The
         # switch must restore requires_grad even when a forward raises (always_call, torch 2.1+).
         self._batch_gradient_switch = (
@@ -354,32 +434,53 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._called_this_forward: set = set()
         self._probed: set = set()
         self._structure: Optional[ModelStructure] = None
+        # Every BatchNorm of the model (name, module): each forward checks they are in eval mode.
+        self._batch_norms: List[Tuple[str, nn.Module]] = []
 
     # ------------------------------------------------------------- validation
     @classmethod
-    def _unsupported_modules(cls, module: nn.Module):
+    def _sampler_for(cls, module: nn.Module, force_functorch: bool = False) -> Optional[Callable]:
+        """The grad sampler of ``module``'s exact type (None: the ``torch.func`` fallback)."""
+        if is_batch_norm(module):
+            # Buffers rule out torch.func; the eval-mode sampler is exact (batch_norm.py).
+            return compute_eval_batch_norm_grad_sample
+        if force_functorch and not isinstance(module, nn.EmbeddingBag):
+            # torch.func cannot take an EmbeddingBag (prepare_layer): it keeps its sampler.
+            return None
+        return cls.GRAD_SAMPLERS.get(type(module))
+
+    @classmethod
+    def _unsupported_modules(cls, module: nn.Module, force_functorch: bool = False):
         """Yield ``(name, submodule, reason)`` for submodules without per-sample gradients."""
-        for name, sub in module.named_modules():
-            path = name or "<root>"
-            if _is_batch_norm(sub):
-                yield name, sub, (
-                    f"'{path}' ({type(sub).__name__}) is a BatchNorm layer: it mixes the samples "
-                    "of a batch, so per-sample gradients are not defined. Replace it with "
-                    "GroupNorm (opacus.validators.ModuleValidator.fix(model) does so)."
+        names = {sub: name or "<root>" for name, sub in module.named_modules()}
+        for sub, path in names.items():
+            if is_batch_norm(sub) and uses_batch_statistics(sub):
+                # Even frozen: it normalises with (and records) statistics of the private batch.
+                yield names[sub], sub, (
+                    f"'{path}' ({type(sub).__name__}) is a BatchNorm layer in training mode: it "
+                    "mixes the samples of a batch, so per-sample gradients are not defined, and "
+                    "it records statistics of the private data without noise. Replace it with "
+                    "GroupNorm (opacus.validators.ModuleValidator.fix(model) does so), or put it "
+                    "in eval() mode (running statistics) for the whole training."
                 )
+        for target in _walk_hook_targets(
+            module, lambda m: cls._sampler_for(m, force_functorch) is not None
+        ):
+            if cls._sampler_for(target, force_functorch) is not None or is_batch_norm(target):
                 continue
-            if not requires_grad(sub) or type(sub) in cls.GRAD_SAMPLERS:
-                continue
-            if isinstance(sub, nn.RNNBase):
-                yield name, sub, (
-                    f"'{path}' ({type(sub).__name__}) has no per-sample gradient support: use "
+            path = names[target]
+            if isinstance(target, nn.RNNBase):
+                yield path, target, (
+                    f"'{path}' ({type(target).__name__}) has no per-sample gradient support: use "
                     "opacus.layers.DPRNN/DPLSTM/DPGRU (opacus.validators.ModuleValidator.fix)."
                 )
-            elif any(True for _ in sub.buffers(recurse=False)):
-                yield name, sub, (
-                    f"'{path}' ({type(sub).__name__}) is trainable and has buffers but no "
-                    "registered grad sampler; the functorch fallback cannot handle buffers. "
-                    "Register one with opacus.grad_sample.register_grad_sampler or freeze it."
+                continue
+            try:
+                _check_preparable(target)
+            except NotImplementedError as err:
+                yield path, target, (
+                    f"'{path}' ({type(target).__name__}) is trainable but has no registered "
+                    f"grad sampler, and the functorch fallback cannot handle it ({err})"
                 )
 
     @classmethod
@@ -405,20 +506,15 @@ class GradSampleHooks(AbstractGradSampleHooks):
 
     # ------------------------------------------------------------------ hooks
     def iterate_submodules(self, module: nn.Module) -> Iterable[nn.Module]:
-        """Submodules to hook: those owning trainable parameters, and registered containers.
+        """Submodules to hook; each one's hook covers its whole subtree.
 
-        A module whose type has a grad sampler covers its whole subtree (its sampler returns the
-        gradients of its children's parameters too), so its children get no hooks of their own.
+        A module whose type has a grad sampler is hooked (its sampler returns the gradients of
+        its children's parameters too). A module owning a trainable parameter directly but
+        without a sampler (or every such module, with ``force_functorch``) is handled whole by
+        ``torch.func``, children included. Other modules are looked through.
         """
-        if not has_trainable_params(module):
-            return
-        registered = type(module) in self.GRAD_SAMPLERS and not self.force_functorch
-        if registered or requires_grad(module):
-            yield module
-        if registered:
-            return
-        for child in module.children():
-            yield from self.iterate_submodules(child)
+        force = self.force_functorch
+        yield from _walk_hook_targets(module, lambda m: self._sampler_for(m, force) is not None)
 
     def add_hooks(
         self,
@@ -427,48 +523,102 @@ class GradSampleHooks(AbstractGradSampleHooks):
         batch_first: bool = True,
         force_functorch: bool = False,
     ) -> None:
-        """Install the forward and backward hooks on every trainable submodule."""
-        if self._hook_handles:
-            raise ValueError("hooks are already attached to this model; call remove_hooks() first")
-        self.force_functorch = force_functorch
+        """Install the hooks on every module ``iterate_submodules`` yields.
+
+        The model gets the attribute ``autograd_grad_sample_hooks`` (also on this object): a list
+        of removable handles, two per hooked module (its forward side and its output-gradient
+        side). Every trainable parameter gets ``grad_sample = None`` and ``_forward_counter = 0``;
+        each module handled by ``torch.func`` gets ``ft_compute_sample_grad``.
+
+        Raises:
+            ValueError: the model already carries hooks (wrapped twice).
+        """
         root = self._module
+        _check_not_hooked(root, type(self).__name__)
+        self.force_functorch = force_functorch
+        self.batch_first = batch_first
         names = {mod: name for name, mod in root.named_modules()}
-        self._structure = ModelStructure(root)
-        self._hook_handles.append(root.register_forward_pre_hook(self._start_forward))
+        targets = []
         for module in self.iterate_submodules(root):
-            if id(module) in self._skipped:
+            if id(module) in getattr(self, "_skipped", ()):
                 continue
+            sampler = self._sampler_for(module, force_functorch)
+            if sampler is None:
+                try:
+                    prepare_layer(module, batch_first=batch_first)
+                except NotImplementedError as err:
+                    if getattr(self, "_strict", True):
+                        self._remove_ft_attributes([m for m, _ in targets])
+                        raise NotImplementedError(
+                            f"{type(self).__name__}: layer '{names.get(module) or '<root>'}' "
+                            f"({type(module).__name__}) cannot get per-sample gradients: {err}"
+                        ) from err
+                    warnings.warn(
+                        f"per-sample gradients will be missing for '{names.get(module)}': {err}",
+                        stacklevel=2,
+                    )
+                    continue
+            targets.append((module, sampler))
+        self._structure = ModelStructure(root)
+        self._batch_norms = [
+            (n or "<root>", m) for n, m in root.named_modules() if is_batch_norm(m)
+        ]
+        handles = []
+        switch = self._batch_gradient_switch
+        for index, (module, sampler) in enumerate(targets):
             self._module_names[module] = names.get(module, "") or "<root>"
-            registered = self.GRAD_SAMPLERS.get(type(module))
-            self._samplers[module] = None if force_functorch else registered
-            switch = self._batch_gradient_switch
+            self._samplers[module] = sampler
+            forward_side, gradient_side = [], [_ForgetCalls(self, module)]
+            if index == 0:
+                forward_side.append(root.register_forward_pre_hook(self._start_forward))
             if switch is not None:
-                self._hook_handles.append(module.register_forward_pre_hook(switch.before_forward))
-                # Before the capture hook (which reads requires_grad), even if forward raises.
-                self._hook_handles.append(
+                forward_side.append(module.register_forward_pre_hook(switch.before_forward))
+                # Before the capture hook (which reads requires_grad), even if forward raises;
+                # it also gives the output its gradient path (the output-gradient side).
+                gradient_side.append(
                     module.register_forward_hook(switch.after_forward, always_call=True)
                 )
-            self._hook_handles.append(module.register_forward_hook(self.capture_activations_hook))
+            forward_side.append(module.register_forward_hook(self.capture_activations_hook))
+            handles += [_HookHandles(forward_side), _HookHandles(gradient_side)]
         # The output hooks registered at each call pass these on to capture_backprops_hook.
         self._backprops_hook_kwargs = {"loss_reduction": loss_reduction, "batch_first": batch_first}
+        setattr(root, HOOKS_ATTR, handles)
+        self.autograd_grad_sample_hooks = handles
+        for p in self._trainable_params():
+            p.grad_sample = None
+            p._forward_counter = 0
         self.enable_hooks()
 
     def hooked_parameters(self, module: nn.Module) -> Iterable[nn.Parameter]:
-        """The parameters whose per-sample gradients ``module``'s hook computes."""
-        return module.parameters(recurse=self._samplers.get(module) is not None)
+        """The parameters whose per-sample gradients ``module``'s hook computes (its subtree)."""
+        return module.parameters()
+
+    def _remove_ft_attributes(self, modules: Iterable[nn.Module]) -> None:
+        for module in modules:
+            if FT_COMPUTE_SAMPLE_GRAD_ATTR in vars(module):
+                delattr(module, FT_COMPUTE_SAMPLE_GRAD_ATTR)
 
     def remove_hooks(self) -> None:
-        """Remove every hook and the captured activations; the model's modules are untouched."""
-        for handle in self._hook_handles:
+        """Disable and remove every hook, delete ``autograd_grad_sample_hooks`` (from the model
+        and this object) and ``ft_compute_sample_grad``; drop the captured activations."""
+        self.disable_hooks()
+        handles = getattr(self, HOOKS_ATTR, None)
+        for handle in handles or ():
             handle.remove()
-        self._hook_handles = []
-        for p in self._module.parameters():
+        if HOOKS_ATTR in vars(self):
+            delattr(self, HOOKS_ATTR)
+        root = self._module
+        if HOOKS_ATTR in vars(root) and (handles is None or vars(root)[HOOKS_ATTR] is handles):
+            delattr(root, HOOKS_ATTR)
+        self._remove_ft_attributes(root.modules())
+        for p in root.parameters():
             if hasattr(p, "_current_grad_sample"):
                 del p._current_grad_sample
             if hasattr(p, GRAD_SAMPLE_NORMS_ATTR):
                 delattr(p, GRAD_SAMPLE_NORMS_ATTR)
+            if hasattr(p, "_forward_counter"):
+                p._forward_counter = 0
         self._reset_state()
-        self.hooks_enabled = False
 
     def disable_hooks(self) -> None:
         """Stop capturing (the hooks stay installed): backward passes only compute ``p.grad``."""
@@ -481,18 +631,58 @@ class GradSampleHooks(AbstractGradSampleHooks):
     def _start_forward(self, module: nn.Module, _inputs) -> None:
         if self._structure is not None:
             self._structure.check(type(self).__name__)
+        if self.hooks_enabled and torch.is_grad_enabled():
+            self._check_batch_norms()
         self._prune_orphaned_calls()
         self._first_layer = None
         self._called_this_forward = set()
         if self._finish_queued:  # the last backward raised before it finished
             self._drop_pending()
 
+    def _check_batch_norms(self) -> None:
+        training = [
+            f"'{name}' ({type(bn).__name__})"
+            for name, bn in self._batch_norms
+            if uses_batch_statistics(bn)
+        ]
+        if training:
+            raise RuntimeError(
+                f"{type(self).__name__}: BatchNorm layer(s) {', '.join(training)} would normalise "
+                "this training forward pass with batch statistics (training mode, e.g. after "
+                "model.train()): that mixes the samples of the batch and records statistics of "
+                "the private data without noise, which breaks the DP guarantee. Call .eval() on "
+                "every BatchNorm after model.train() (running statistics, fixed and public), or "
+                "replace them with GroupNorm (opacus.validators.ModuleValidator.fix(model))."
+            )
+
     def _batch_size(self, module: nn.Module, activations: list, output) -> Optional[int]:
+        if isinstance(module, nn.EmbeddingBag):
+            return self._bags(module, activations, output)
         dim = _batch_dim(module, self.batch_first)
         for t in [*activations, output]:
             if torch.is_tensor(t) and t.dim() > dim:
                 return t.shape[dim]
         return None
+
+    def _bags(self, module: nn.EmbeddingBag, activations: list, output) -> int:
+        """An EmbeddingBag's batch is its number of bags: one per offset with a 1-D input."""
+        index = activations[0] if activations else None
+        if torch.is_tensor(index) and index.dim() == 1:
+            offsets = activations[1] if len(activations) > 1 else None
+            if not torch.is_tensor(offsets):
+                raise ValueError(
+                    f"layer '{self._module_names[module]}' (EmbeddingBag) got a 1-D input without "
+                    "positional offsets: pass them positionally, bag(input, offsets), so that "
+                    "the hooks can tell the bags (the samples) apart"
+                )
+            return offsets.shape[0] - (1 if module.include_last_offset else 0)
+        return output.shape[0]
+
+    def _count_calls(self, module: nn.Module, delta: int) -> None:
+        # p._forward_counter: this module's calls whose output gradient is still to come.
+        for p in self.hooked_parameters(module):
+            if p.requires_grad:
+                p._forward_counter = max(0, getattr(p, "_forward_counter", 0) + delta)
 
     def capture_activations_hook(
         self,
@@ -520,6 +710,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
             self._probe_batch_mixing(module, activations, _forward_output)
         call = _Call(activations)
         self._activations.setdefault(module, []).append(call)
+        self._count_calls(module, +1)
         self._max_batch_len[module] = max(self._max_batch_len.get(module, 0), batch)
         output = hookable_output(_forward_output)
         if output is not None:
@@ -531,7 +722,9 @@ class GradSampleHooks(AbstractGradSampleHooks):
         """Drop the inputs of calls whose output gradient can no longer arrive (``_Call``)."""
         for module in list(self._activations):
             calls = self._activations[module]
-            calls[:] = [c for c in calls if not c.orphaned()]
+            kept = [c for c in calls if not c.orphaned()]
+            self._count_calls(module, len(kept) - len(calls))
+            calls[:] = kept
             if not calls:
                 del self._activations[module]
                 self._max_batch_len.pop(module, None)
@@ -563,8 +756,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
             return
         name = self._module_names[module]
         # This forward will not be backpropagated: forget what earlier layers captured in it.
-        self._activations.clear()
-        self._max_batch_len.clear()
+        self._forget_calls()
         raise RuntimeError(
             f"layer '{name}' ({type(module).__name__}) has no grad sampler and its training-mode "
             f"forward mixes samples across the batch (like BatchNorm): {mismatch}. Per-sample "
@@ -625,14 +817,23 @@ class GradSampleHooks(AbstractGradSampleHooks):
         calls = self._activations[module]
         firing = self._firing_call
         index = next((i for i, c in enumerate(calls) if c is firing), len(calls) - 1)
+        self._count_calls(module, -1)
         return calls.pop(index)
+
+    def _forget_calls(self, modules: Optional[Iterable[nn.Module]] = None) -> None:
+        """Drop the captured inputs of ``modules`` (default: all): no gradient will use them."""
+        for module in list(self._activations if modules is None else modules):
+            calls = self._activations.pop(module, None)
+            if calls:
+                self._count_calls(module, -len(calls))
+            self._max_batch_len.pop(module, None)
 
     def _per_sample_grads(
         self, module: nn.Module, activations: List, backprops: torch.Tensor
     ) -> Dict[nn.Parameter, torch.Tensor]:
         sampler = self._samplers[module]
         if backprops.shape[0] == 0:
-            params = module.parameters(recurse=sampler is not None)
+            params = self.hooked_parameters(module)
             return {p: p.new_zeros((0, *p.shape)) for p in params if p.requires_grad}
         if sampler is None:
             return per_sample_gradient(module, activations, backprops, batch_first=self.batch_first)
@@ -691,7 +892,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         sampler = self._samplers[module]
         scale = max_batch_len if loss_reduction == "mean" else None
         if scale is not None:
-            params = module.parameters(recurse=sampler is not None)
+            params = self.hooked_parameters(module)
             out_numel = backprops.shape[0] * sum(p.numel() for p in params if p.requires_grad)
             if only_call and out_numel < backprops.numel():
                 grad_samples = self._per_sample_grads(module, activations, backprops)
@@ -772,10 +973,12 @@ class GradSampleHooks(AbstractGradSampleHooks):
         ):
             self._drop_pending()
             raise ValueError(
-                "a second backward pass would accumulate into p.grad_sample, but gradient "
-                "accumulation is forbidden (Poisson sampling gives batches of varying size): call "
-                "optimizer.step() and optimizer.zero_grad() after each backward pass, or use "
-                "opacus.utils.batch_memory_manager.BatchMemoryManager for large batches."
+                "Poisson sampling is incompatible with gradient accumulation: this backward pass "
+                "would add a second batch of per-sample gradients to p.grad_sample, but each "
+                "Poisson batch must be its own step (its size is part of the privacy analysis). "
+                "Call optimizer.step() and optimizer.zero_grad() after every backward pass, or "
+                "use opacus.utils.batch_memory_manager.BatchMemoryManager to process a large "
+                "logical batch in smaller physical ones."
             )
         pending_norms, self._pending_norms = self._pending_norms, {}
         self._pending = {}
@@ -789,7 +992,8 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 gs = p.grad_sample
                 setattr(p, GRAD_SAMPLE_NORMS_ATTR, (weakref.ref(gs), gs._version, *norms))
             elif hasattr(p, GRAD_SAMPLE_NORMS_ATTR):
-                # Accumulated over backward passes: the optimizer must read the sum.
+                # grad_sample is now a list of chunks: the cache describes none of them alone
+                # as the optimizer reads it (concatenated), so there is none.
                 delattr(p, GRAD_SAMPLE_NORMS_ATTR)
 
 

@@ -3,11 +3,12 @@
 ``AbstractGradSampleHooks`` holds the state that does not depend on *how* per-sample gradients
 are computed (the wrapped module, the layout of the batch, the loss reduction, whether several
 backward passes may accumulate) and the clean-up of the per-parameter attributes the machinery
-writes (``grad_sample``, ``_current_grad_sample``, ``_norm_sample``).
+writes (``grad_sample``, ``_forward_counter``, ``_current_grad_sample``, ``_norm_sample``).
 ``AbstractGradSampleModule`` turns it into an ``nn.Module`` wrapper whose attribute access falls
 through to the wrapped module.
 """
 
+import logging
 from abc import ABC
 from typing import List
 
@@ -17,8 +18,12 @@ from opacus.utils.module_utils import trainable_parameters
 
 __all__ = ["AbstractGradSampleHooks", "AbstractGradSampleModule", "trainable_parameters"]
 
-# Attributes the per-sample machinery may leave on a parameter; ``cleanup`` removes all of them.
+logger = logging.getLogger(__name__)
+
+# Per-sample attributes ``del_grad_sample`` removes from a parameter; ``cleanup`` also removes the
+# hooks' call counter.
 _PER_PARAM_ATTRIBUTES = ("grad_sample", "_current_grad_sample", "_norm_sample")
+_HOOK_PARAM_ATTRIBUTES = ("_forward_counter",)
 
 _LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -52,21 +57,24 @@ class AbstractGradSampleHooks(ABC):
         return [p for _, p in trainable_parameters(self._module)]
 
     def allow_grad_accumulation(self):
-        """Let several backward passes add up into ``p.grad_sample`` (the default)."""
+        """Let several backward passes accumulate (the default): each pass adds its own chunk,
+        so ``p.grad_sample`` becomes a list with one tensor per pass."""
         self._grad_accumulation_allowed = True
 
     def forbid_grad_accumulation(self):
-        """Make a second backward pass without clearing ``grad_sample`` raise an error.
+        """Make a backward pass raise ``ValueError`` when ``grad_sample`` already holds a pass.
 
-        Poisson sampling gives batches of varying size, so per-sample gradients of two batches
-        must not be summed row by row: the optimizer has to step (or ``zero_grad``) in between.
+        Under Poisson sampling every batch is one step of the privacy analysis, so a second pass
+        before ``optimizer.step()``/``zero_grad()`` is refused (``make_private`` sets this).
         """
         self._grad_accumulation_allowed = False
 
     def set_grad_sample_to_none(self):
-        """Set ``p.grad_sample`` to None for every parameter of the wrapped model."""
+        """Set ``p.grad_sample`` to None for every trainable parameter (and every parameter that
+        has one); frozen parameters get no attribute."""
         for p in self._module.parameters():
-            p.grad_sample = None
+            if p.requires_grad or hasattr(p, "grad_sample"):
+                p.grad_sample = None
 
     def del_grad_sample(self):
         """Delete the per-sample attributes from every parameter of the wrapped model."""
@@ -79,9 +87,17 @@ class AbstractGradSampleHooks(ABC):
         """Detach everything this object installed on the model (engines override this)."""
 
     def cleanup(self):
-        """Remove hooks and every per-sample attribute: the model is left as it was given."""
+        """Remove the hooks (a failure is logged as a warning), then every per-parameter
+        attribute the machinery wrote: the model is left as it was given."""
+        try:
+            self.remove_hooks()
+        except Exception as err:  # noqa: BLE001  (clean the parameters whatever happened)
+            logger.warning("%s.cleanup: removing the hooks failed: %r", type(self).__name__, err)
         self.del_grad_sample()
-        self.remove_hooks()
+        for p in self._module.parameters():
+            for attr in _HOOK_PARAM_ATTRIBUTES:
+                if hasattr(p, attr):
+                    delattr(p, attr)
 
     def _close(self):
         self.cleanup()

@@ -75,21 +75,78 @@ def test_time_major_layer():
     assert not torch.allclose(wrong[layer.weight], expected["weight"])
 
 
-def test_frozen_parameters_are_skipped():
+def test_ft_compute_per_sample_gradient_covers_every_parameter():
+    """All of layer.parameters() (as Opacus 1.6); the hooks' path skips frozen ones."""
+    torch.manual_seed(5)
     layer = nn.Linear(3, 2)
     layer.bias.requires_grad_(False)
-    out = ft_compute_per_sample_gradient(layer, [torch.randn(4, 3)], torch.randn(4, 2))
-    assert set(out) == {layer.weight}
+    x, r = torch.randn(4, 3), torch.randn(4, 2)
+    out = ft_compute_per_sample_gradient(layer, [x], r)
+    assert set(out) == {layer.weight, layer.bias}
+    torch.testing.assert_close(out[layer.weight], torch.einsum("bo,bi->boi", r, x))
+    torch.testing.assert_close(out[layer.bias], r)
+    assert set(per_sample_gradient(layer, [x], r, batch_first=True)) == {layer.weight}
 
 
-def test_prepare_layer_leaves_layer_untouched():
+def test_prepare_layer_sets_ft_compute_sample_grad():
+    torch.manual_seed(6)
     layer = nn.Linear(3, 2)
-    before = set(vars(layer))
-    fn = prepare_layer(layer)
-    assert set(vars(layer)) == before
-    params = {n: p.detach() for n, p in layer.named_parameters()}
-    g = fn(params, (torch.randn(3),), torch.randn(2))
-    assert g["weight"].shape == (2, 3) and g["bias"].shape == (2,)
+    assert prepare_layer(layer) is None
+    fn = layer.ft_compute_sample_grad
+    x, r = torch.randn(5, 3), torch.randn(5, 2)
+    expected = brute_force_grad_samples(layer, x, loss_fn=lambda o, t: (o * t).sum(), targets=r)
+    weight, bias = fn([p.detach() for p in layer.parameters()], x, r)
+    assert_grad_samples_close({"weight": weight, "bias": bias}, expected)
+    with pytest.raises(ValueError, match="expected 2"):
+        fn([layer.weight.detach()], x, r)
+
+
+def test_prepare_layer_time_major_uses_dim_1():
+    class TimeCumsum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3))
+
+        def forward(self, x):
+            return x.cumsum(dim=0) * self.weight
+
+    torch.manual_seed(7)
+    layer = TimeCumsum()
+    x = torch.randn(5, 4, 3)  # (T, B, F)
+    expected = brute_force_grad_samples(layer, x, batch_dim=1)
+    prepare_layer(layer, batch_first=False)
+    (weight,) = layer.ft_compute_sample_grad(
+        [layer.weight.detach()], x.movedim(1, 0), torch.ones(4, 5, 3)
+    )
+    torch.testing.assert_close(weight, expected["weight"])
+
+
+def test_prepare_layer_refuses_buffers_and_embedding_bag():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+            self.inner = nn.Module()
+            self.inner.register_buffer("scale", torch.ones(3))
+
+        def forward(self, x):
+            return x * self.w * self.inner.scale
+
+    with pytest.raises(NotImplementedError, match="buffers.*inner.scale"):
+        prepare_layer(Scaled())
+    with pytest.raises(NotImplementedError, match="EmbeddingBag"):
+        prepare_layer(nn.EmbeddingBag(4, 2), batch_first=True)
+    layer = nn.EmbeddingBag(4, 2)
+    assert not hasattr(layer, "ft_compute_sample_grad")
+
+
+def test_activations_are_cast_to_the_backprops_dtype():
+    layer = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3)  # float32 input, float64 layer and backprops
+    r = torch.randn(4, 2, dtype=torch.float64)
+    out = ft_compute_per_sample_gradient(layer, [x], r)
+    assert out[layer.weight].dtype == torch.float64
+    torch.testing.assert_close(out[layer.weight], torch.einsum("bo,bi->boi", r, x.double()))
 
 
 def test_make_functional():
@@ -123,7 +180,8 @@ def test_functorch_mode_equals_hooks_mode():
 
 
 def test_module_with_own_parameter_and_hooked_child():
-    """A non-leaf trainable module: functorch covers its own parameter, the child its own."""
+    """A non-leaf trainable module without a sampler is handled whole by functorch (its child's
+    parameters included; the child gets no hooks of its own)."""
 
     class Gated(nn.Module):
         def __init__(self):
@@ -139,5 +197,8 @@ def test_module_with_own_parameter_and_hooked_child():
     x = torch.randn(5, 3)
     expected = brute_force_grad_samples(model, x)
     gsm = GradSampleModule(model, loss_reduction="sum")
+    assert list(gsm.iterate_submodules(model)) == [model[0], model[2]]
+    assert hasattr(model[0], "ft_compute_sample_grad")
+    assert not hasattr(model[0].fc, "ft_compute_sample_grad")
     gsm(x).sum().backward()
     assert_grad_samples_close(grad_samples_of(gsm), expected)

@@ -177,7 +177,8 @@ def test_frozen_parameters_get_no_grad_sample():
     assert getattr(model[0].weight, "grad_sample", None) is None
 
 
-def test_accumulation_over_two_backward_passes_is_the_sum():
+def test_two_backward_passes_give_two_chunks():
+    """Per-sample gradients are kept per pass: rows of two batches are never added together."""
     torch.manual_seed(8)
     model = _mlp()
     x1, x2 = torch.randn(4, 5), torch.randn(4, 5)
@@ -185,16 +186,25 @@ def test_accumulation_over_two_backward_passes_is_the_sum():
     e2 = brute_force_grad_samples(model, x2, loss_fn=lambda o: (o**2).sum())
     gsm = GradSampleModule(model, loss_reduction="sum")
     gsm(x1).sum().backward()
+    assert all(torch.is_tensor(g) for g in grad_samples_of(gsm).values())
     (gsm(x2) ** 2).sum().backward()
-    assert_grad_samples_close(grad_samples_of(gsm), {n: e1[n] + e2[n] for n in e1})
+    chunks = grad_samples_of(gsm)
+    assert all(isinstance(g, list) and len(g) == 2 for g in chunks.values())
+    assert_grad_samples_close({n: g[0] for n, g in chunks.items()}, e1)
+    assert_grad_samples_close({n: g[1] for n, g in chunks.items()}, e2)
 
 
-def test_accumulation_with_another_batch_size_raises():
+def test_passes_of_different_batch_sizes_are_kept_apart():
+    torch.manual_seed(11)
     model = _mlp()
+    x1, x2, x3 = torch.randn(4, 5), torch.randn(3, 5), torch.randn(1, 5)
+    expected = [brute_force_grad_samples(model, x) for x in (x1, x2, x3)]
     gsm = GradSampleModule(model, loss_reduction="sum")
-    gsm(torch.randn(4, 5)).sum().backward()
-    with pytest.raises(ValueError, match="differ in size"):
-        gsm(torch.randn(3, 5)).sum().backward()
+    for x in (x1, x2, x3):
+        gsm(x).sum().backward()
+    chunks = grad_samples_of(gsm)
+    for i, e in enumerate(expected):
+        assert_grad_samples_close({n: g[i] for n, g in chunks.items()}, e)
 
 
 def test_forbidden_accumulation_raises_and_zero_grad_resets():
@@ -204,15 +214,19 @@ def test_forbidden_accumulation_raises_and_zero_grad_resets():
     gsm = GradSampleModule(model, loss_reduction="sum")
     gsm.forbid_grad_accumulation()
     gsm(x).sum().backward()
-    with pytest.raises(ValueError, match="accumulation is forbidden"):
+    with pytest.raises(ValueError, match="Poisson sampling is incompatible with gradient accum"):
         gsm(x).sum().backward()
+    # The refused pass left the first one untouched.
+    assert_grad_samples_close(grad_samples_of(gsm), expected)
     gsm.zero_grad()
     assert all(p.grad_sample is None for p in model.parameters())
     gsm(x).sum().backward()  # fine after zero_grad
     assert_grad_samples_close(grad_samples_of(gsm), expected)
     gsm.allow_grad_accumulation()
     gsm(x).sum().backward()
-    assert_grad_samples_close(grad_samples_of(gsm), {n: 2 * v for n, v in expected.items()})
+    chunks = grad_samples_of(gsm)
+    assert all(len(g) == 2 for g in chunks.values())
+    assert_grad_samples_close({n: g[1] for n, g in chunks.items()}, expected)
 
 
 def test_zero_grad_set_to_none_and_helpers():
@@ -304,8 +318,9 @@ def test_batch_norm_is_rejected_with_path_and_fix():
     with pytest.raises(NotImplementedError) as info:
         GradSampleModule(model)
     message = str(info.value)
-    assert "'1.0'" in message and "BatchNorm1d" in message
+    assert "'1.0'" in message and "BatchNorm1d" in message and "training mode" in message
     assert "GroupNorm" in message and "ModuleValidator.fix" in message
+    assert not hasattr(model, "autograd_grad_sample_hooks")
 
 
 def test_trainable_module_with_buffers_is_rejected():
@@ -355,9 +370,15 @@ def test_create_or_accumulate_with_shorter_calls():
     promote_current_grad_sample(p)
     assert not hasattr(p, "_current_grad_sample")
     torch.testing.assert_close(p.grad_sample, expected)
-    create_or_accumulate_grad_sample(param=p, grad_sample=torch.ones(4, 2), max_batch_len=4)
+    # A later pass is a chunk of its own (a list), never added row by row.
+    create_or_accumulate_grad_sample(param=p, grad_sample=torch.ones(3, 2), max_batch_len=3)
     promote_current_grad_sample(p)
-    torch.testing.assert_close(p.grad_sample, expected + 1)
+    assert isinstance(p.grad_sample, list) and len(p.grad_sample) == 2
+    torch.testing.assert_close(p.grad_sample[0], expected)
+    torch.testing.assert_close(p.grad_sample[1], torch.ones(3, 2))
+    create_or_accumulate_grad_sample(param=p, grad_sample=torch.ones(1, 2), max_batch_len=1)
+    promote_current_grad_sample(p)
+    assert [tuple(g.shape) for g in p.grad_sample] == [(4, 2), (3, 2), (1, 2)]
     with pytest.raises(ValueError, match="max_batch_len"):
         create_or_accumulate_grad_sample(param=p, grad_sample=torch.ones(5, 2), max_batch_len=4)
 
