@@ -10,6 +10,7 @@ import copy
 import importlib
 import math
 import numbers
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; the optimizer pulls in torch
@@ -27,18 +28,48 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def check_step(owner: str, noise_multiplier: float, sample_rate: float) -> None:
-    """Validate one privacy event; ``owner`` names the caller in the error."""
-    if not isinstance(noise_multiplier, numbers.Real) or not noise_multiplier >= 0:
+def _as_real(owner: str, name: str, value: Any) -> float:
+    """``value`` as a float: a real number, or a one-element tensor / array (e.g. a 0-d
+    ``torch.Tensor``, converted with ``.item()``). Anything else is a ValueError naming ``name``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{owner}: {name} must be a number, got the bool {value!r}.")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    numel = getattr(value, "numel", None) or getattr(value, "size", None)
+    count = numel() if callable(numel) else numel
+    if hasattr(value, "item") and count == 1:
+        item = value.item()
+        if isinstance(item, numbers.Real) and not isinstance(item, bool):
+            return float(item)
+    raise ValueError(
+        f"{owner}: {name} must be a real number (or a one-element tensor), got "
+        f"{type(value).__name__} {value!r}; pass float({name})."
+    )
+
+
+def check_step(owner: str, noise_multiplier: Any, sample_rate: Any) -> Tuple[float, float]:
+    """Validate one privacy event and return it as ``(noise_multiplier, sample_rate)`` floats.
+
+    One-element tensors/arrays are converted with ``.item()``; ``owner`` names the caller in the
+    error.
+
+    Raises:
+        ValueError: ``noise_multiplier`` is not a finite number >= 0, or ``sample_rate`` is not
+            a number in [0, 1].
+    """
+    noise_multiplier = _as_real(owner, "noise_multiplier", noise_multiplier)
+    sample_rate = _as_real(owner, "sample_rate", sample_rate)
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
         raise ValueError(
-            f"{owner}: noise_multiplier must be a number >= 0, got {noise_multiplier!r}."
+            f"{owner}: noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}."
         )
-    if not isinstance(sample_rate, numbers.Real) or not 0 <= sample_rate <= 1:
+    if not 0 <= sample_rate <= 1:
         raise ValueError(
             f"{owner}: sample_rate must be in [0, 1], got {sample_rate!r}. With gradient "
             "accumulation the effective rate is sample_rate * accumulated_iterations, which "
             "must stay <= 1."
         )
+    return noise_multiplier, sample_rate
 
 
 def check_delta(owner: str, delta: float) -> None:
@@ -84,7 +115,9 @@ class IAccountant(abc.ABC):
 
     def _record(self, noise_multiplier: float, sample_rate: float) -> None:
         """Append one step to ``history``, merging it with the last entry when equal."""
-        check_step(f"{type(self).__name__}.step", noise_multiplier, sample_rate)
+        noise_multiplier, sample_rate = check_step(
+            f"{type(self).__name__}.step", noise_multiplier, sample_rate
+        )
         if self.history:
             last_sigma, last_q, last_steps = self.history[-1]
             if last_sigma == noise_multiplier and last_q == sample_rate:
@@ -116,22 +149,49 @@ class IAccountant(abc.ABC):
         return destination
 
     def load_state_dict(self, state_dict: T_state_dict):
-        """Restore ``history`` from :meth:`state_dict` output of the same kind of accountant."""
-        if not isinstance(state_dict, dict) or "history" not in state_dict:
+        """Restore ``history`` from :meth:`state_dict` output of the same kind of accountant.
+
+        Raises:
+            ValueError: ``state_dict`` is None or empty, lacks ``history`` or ``mechanism``, was
+                saved by another mechanism, or holds an invalid history entry.
+        """
+        owner = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, Mapping) or not state_dict:
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict: expected a dict with 'history' (and "
-                "'mechanism') as produced by state_dict()."
+                f"{owner}: expected a non-empty dict with 'history' and 'mechanism' as produced "
+                f"by state_dict(), got {state_dict!r}."
             )
-        mechanism = state_dict.get("mechanism", self.__class__.mechanism())
+        for key in ("history", "mechanism"):
+            if key not in state_dict:
+                raise ValueError(
+                    f"{owner}: the state dict has no {key!r} key (it has {sorted(state_dict)}); "
+                    "pass the output of accountant.state_dict()."
+                )
+        mechanism = state_dict["mechanism"]
         if mechanism != self.__class__.mechanism():
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict: state was saved by a {mechanism!r} "
-                f"accountant, this one is {self.__class__.mechanism()!r}; create the accountant "
-                f"with create_accountant({mechanism!r}) instead."
+                f"{owner}: state was saved by a {mechanism!r} accountant, this one is "
+                f"{self.__class__.mechanism()!r}; create the accountant with "
+                f"create_accountant({mechanism!r}) instead."
             )
-        history = []
-        for entry in state_dict["history"]:
+        self.history = [self._history_entry(owner, entry) for entry in state_dict["history"]]
+
+    @staticmethod
+    def _history_entry(owner: str, entry) -> Tuple[float, float, int]:
+        try:
             sigma, q, num_steps = entry
-            check_step(f"{type(self).__name__}.load_state_dict", sigma, q)
-            history.append((sigma, q, int(num_steps)))
-        self.history = history
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{owner}: each history entry must be (noise_multiplier, sample_rate, "
+                f"num_steps), got {entry!r}."
+            ) from None
+        sigma, q = check_step(owner, sigma, q)
+        if (
+            isinstance(num_steps, bool)
+            or not isinstance(num_steps, numbers.Real)
+            or not math.isfinite(num_steps)
+            or int(num_steps) != num_steps
+            or num_steps < 0
+        ):
+            raise ValueError(f"{owner}: num_steps must be an integer >= 0, got {num_steps!r}.")
+        return sigma, q, int(num_steps)

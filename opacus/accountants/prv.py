@@ -1,18 +1,18 @@
 """PRV accountant: numerical composition of privacy random variables (Gopi, Lee, Wutschitz 2021).
 
-Error budget (re-derived from GLW): with eps_error = eta and delta_error = d_e,
-- the window from ``compute_safe_domain_bounds`` is left by some single PRV with probability
-  <= d_e/8 (truncation) and by the composed PRV, on either side, with probability <= d_e/8 each;
-- each step's mean-preserving rounding error is zero-mean and lies in an interval of width dt, so
-  by Hoeffding the sum over K steps exceeds eta in absolute value with probability
-  <= 2 exp(-2 eta^2 / (K dt^2)) = d_e / 8 for dt = eta sqrt(2 / (K log(16 / d_e))).
-The truncation and rounding events are charged twice (once for delta itself, once for the mass
-that wraps around the circular FFT), the tails once: 3/4 d_e <= d_e in total, so
-delta_disc(eps + eta) - d_e <= delta_true(eps) <= delta_disc(eps - eta) + d_e.
+The numerics follow Opacus 1.6 (so that epsilons agree to 7+ places):
+
+- one Poisson-subsampled Gaussian PRV per history entry (sigma, q, k), K = total steps;
+- the window is [-L, L] with L from the RDP accountant (``compute_safe_domain_size``);
+- the grid step is dt = eps_error / sqrt(K log(12 / delta_error) / 2), on an aligned grid of even
+  size (``Domain.create_aligned``);
+- each PRV is truncated to the grid's [t_min, t_max] and discretised with the mean-preserving
+  shift, self-composed k times by FFT and the entries combined pairwise;
+- the certified upper bound is eps(delta - delta_error) + eps_error on the composed pmf.
 """
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from opacus.accountants.accountant import IAccountant, check_delta
 from opacus.accountants.analysis.prv import (
@@ -24,7 +24,6 @@ from opacus.accountants.analysis.prv import (
     compute_safe_domain_size,
     discretize,
 )
-from opacus.accountants.analysis.prv.domain import compute_safe_domain_bounds
 
 __all__ = [
     "PRVAccountant",
@@ -37,8 +36,9 @@ __all__ = [
     "discretize",
 ]
 
-# Largest grid (points) before the step is coarsened: 2^22 doubles is 32 MiB per array. A coarser
-# grid keeps the bounds valid but widens them (the eps error actually achieved is reported).
+# Largest grid (points) before the step is coarsened: 2^22 doubles is 32 MiB per array (Opacus 1.6
+# has no cap; it is reached beyond about a million steps). A coarser grid keeps the bounds valid
+# but widens them by the eps error actually achieved.
 MAX_DOMAIN_SIZE = 1 << 22
 
 
@@ -62,35 +62,34 @@ class PRVAccountant(IAccountant):
         """Registry name of the PRV accountant: ``"prv"`` (see ``create_accountant``)."""
         return "prv"
 
-    def _settings(self) -> Dict[Tuple[float, float], int]:
-        """Steps per distinct (sigma, q) that leak something (q > 0, finite sigma); composition
-        is commutative, so equal settings anywhere in the history merge."""
-        counts: Dict[Tuple[float, float], int] = {}
-        for sigma, q, num_steps in self.history:
-            if q > 0 and num_steps > 0 and not math.isinf(sigma):
-                counts[(sigma, q)] = counts.get((sigma, q), 0) + num_steps
-        return counts
+    def _entries(self) -> List[Tuple[float, float, int]]:
+        """History entries that leak something (q > 0, k > 0, finite sigma), one PRV each."""
+        return [
+            (sigma, q, int(k))
+            for sigma, q, k in self.history
+            if q > 0 and k > 0 and not math.isinf(sigma)
+        ]
+
+    def _domain(self, prvs, ks, eps_error: float, delta_error: float) -> Tuple[Domain, float]:
+        """The grid [-L, L] of step dt = eps_error / sqrt(K log(12 / delta_error) / 2), aligned,
+        and the eps error it achieves (larger than ``eps_error`` only when the grid had to be
+        coarsened to ``MAX_DOMAIN_SIZE`` points)."""
+        total = sum(ks)
+        half_width = compute_safe_domain_size(prvs, ks, eps_error, delta_error)
+        hoeffding = math.log(12.0 / delta_error)
+        dt = eps_error / math.sqrt(total * hoeffding / 2.0)
+        if 2.0 * half_width / dt + 3 > MAX_DOMAIN_SIZE:
+            dt = 2.0 * half_width / (MAX_DOMAIN_SIZE - 3)
+            eps_error = dt * math.sqrt(total * hoeffding / 2.0)
+        return Domain.create_aligned(-half_width, half_width, dt), eps_error
 
     def _composed(self, eps_error: float, delta_error: float) -> Tuple[DiscretePRV, float]:
-        counts = self._settings()
-        prvs: List[PoissonSubsampledGaussianPRV] = [
-            PoissonSubsampledGaussianPRV(q, sigma) for sigma, q in counts
-        ]
-        ks = list(counts.values())
-        total = sum(ks)
-        t_min, t_max = compute_safe_domain_bounds(prvs, ks, eps_error, delta_error)
-        hoeffding = math.log(16.0 / delta_error)
-        dt = eps_error * math.sqrt(2.0 / (total * hoeffding))
-        if (t_max - t_min) / dt + 1 > MAX_DOMAIN_SIZE:
-            dt = (t_max - t_min) / (MAX_DOMAIN_SIZE - 1)
-            eps_error = dt * math.sqrt(total * hoeffding / 2.0)
-        domain = Domain.create_aligned(t_min, t_max, dt)
-        half = domain.dt / 2.0
+        entries = self._entries()
+        prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in entries]
+        ks = [k for _, _, k in entries]
+        domain, eps_error = self._domain(prvs, ks, eps_error, delta_error)
         dprvs = [
-            discretize(
-                TruncatedPrivacyRandomVariable(prv, domain.t_min - half, domain.t_max + half),
-                domain,
-            )
+            discretize(TruncatedPrivacyRandomVariable(prv, domain.t_min, domain.t_max), domain)
             for prv in prvs
         ]
         return compose_heterogeneous(dprvs, ks), eps_error
@@ -111,10 +110,10 @@ class PRVAccountant(IAccountant):
             )
         if not eps_error > 0:
             raise ValueError(f"PRVAccountant: eps_error must be > 0, got {eps_error!r}.")
-        counts = self._settings()
-        if not counts:
+        entries = self._entries()
+        if not entries:
             return 0.0, 0.0, 0.0
-        if any(sigma == 0 for sigma, _ in counts):
+        if any(sigma == 0 for sigma, _, _ in entries):
             return math.inf, math.inf, math.inf
         composed, achieved_error = self._composed(eps_error, delta_error)
         return composed.compute_epsilon(delta, delta_error, achieved_error)

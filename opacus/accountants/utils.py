@@ -1,37 +1,118 @@
 """Calibrating the noise multiplier to a privacy budget."""
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
-from scipy.optimize import brentq
-
-from opacus.accountants.analysis import gdp
 from opacus.accountants.registry import create_accountant
 
-__all__ = ["get_noise_multiplier", "create_accountant"]
+__all__ = ["get_noise_multiplier", "create_accountant", "steps_from_epochs"]
 
-# Noise multipliers searched: beyond MAX_SIGMA the budget is declared unreachable (epsilon
-# conversions have floors, e.g. RDP cannot certify eps much below 0.1 with its default orders).
+# The bracket starts at SIGMA_START (first value tried: twice that) and gives up beyond MAX_SIGMA.
+SIGMA_START = 10.0
 MAX_SIGMA = 1e6
-MIN_SIGMA = 1e-3
-_MAX_ITERATIONS = 100
+
+_WHERE = "opacus.accountants.utils.get_noise_multiplier"
 
 
-def _gdp_guess(target_epsilon: float, target_delta: float, sample_rate: float, steps: int) -> float:
-    """sigma meeting the target under the Poisson GDP CLT: solve delta(eps; mu) = delta for mu,
-    then invert mu = q sqrt(T (e^{1/sigma^2} - 1))."""
+def steps_from_epochs(epochs: float, sample_rate: float) -> int:
+    """Number of optimizer steps in ``epochs`` epochs at ``sample_rate``: ``int(epochs /
+    sample_rate)`` (truncated, as Opacus 1.6's ``get_noise_multiplier`` and the samplers' length
+    ``int(1 / sample_rate)`` count them).
 
-    def gap(mu: float) -> float:
-        return gdp.delta_eps_mu(eps=target_epsilon, mu=mu) - target_delta
+    Raises:
+        ValueError: ``epochs`` is not > 0 or ``sample_rate`` is not in (0, 1].
+    """
+    where = "opacus.accountants.utils.steps_from_epochs"
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"{where}: sample_rate must be in (0, 1], got {sample_rate!r}.")
+    if not (epochs > 0 and math.isfinite(epochs)):
+        raise ValueError(f"{where}: epochs must be a finite number > 0, got {epochs!r}.")
+    return int(epochs / sample_rate)
 
-    high = 1.0
-    while gap(high) < 0 and high < 1e3:
-        high *= 2.0
-    if gap(high) < 0:
-        return 1.0
-    mu = brentq(gap, 1e-12, high, xtol=1e-10)
-    sigma = 1.0 / math.sqrt(math.log1p(mu * mu / (sample_rate * sample_rate * steps)))
-    return min(max(sigma, MIN_SIGMA), MAX_SIGMA)
+
+def _check_targets(target_epsilon: float, target_delta: float, epsilon_tolerance: float) -> None:
+    if not 0 < target_delta < 1:
+        raise ValueError(f"{_WHERE}: target_delta must be in (0, 1), got {target_delta!r}.")
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(
+            f"{_WHERE}: target_epsilon must be finite and > 0, got {target_epsilon!r}."
+        )
+    if not epsilon_tolerance > 0:
+        raise ValueError(f"{_WHERE}: epsilon_tolerance must be > 0, got {epsilon_tolerance!r}.")
+
+
+def _resolve_steps(epochs: Optional[float], steps: Optional[int], sample_rate: float) -> int:
+    """The number of steps from exactly one of ``epochs`` / ``steps``."""
+    if (epochs is None) == (steps is None):
+        raise ValueError(
+            f"{_WHERE}: give exactly one of epochs or steps (got {epochs=}, {steps=})."
+        )
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"{_WHERE}: sample_rate must be in (0, 1], got {sample_rate!r}.")
+    if steps is None:
+        if not (epochs > 0 and math.isfinite(epochs)):
+            raise ValueError(f"{_WHERE}: epochs must be a finite number > 0, got {epochs!r}.")
+        steps = steps_from_epochs(epochs, sample_rate)
+    if int(steps) != steps or steps < 1:
+        raise ValueError(
+            f"{_WHERE}: steps must be an integer >= 1, got {steps!r} (epochs are converted as "
+            "int(epochs / sample_rate))."
+        )
+    return int(steps)
+
+
+def _epsilon_function(
+    accountant: str, sample_rate: float, steps: int, target_delta: float, kwargs: dict
+) -> Callable[[float], float]:
+    """sigma -> epsilon of ``steps`` steps at (sigma, sample_rate), on one accountant."""
+    acc = create_accountant(accountant)
+
+    def epsilon(sigma: float) -> float:
+        acc.history = [(sigma, sample_rate, steps)]
+        return acc.get_epsilon(delta=target_delta, **kwargs)
+
+    return epsilon
+
+
+def _bracket(epsilon: Callable[[float], float], target_epsilon: float, accountant: str):
+    """``(sigma_high, eps_high)`` with eps_high <= target: double sigma from SIGMA_START."""
+    sigma_high, eps_high = SIGMA_START, math.inf
+    while eps_high > target_epsilon:
+        sigma_high *= 2.0
+        eps_high = epsilon(sigma_high)
+        if sigma_high > MAX_SIGMA:
+            raise ValueError(
+                f"{_WHERE}: target_epsilon={target_epsilon} is unreachable with the "
+                f"{accountant!r} accountant: even noise_multiplier={sigma_high:g} gives "
+                f"epsilon={eps_high:g}. Raise target_epsilon or target_delta, or use fewer "
+                "steps / a smaller sample_rate."
+            )
+    return sigma_high, eps_high
+
+
+def _bisect(
+    epsilon: Callable[[float], float],
+    target_epsilon: float,
+    epsilon_tolerance: float,
+    sigma_high: float,
+    eps_high: float,
+) -> float:
+    """Bisection on [0, sigma_high] until eps(sigma_high) is within the tolerance below target.
+
+    Stops early (returning sigma_high, still below the target) if the interval shrinks to
+    adjacent floats, which only happens when eps(sigma) jumps over the tolerance band.
+    """
+    sigma_low = 0.0
+    while target_epsilon - eps_high > epsilon_tolerance:
+        sigma = (sigma_low + sigma_high) / 2.0
+        if not sigma_low < sigma < sigma_high:
+            break
+        eps = epsilon(sigma)
+        if eps < target_epsilon:
+            sigma_high, eps_high = sigma, eps
+        else:
+            sigma_low = sigma
+    return sigma_high
 
 
 def get_noise_multiplier(
@@ -45,97 +126,22 @@ def get_noise_multiplier(
     epsilon_tolerance: float = 0.01,
     **kwargs,
 ) -> float:
-    """The noise multiplier sigma whose epsilon is in [target - tolerance, target].
+    """The noise multiplier sigma whose epsilon is in (target - tolerance, target].
 
-    The returned sigma never overshoots: ``eps(sigma) <= target_epsilon`` as computed by the
-    chosen accountant (for "prv": its certified upper bound). Give exactly one of ``epochs`` or
-    ``steps``; epochs are converted as ``steps = int(epochs / sample_rate)``. Extra ``kwargs``
-    go to the accountant's ``get_epsilon`` (e.g. ``eps_error`` for "prv").
+    Give exactly one of ``epochs`` or ``steps``; epochs are converted as
+    ``steps = int(epochs / sample_rate)`` (:func:`steps_from_epochs`). Extra ``kwargs`` go to the
+    accountant's ``get_epsilon`` (e.g. ``eps_error`` for "prv").
 
-    The search starts from the GDP CLT solution, brackets sigma by geometrically growing
-    multiplicative steps and then interpolates log(eps) against
-    log(sigma) (safeguarded, falling back to bisection), since eps(sigma) is decreasing and close
-    to a power law.
+    The search is Opacus 1.6's: double sigma from 10 (20, 40, ...) until eps(sigma) <= target,
+    then bisect on [0, sigma] keeping the upper end, whose epsilon (as computed by the chosen
+    accountant; for "prv" its certified upper bound) never exceeds the target. The result is a
+    dyadic fraction of 20 (or of the power of two reached by the doubling).
 
     Raises:
         ValueError: invalid arguments, or a target that even ``MAX_SIGMA`` cannot reach.
     """
-    where = "opacus.accountants.utils.get_noise_multiplier"
-    if (epochs is None) == (steps is None):
-        raise ValueError(f"{where}: give exactly one of epochs or steps (got {epochs=}, {steps=}).")
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"{where}: sample_rate must be in (0, 1], got {sample_rate!r}.")
-    if not 0 < target_delta < 1:
-        raise ValueError(f"{where}: target_delta must be in (0, 1), got {target_delta!r}.")
-    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
-        raise ValueError(f"{where}: target_epsilon must be finite and > 0, got {target_epsilon!r}.")
-    if not epsilon_tolerance > 0:
-        raise ValueError(f"{where}: epsilon_tolerance must be > 0, got {epsilon_tolerance!r}.")
-    if steps is None:
-        if not epochs > 0:
-            raise ValueError(f"{where}: epochs must be > 0, got {epochs!r}.")
-        steps = int(epochs / sample_rate)
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"{where}: steps must be an integer >= 1, got {steps!r}.")
-    steps = int(steps)
-    create_accountant(accountant)  # fail fast on an unknown name
-
-    def epsilon(sigma: float) -> float:
-        acc = create_accountant(accountant)
-        acc.history = [(sigma, sample_rate, steps)]
-        return acc.get_epsilon(delta=target_delta, **kwargs)
-
-    # Bracket eps(low) > target >= eps(high), starting from the GDP CLT value (closed form, close
-    # to the truth for small sample rates) and widening the multiplicative step geometrically.
-    start = _gdp_guess(target_epsilon, target_delta, sample_rate, steps)
-    eps_start = epsilon(start)
-    factor = 1.1
-    if eps_start > target_epsilon:
-        low, eps_low = start, eps_start
-        high, eps_high = start, eps_start
-        while eps_high > target_epsilon:
-            low, eps_low = high, eps_high
-            high = min(high * factor, MAX_SIGMA)
-            factor *= factor
-            eps_high = epsilon(high)
-            if eps_high > target_epsilon and high >= MAX_SIGMA:
-                raise ValueError(
-                    f"{where}: target_epsilon={target_epsilon} is unreachable with the "
-                    f"{accountant!r} accountant: even noise_multiplier={high:g} gives "
-                    f"epsilon={eps_high:g}. Raise target_epsilon or target_delta, or use fewer "
-                    "steps / a smaller sample_rate."
-                )
-    else:
-        high, eps_high = start, eps_start
-        low, eps_low = start, eps_start
-        while eps_low <= target_epsilon:
-            high, eps_high = low, eps_low
-            if low <= MIN_SIGMA:
-                return high  # even almost no noise meets the budget
-            low = max(low / factor, MIN_SIGMA)
-            factor *= factor
-            eps_low = epsilon(low)
-
-    floor = target_epsilon - epsilon_tolerance
-    aim = target_epsilon - epsilon_tolerance / 2.0
-    for iteration in range(_MAX_ITERATIONS):
-        if eps_high >= floor:
-            return high
-        log_lo, log_hi = math.log(low), math.log(high)
-        interpolate = iteration % 3 != 2 and math.isfinite(eps_low) and eps_high > 0 and aim > 0
-        if interpolate:
-            slope = (math.log(eps_high) - math.log(eps_low)) / (log_hi - log_lo)
-            x = log_lo + (math.log(aim) - math.log(eps_low)) / slope
-            margin = 0.02 * (log_hi - log_lo)
-            x = min(max(x, log_lo + margin), log_hi - margin)
-        else:
-            x = 0.5 * (log_lo + log_hi)
-        mid = math.exp(x)
-        eps_mid = epsilon(mid)
-        if eps_mid > target_epsilon:
-            low, eps_low = mid, eps_mid
-        else:
-            high, eps_high = mid, eps_mid
-        if high - low <= 1e-12 * high:
-            break
-    return high
+    steps = _resolve_steps(epochs, steps, sample_rate)
+    _check_targets(target_epsilon, target_delta, epsilon_tolerance)
+    epsilon = _epsilon_function(accountant, sample_rate, steps, target_delta, kwargs)
+    sigma_high, eps_high = _bracket(epsilon, target_epsilon, accountant)
+    return _bisect(epsilon, target_epsilon, epsilon_tolerance, sigma_high, eps_high)

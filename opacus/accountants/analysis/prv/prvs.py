@@ -73,17 +73,6 @@ class PoissonSubsampledGaussianPRV:
         w[~(t > self.support_min)] = -np.inf
         return w[0] if scalar else w
 
-    def _y(self, w) -> np.ndarray:
-        """Y as a function of the Gaussian-space point w."""
-        q, s = self.sample_rate, self.noise_multiplier
-        u = (2.0 * np.asarray(w, dtype=np.float64) - 1.0) / (2.0 * s * s)
-        if q == 1:
-            return u
-        with np.errstate(over="ignore"):
-            small = np.log1p(q * np.expm1(np.minimum(u, 30.0)))
-        large = np.logaddexp(math.log1p(-q), math.log(q) + u)
-        return np.where(u < 30.0, small, large)
-
     def _mixture_density(self, w) -> np.ndarray:
         q, s = self.sample_rate, self.noise_multiplier
         w = np.asarray(w, dtype=np.float64)
@@ -147,31 +136,6 @@ class PoissonSubsampledGaussianPRV:
         return rdp_analysis.compute_rdp(
             q=self.sample_rate, noise_multiplier=self.noise_multiplier, steps=1, orders=alpha
         )
-
-    def log_mgf_negative_bound(self, lam) -> np.ndarray:
-        """Upper bound on log E[e^{-lam Y}] = log E_P[(P/Q)^{lam - 1}], for lam > 0.
-
-        lam <= 1: at most 0 (Jensen). lam = 1 + b > 1, writing Q/P = 1 + x, x = q (R - 1) with
-        R = N(1, s^2)/N(0, s^2), E_P[x] = 0, E_P[x^2] = q^2 (e^{1/s^2} - 1):
-        - convexity of y -> y^{-b}: (1 - q + q R)^{-b} <= 1 - q + q R^{-b}, and
-          E_P[R^{-b}] = e^{b (b + 1) / (2 s^2)} (Gaussian Rényi divergence);
-        - Taylor with Lagrange remainder ((1 + x)^{-b} has a negative third derivative, and
-          x >= -q): E[(1 + x)^{-b}] <= 1 + b (b+1)/2 E[x^2] + b (b+1)(b+2)/6 q^3 (1-q)^{-(b+3)}.
-        For q = 1, Y ~ N(1/(2 s^2), 1/s^2) and the value lam (lam - 1) / (2 s^2) is exact.
-        """
-        q, s = self.sample_rate, self.noise_multiplier
-        lam = np.asarray(lam, dtype=np.float64)
-        if q == 1:
-            return lam * (lam - 1.0) / (2.0 * s * s)
-        b = np.maximum(lam - 1.0, 0.0)
-        with np.errstate(over="ignore", invalid="ignore"):
-            convex = np.log1p(q * np.expm1(b * (b + 1.0) / (2.0 * s * s)))
-            taylor = np.log1p(
-                b * (b + 1.0) / 2.0 * q * q * math.expm1(min(1.0 / (s * s), 700.0))
-                + b * (b + 1.0) * (b + 2.0) / 6.0 * q**3 * np.exp(-(b + 3.0) * math.log1p(-q))
-            )
-            bound = np.fmin(convex, taylor)
-        return np.where(lam <= 1.0, 0.0, bound)
 
     def expectation_between(self, t_min: float, t_max: float) -> float:
         """E[Y 1{t_min < Y <= t_max}], integrated in Gaussian space where Y is smooth."""
@@ -286,11 +250,14 @@ class TruncatedPrivacyRandomVariable:
 def discretize(prv, domain: Domain) -> "DiscretePRV":
     """Mean-preserving discretisation of ``prv`` on ``domain`` (GLW Alg 1).
 
-    Grid point t_j receives the mass of (t_j - dt/2, t_j + dt/2]; the grid is then shifted by
-    E[Y] - sum_j p_j t_j (at most dt/2) so the discrete PRV has the mean of ``prv``. That keeps
-    the rounding errors of independent steps zero-mean, so their sum concentrates (Hoeffding).
-    ``prv`` should be truncated to the bin edges [t_min - dt/2, t_max + dt/2] so all of its mass
-    lands on the grid.
+    Grid point t_j receives the mass P(t_j - dt/2 < Y <= t_j + dt/2) (``prv`` is normally
+    truncated to the domain's [t_min, t_max], so the end points take the half bins and the total
+    is 1). The grid is then shifted right by E[Y] - sum_j p_j t_j so the discrete PRV has the
+    mean of ``prv``; that keeps the rounding errors of independent steps zero-mean, so their sum
+    concentrates. The shift is stored in the returned domain's ``shifts``.
+
+    Raises:
+        RuntimeError: the shift is dt/2 or more (``prv`` has mass far outside ``domain``).
     """
     ts = domain.ts
     dt = domain.dt
@@ -299,13 +266,11 @@ def discretize(prv, domain: Domain) -> "DiscretePRV":
         pmf = prv.interval_masses(edges)
     else:
         pmf = np.diff(prv.cdf(edges))
-    pmf = np.maximum(pmf, 0.0)
-    pmf /= pmf.sum()
     mean_shift = float(prv.mean()) - float(np.dot(pmf, ts))
-    if abs(mean_shift) > dt:
-        raise ValueError(
-            f"discretize: the mean-preserving shift {mean_shift} exceeds the grid step {dt}; "
-            "truncate the PRV to the domain's bin edges first."
+    if not abs(mean_shift) < dt / 2.0:
+        raise RuntimeError(
+            f"discretize: the mean-preserving shift {mean_shift} is not below half the grid step "
+            f"{dt}; truncate the PRV to the domain first (TruncatedPrivacyRandomVariable)."
         )
     return DiscretePRV(pmf=pmf, domain=domain.shift_right(mean_shift))
 
@@ -333,52 +298,66 @@ class DiscretePRV:
         above = ts > eps
         return float(np.sum(self.pmf[above] * -np.expm1(eps - ts[above])))
 
-    def _epsilon_for_delta(self, delta: float) -> float:
-        """Smallest eps >= 0 with delta(eps) <= delta, solved exactly between grid points.
-
-        For eps in [t_{k-1}, t_k), delta(eps) = A_k - e^eps B_k with the tail sums
-        A_k = sum_{j >= k} p_j and B_k = sum_{j >= k} p_j e^{-t_j}.
-        """
+    def _tail_sums(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(A, B, D)``: A_i = sum_{j>=i} p_j, B_i = sum_{j>=i} p_j e^{-t_j} and
+        D_i = e^{t_i} B_i - A_i = -delta(t_i), accumulated from the far tail inwards."""
         if self._tails is None:
             ts = self.domain.ts
-            first = int(np.searchsorted(ts, 0.0, side="right"))  # first t_j > 0
-            t_pos = ts[first:]
-            p_pos = np.maximum(self.pmf[first:], 0.0)
-            # Tail sums accumulated from the far tail inwards (small terms first).
-            tail_a = np.cumsum(p_pos[::-1])[::-1]
-            tail_b = np.cumsum((p_pos * np.exp(-t_pos))[::-1])[::-1]
-            # delta at eps = t_k is A_{k+1} - e^{t_k} B_{k+1} (decreasing in k); eps > 700 is
-            # meaningless, the cap only avoids inf * 0.
-            delta_at_points = np.append(tail_a[1:], 0.0) - np.exp(
-                np.minimum(t_pos, 700.0)
-            ) * np.append(tail_b[1:], 0.0)
-            self._tails = (t_pos, tail_a, tail_b, delta_at_points)
-        t_pos, tail_a, tail_b, delta_at_points = self._tails
-        if len(t_pos) == 0 or tail_a[0] - tail_b[0] <= delta:
-            return 0.0
-        # First grid point where delta has dropped to the target (delta_at_points decreases).
-        k = int(np.searchsorted(-delta_at_points, -delta, side="left"))
-        # eps lies in [t_{k-1}, t_k] (or [0, t_0]) where delta(eps) = A_k - e^eps B_k.
-        left = t_pos[k - 1] if k > 0 else 0.0
-        if not tail_b[k] > 0:  # e^{-t} underflowed: eps is past 700, report the grid point
-            return float(t_pos[k])
-        eps = math.log((tail_a[k] - delta) / tail_b[k])
-        return float(min(max(eps, left), t_pos[k]))
+            tail_a = np.cumsum(self.pmf[::-1])[::-1]
+            tail_b = np.cumsum((self.pmf * np.exp(-ts))[::-1])[::-1]
+            # e^t beyond e^700 is meaningless for epsilon; the cap only avoids inf * 0.
+            minus_delta = np.exp(np.minimum(ts, 700.0)) * tail_b - tail_a
+            self._tails = (tail_a, tail_b, minus_delta)
+        return self._tails
+
+    def _epsilon_for_delta(self, delta: float) -> float:
+        """Smallest eps >= 0 with delta(eps) <= delta.
+
+        For eps in [t_{i-1}, t_i), delta(eps) = A_i - e^eps B_i; the first index i with
+        delta(t_i) = A_i - e^{t_i} B_i <= delta brackets the solution, which is then
+        ln((A_i - delta) / B_i).
+        """
+        tail_a, tail_b, minus_delta = self._tail_sums()
+        i = int(np.argmax(minus_delta >= -delta))  # the last index qualifies: delta(t_max) = 0
+        if i == 0:
+            if self.domain.t_min <= 0:
+                return 0.0  # delta(0) <= delta already
+            raise RuntimeError(
+                "DiscretePRV: epsilon lies below the first grid point; the domain is too narrow."
+            )
+        if not (tail_b[i] > 0 and tail_a[i] > delta):
+            raise RuntimeError(
+                f"DiscretePRV: epsilon at delta={delta!r} is not resolved by the grid (floating "
+                "point error in the tail sums); increase delta or delta_error."
+            )
+        return max(math.log((tail_a[i] - delta) / tail_b[i]), 0.0)
 
     def compute_epsilon(
         self, delta: float, delta_error: float, eps_error: float
     ) -> Tuple[float, float, float]:
-        """``(lower, estimate, upper)`` bounds on the true epsilon at ``delta`` (GLW Thm 5.x).
+        """``(lower, estimate, upper)`` bounds on the true epsilon at ``delta`` (GLW Thm 5.5).
 
-        If the discretisation is within (eps_error, delta_error) of the true PRV, i.e.
-        delta_disc(eps + eps_error) - delta_error <= delta_true(eps) <= delta_disc(eps - eps_error)
-        + delta_error, then eps_true(delta) lies in
-        [eps_disc(delta + delta_error) - eps_error, eps_disc(delta - delta_error) + eps_error].
+        upper = eps_disc(delta - delta_error) + eps_error, estimate = eps_disc(delta),
+        lower = eps_disc(delta + delta_error) - eps_error (not below 0). ``delta <= 0`` gives
+        ``(inf, inf, inf)``.
+
+        Raises:
+            ValueError: ``delta_error`` is not in (0, delta), or the floating point error of the
+                ``len(pmf)`` masses (long double machine epsilon times the size) exceeds
+                ``delta - delta_error``.
         """
+        if delta <= 0:
+            return math.inf, math.inf, math.inf
         if not 0 < delta_error < delta:
             raise ValueError(
                 f"DiscretePRV.compute_epsilon: need 0 < delta_error < delta, got "
                 f"delta_error={delta_error!r}, delta={delta!r}."
+            )
+        if np.finfo(np.longdouble).eps * len(self) > delta - delta_error:
+            raise ValueError(
+                f"DiscretePRV.compute_epsilon: delta - delta_error = {delta - delta_error!r} is "
+                f"below the floating point error of a {len(self)}-point grid; use a larger "
+                "delta (or a coarser eps_error)."
             )
         estimate = self._epsilon_for_delta(delta)
         upper = self._epsilon_for_delta(delta - delta_error) + eps_error
