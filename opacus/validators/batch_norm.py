@@ -2,9 +2,11 @@
 gradient) depends on the others: per-sample gradients, hence DP-SGD's clipping, lose meaning.
 The fix swaps in a per-sample normalisation (GroupNorm, or InstanceNorm on request)."""
 
+import logging
 import math
-from typing import List, Union
+from typing import List, Optional, Union
 
+import torch
 import torch.nn as nn
 
 from opacus.validators.errors import (  # noqa: F401 (re-exported, as in the public interface)
@@ -25,9 +27,53 @@ _INSTANCE_NORM_FOR = {
 }
 
 
+logger = logging.getLogger(__name__)
+# INFO, not NOTSET: the fixer's notice reaches handlers even under the root logger's default
+# WARNING level; the logger still propagates.
+logger.setLevel(logging.INFO)
+
+# torch's own BatchNorm forwards; a subclass defining another one computes something else too.
+_TORCH_BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def _extended_forward_class(module: nn.Module) -> Optional[type]:
+    """The class whose ``forward`` replaces torch's BatchNorm forward, or ``None``.
+
+    A subclass such as timm's ``BatchNormAct2d`` normalises and then applies an activation (or
+    dropout): a bare GroupNorm in its place would silently drop that computation.
+    """
+    if "forward" in vars(module):  # forward patched on the instance
+        return type(module)
+    forward = type(module).forward
+    if forward in _TORCH_BN_FORWARDS:
+        return None
+    for cls in type(module).__mro__:
+        if vars(cls).get("forward") is forward:
+            return cls
+    return type(module)
+
+
+def _register_hint(cls: type) -> str:
+    return (
+        f"Register a fixer for it (@opacus.validators.register_module_fixer({cls.__name__}) on "
+        "a function returning the module to use instead, e.g. nn.Sequential(nn.GroupNorm(...), "
+        "<its activation>)) or replace it in the model by hand"
+    )
+
+
 @register_module_validator(_BATCH_NORMS)
 def validate(module: BATCHNORM) -> List[UnsupportedModuleError]:
-    """BatchNorm is never DP-compatible in training: report it with its replacements."""
+    """A trainable BatchNorm is not DP-compatible: report it with its replacements."""
+    extended = _extended_forward_class(module)
+    if extended is not None:
+        return [
+            ShouldReplaceModuleError(
+                "BatchNorm cannot be trained with DP-SGD: it normalises with statistics of the "
+                f"whole batch, mixing samples. {extended.__qualname__} overrides forward, so "
+                "ModuleValidator.fix cannot swap in a GroupNorm without changing what it "
+                f"computes. {_register_hint(extended)}"
+            )
+        ]
     return [
         ShouldReplaceModuleError(
             "BatchNorm cannot be trained with DP-SGD: it normalises with statistics of the whole "
@@ -45,30 +91,71 @@ def _group_count(num_channels: int) -> int:
 
 @register_module_fixer(_BATCH_NORMS)
 def fix(module: BATCHNORM, **kwargs) -> Union[nn.GroupNorm, INSTANCENORM]:
-    """GroupNorm with gcd(32, C) groups (InstanceNorm if ``replace_bn_with_in=True``).
+    """GroupNorm(gcd(32, C), C) in place of a BatchNorm over C channels.
 
-    The affine weight and bias (per channel in both) are copied, so a pretrained scale/shift
-    survives; the running statistics have no counterpart and are dropped.
+    Keyword arguments: ``num_groups=g`` for ``GroupNorm(g, C)`` (``g`` must divide ``C``), or
+    ``replace_bn_with_in=True`` for ``InstanceNorm1d/2d/3d(C)`` (not both; ``SyncBatchNorm``
+    has no InstanceNorm counterpart). Other keyword arguments are ignored. ``affine`` and
+    ``eps`` are kept and the affine weight and bias (per channel in all three) copied, so a
+    pretrained scale/shift survives; the running statistics have no counterpart and are
+    dropped. Subclasses that override ``forward`` are refused (``UnsupportableModuleError``):
+    a bare GroupNorm would drop what their forward adds (e.g. timm's ``BatchNormAct2d``).
     """
+    logger.info(
+        "The default batch_norm fixer replaces BatchNorm with GroupNorm. To replace it with "
+        "InstanceNorm pass replace_bn_with_in=True; to choose the number of groups pass "
+        "num_groups (default: gcd(32, num_channels))."
+    )
+    replace_bn_with_in = kwargs.get("replace_bn_with_in", False)
+    num_groups = kwargs.get("num_groups", None)
+    if replace_bn_with_in and num_groups is not None:
+        raise ValueError(
+            "batch_norm fix: replace_bn_with_in=True and num_groups are mutually exclusive "
+            "(InstanceNorm has no groups); pass only one of them"
+        )
+    extended = _extended_forward_class(module)
+    if extended is not None:
+        raise UnsupportableModuleError(
+            f"{extended.__qualname__} subclasses {_torch_base(module).__name__} but overrides "
+            "forward, so the default batch_norm fixer cannot replace it: a bare GroupNorm would "
+            f"drop what its forward adds to the normalisation. {_register_hint(extended)}"
+        )
     channels = module.num_features
     param = module.weight if module.affine else module.running_mean
     factory = {} if param is None else {"device": param.device, "dtype": param.dtype}
-    if kwargs.get("replace_bn_with_in", False):
+    if replace_bn_with_in:
         in_type = _lookup_instance_norm(type(module))
-        if in_type is None:  # SyncBatchNorm: dimensionality unknown; one group per channel
-            new = nn.GroupNorm(channels, channels, eps=module.eps, affine=module.affine, **factory)
-        else:
-            new = in_type(channels, eps=module.eps, affine=module.affine, **factory)
+        if in_type is None:
+            raise UnsupportableModuleError(
+                f"{type(module).__name__} cannot be replaced with InstanceNorm: its input "
+                "dimensionality is unknown. Drop replace_bn_with_in to get GroupNorm, or "
+                "replace it by hand with nn.InstanceNorm1d/2d/3d"
+            )
+        new = in_type(channels, eps=module.eps, affine=module.affine, **factory)
     else:
-        new = nn.GroupNorm(
-            _group_count(channels), channels, eps=module.eps, affine=module.affine, **factory
-        )
+        groups = _group_count(channels) if num_groups is None else num_groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+            raise ValueError(f"batch_norm fix: num_groups must be a positive int, got {groups!r}")
+        if channels % groups != 0:
+            raise ValueError(
+                f"batch_norm fix: num_groups={groups} does not divide the {channels} channels of "
+                f"{module}; pass a divisor of {channels}"
+            )
+        new = nn.GroupNorm(groups, channels, eps=module.eps, affine=module.affine, **factory)
     if module.affine:
-        new.weight.data.copy_(module.weight.data)
-        new.bias.data.copy_(module.bias.data)
+        with torch.no_grad():
+            new.weight.copy_(module.weight)
+            new.bias.copy_(module.bias)
         new.weight.requires_grad_(module.weight.requires_grad)
         new.bias.requires_grad_(module.bias.requires_grad)
     return new.train(module.training)
+
+
+def _torch_base(module: nn.Module) -> type:
+    for cls in type(module).__mro__:
+        if cls in _BATCH_NORMS:
+            return cls
+    return nn.modules.batchnorm._BatchNorm
 
 
 def _lookup_instance_norm(bn_type: type):

@@ -6,16 +6,29 @@ subclass of ``nn.BatchNorm2d`` is validated like ``nn.BatchNorm2d``.
 """
 
 import inspect
+import itertools
+import logging
 from typing import Callable, Dict, List, Optional
 
+import torch
 import torch.nn as nn
 
-from opacus.utils.module_utils import clone_module, get_submodule, trainable_modules
+from opacus.utils.module_utils import (
+    clone_module,
+    get_submodule,
+    has_trainable_params,
+    trainable_modules,
+)
 from opacus.validators.errors import (
     IllegalModuleConfigurationError,
     NotYetSupportedModuleError,
     UnsupportedModuleError,
 )
+
+logger = logging.getLogger(__name__)
+# INFO, not NOTSET: the swap records reach handlers (e.g. on the root logger) even when the root
+# logger's level is the default WARNING; the logger still propagates.
+logger.setLevel(logging.INFO)
 
 __all__ = [
     "IllegalModuleConfigurationError",
@@ -62,14 +75,25 @@ class ModuleValidator:
     def validate(cls, module: nn.Module, *, strict: bool = False) -> List[UnsupportedModuleError]:
         """All problems found in ``module``, each naming the submodule path and the remedy.
 
-        With ``strict=True`` they are raised instead (the error itself if there is one, else an
-        ``UnsupportedModuleError`` listing them all).
+        The first is an ``IllegalModuleConfigurationError`` if ``module`` itself is not in
+        training mode. Then every submodule that trains (owns a trainable parameter, or for a
+        container such as ``nn.TransformerEncoder`` holds one) is checked by the validator
+        registered for its type; frozen or non-learnable layers (``BatchNorm(affine=False)``) are
+        not reported. With ``strict=True`` they are raised instead (the error itself if there is
+        one, else an ``UnsupportedModuleError`` listing them all).
         """
         errors = []
+        if not module.training:
+            errors.append(
+                IllegalModuleConfigurationError(
+                    f"The model ({type(module).__name__}) must be in training mode to be trained "
+                    "with DP-SGD; call model.train() before validating or making it private"
+                )
+            )
         flagged = set()
         for name, sub in module.named_modules():
             validator = _lookup(cls.VALIDATORS, type(sub))
-            if validator is None:
+            if validator is None or not has_trainable_params(sub):
                 continue
             found = validator(sub)
             if found:
@@ -122,13 +146,18 @@ class ModuleValidator:
     def fix(cls, module: nn.Module, **kwargs) -> nn.Module:
         """A copy of ``module`` with every fixable submodule replaced; ``module`` is untouched.
 
-        ``kwargs`` go to the fixers (e.g. ``replace_bn_with_in=True`` for BatchNorm).
+        Each submodule that trains (see ``validate``) and has a fixer registered for its type is
+        replaced by the fixer's result, moved to the old submodule's device; each swap is
+        logged at INFO on this module's logger ("Replaced sub_module {name} : {old} with
+        {new}"). ``kwargs`` go to the fixers that accept them (e.g. ``replace_bn_with_in=True``
+        or ``num_groups`` for BatchNorm). A fixer's ``UnsupportedModuleError`` is raised with
+        the submodule's path.
         """
         fixed = clone_module(module)
-        return cls._fix_tree(fixed, kwargs, {})
+        return cls._fix_tree(fixed, "", kwargs, {})
 
     @classmethod
-    def _fix_tree(cls, module: nn.Module, kwargs, memo) -> nn.Module:
+    def _fix_tree(cls, module: nn.Module, name: str, kwargs, memo) -> nn.Module:
         # Children first: a container's fixer (e.g. nn.TransformerEncoder's) then sees them fixed.
         if id(module) in memo:  # a module shared at several places stays shared
             return memo[id(module)]
@@ -136,11 +165,26 @@ class ModuleValidator:
         for child_name, child in list(module._modules.items()):
             if child is None:
                 continue
-            new_child = cls._fix_tree(child, kwargs, memo)
+            path = f"{name}.{child_name}" if name else child_name
+            new_child = cls._fix_tree(child, path, kwargs, memo)
             if new_child is not child:
                 setattr(module, child_name, new_child)
         fixer = _lookup(cls.FIXERS, type(module))
-        replacement = module if fixer is None else _call_fixer(fixer, module, kwargs)
+        replacement = module
+        if fixer is not None and has_trainable_params(module):
+            try:
+                replacement = _call_fixer(fixer, module, kwargs)
+            except UnsupportedModuleError as error:
+                raise _located(error, name, module) from error
+            except Exception as error:
+                where = f"'{name}'" if name else "the model itself"
+                error.add_note(f"(raised while fixing {where}: {type(module).__name__})")
+                raise
+            if replacement is not module:
+                device = _device_of(module)
+                if device is not None:
+                    replacement = replacement.to(device)
+                logger.info("Replaced sub_module %s : %s with %s", name, module, replacement)
         memo[id(module)] = replacement
         return replacement
 
@@ -150,6 +194,13 @@ class ModuleValidator:
         fixed = cls.fix(module, **kwargs)
         cls.validate(fixed, strict=True)
         return fixed
+
+
+def _device_of(module: nn.Module) -> Optional[torch.device]:
+    """Device of the module's first parameter or buffer (``None`` if it has neither)."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return None
 
 
 def _call_fixer(fixer: Callable, module: nn.Module, kwargs) -> nn.Module:

@@ -45,9 +45,22 @@ def fix(module: nn.MultiheadAttention) -> DPMultiheadAttention:
         dtype=param.dtype,
     )
     dp.load_state_dict(module.state_dict())
-    if not any(p.requires_grad for p in module.parameters()):
-        dp.requires_grad_(False)
+    for name, p in module.named_parameters():
+        for target in _DP_PARAMETERS_OF.get(name, (name,)):
+            dp.get_parameter(target).requires_grad_(p.requires_grad)
     return dp.train(module.training)
+
+
+# nn.MultiheadAttention's parameters -> the DPMultiheadAttention parameters they load into.
+_DP_PARAMETERS_OF = {
+    "in_proj_weight": ("qlinear.weight", "klinear.weight", "vlinear.weight"),
+    "in_proj_bias": ("qlinear.bias", "klinear.bias", "vlinear.bias"),
+    "q_proj_weight": ("qlinear.weight",),
+    "k_proj_weight": ("klinear.weight",),
+    "v_proj_weight": ("vlinear.weight",),
+    "bias_k": ("seq_bias_k.bias",),
+    "bias_v": ("seq_bias_v.bias",),
+}
 
 
 def _uses_dp_attention(encoder: nn.TransformerEncoder) -> bool:
