@@ -163,8 +163,109 @@ def test_small_helpers():
     assert psg.get_grad_sample_modes() == ["hooks", "functorch"]
     assert psg.get_grad_sample_modes(use_ew=True)[:2] == ["hooks", "functorch"]
     assert isinstance(psg.check_torch_version_for_ew_sample(), bool)
-    with pytest.raises(ValueError, match="empty"):
-        check_per_sample_gradients_are_correct(torch.zeros(0, 5), nn.Linear(5, 2))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_batch_is_a_runtime_error(mode):
+    for fn in (check_per_sample_gradients_are_correct, compute_grad_samples_microbatch_and_opacus):
+        with pytest.raises(RuntimeError, match=f"{fn.__name__}: x is an empty batch"):
+            fn(torch.zeros(0, 5), nn.Linear(5, 2), grad_sample_mode=mode)
+        with pytest.raises(RuntimeError, match="empty batch"):
+            fn([torch.zeros(0, 5)], nn.Linear(5, 2), grad_sample_mode=mode)
+
+
+def test_ew_needs_batch_first():
+    x = torch.randn(3, 4, 5)
+    for fn in (check_per_sample_gradients_are_correct, compute_grad_samples_microbatch_and_opacus):
+        with pytest.raises(RuntimeError, match="'ew'.*batch_first=True"):
+            fn(x, nn.Linear(5, 2), batch_first=False, grad_sample_mode="ew")
+
+
+def test_differing_parameter_names_are_a_value_error(monkeypatch):
+    real = psg.compute_opacus_grad_sample
+
+    def renamed(*args, **kwargs):
+        return {"other." + k: v for k, v in real(*args, **kwargs).items()}
+
+    monkeypatch.setattr(psg, "compute_opacus_grad_sample", renamed)
+    with pytest.raises(ValueError, match="parameter names differ"):
+        compute_grad_samples_microbatch_and_opacus(torch.randn(3, 5), nn.Linear(5, 2))
+    with pytest.raises(ValueError, match="parameter names differ"):
+        check_per_sample_gradients_are_correct(torch.randn(3, 5), nn.Linear(5, 2))
+
+
+def test_model_with_loss_unpacks_tuples():
+    bag = nn.EmbeddingBag(6, 3, mode="sum")
+    index, offsets = torch.tensor([1, 2, 4, 5, 0]), torch.tensor([0, 2])
+    for reduction in ("mean", "sum"):
+        expected = nn.L1Loss(reduction=reduction)(bag(index, offsets), torch.zeros(2, 3))
+        torch.testing.assert_close(ModelWithLoss(bag, reduction)((index, offsets)), expected)
+
+
+def test_chunk_method_gets_the_whole_batch_first_batch():
+    seen = []
+
+    def chunks(batch):
+        seen.append(batch)
+        return iter(batch)
+
+    x = torch.randn(3, 4, 5)  # (T, B, F)
+    psg.compute_microbatch_grad_sample(x, nn.Linear(5, 2), batch_first=False, chunk_method=chunks)
+    assert len(seen) == 1 and torch.equal(seen[0], x.transpose(0, 1))
+    as_list = [torch.randn(5), torch.randn(5)]
+    psg.compute_microbatch_grad_sample(as_list, nn.Linear(5, 2), chunk_method=chunks)
+    assert seen[1] is as_list
+
+
+def test_microbatch_is_deterministic_and_restores_the_flag():
+    before = torch.are_deterministic_algorithms_enabled()
+    flags = []
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            flags.append(torch.are_deterministic_algorithms_enabled())
+            return super().forward(x)
+
+    torch.manual_seed(123)
+    psg.compute_microbatch_grad_sample(torch.randn(2, 3), Probe(3, 1))
+    assert flags == [True, True]
+    assert torch.are_deterministic_algorithms_enabled() == before
+    # torch is seeded 0 inside and nothing drew since: the next draw is seed 0's first.
+    assert torch.equal(torch.randn(3), torch.randn(3, generator=torch.Generator().manual_seed(0)))
+
+
+def _bag_oracle(bag, index, offsets, reduction):
+    """Per-bag brute force: each bag alone through the layer, the loss of that bag alone."""
+    bounds = offsets.tolist() + [index.shape[0]]
+    rows = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        out = bag(index[start:end], torch.tensor([0]))
+        loss = out.abs().mean() if reduction == "mean" else out.abs().sum()
+        rows.append(torch.autograd.grad(loss, bag.weight)[0])
+    return {"weight": torch.stack(rows)}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_embedding_bag_tuple_inputs(mode, reduction):
+    """(index, offsets) reaches the EmbeddingBag as two arguments; one row per bag."""
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(10, 4, mode=mode)
+    index = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9])
+    offsets = torch.tensor([0, 4, 6])
+
+    def per_bag(batch):
+        idx, offs = batch
+        bounds = offs.tolist() + [idx.shape[0]]
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            yield idx[start:end], torch.tensor([0])
+
+    expected = _bag_oracle(bag, index, offsets, reduction)
+    micro, ours = compute_grad_samples_microbatch_and_opacus(
+        (index, offsets), bag, loss_reduction=reduction, chunk_method=per_bag
+    )
+    assert_grad_samples_close(micro, expected)
+    assert_grad_samples_close(ours, expected)
 
 
 def test_reexports_are_the_originals():

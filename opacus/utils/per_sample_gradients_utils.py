@@ -7,6 +7,7 @@ gradients with what the grad-sample machinery computes in one batched pass.
 
 from typing import Callable, Dict, Iterable, List, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
@@ -88,13 +89,17 @@ class ModelWithLoss(nn.Module):
         """Scalar L1 loss of ``wrapped_module(x)`` against zeros (mean or sum per the reduction).
 
         Args:
-            x: The wrapped module's input (a tensor or ``PackedSequence``).
+            x: The wrapped module's input (a tensor or ``PackedSequence``), or a ``tuple`` of
+                its positional inputs (e.g. ``(input, offsets)`` for ``nn.EmbeddingBag``).
 
         Returns:
             A 0-d tensor. Tuple outputs (recurrent layers) use their first element; a
             ``PackedSequence`` output uses its ``.data``.
         """
-        out = self.wrapped_module(x)
+        if isinstance(x, tuple) and not isinstance(x, PackedSequence):
+            out = self.wrapped_module(*x)
+        else:
+            out = self.wrapped_module(x)
         if isinstance(out, tuple):  # recurrent layers return (output, state)
             out = out[0]
         if isinstance(out, PackedSequence):
@@ -102,11 +107,14 @@ class ModelWithLoss(nn.Module):
         return self.criterion(out, torch.zeros_like(out))
 
 
-def _split_samples(x, batch_first: bool):
+def _batch_first_view(x, batch_first: bool):
+    """What ``chunk_method`` receives: the whole batch, batch first (a PackedSequence as the list
+    of its sequences, in the original batch order; lists and tuples as they are)."""
     if isinstance(x, PackedSequence):
-        # Original batch order: the order of the grad-sample rows (and of the user's batch).
         return packed_sequence_to_list(x)
-    return list(torch.unbind(x, dim=0 if batch_first else 1))
+    if torch.is_tensor(x) and not batch_first:
+        return x.transpose(0, 1)
+    return x
 
 
 def _one_sample_batch(sample, batch_first: bool, packed: bool):
@@ -114,7 +122,24 @@ def _one_sample_batch(sample, batch_first: bool, packed: bool):
         from torch.nn.utils.rnn import pack_sequence
 
         return pack_sequence([sample])
+    if isinstance(sample, tuple):
+        return sample  # positional inputs of one sample, batch dimension included
     return sample.unsqueeze(0 if batch_first else 1)
+
+
+class _DeterministicSeeded:
+    """Deterministic algorithms on and torch/numpy seeded 0 inside; the flags restored after."""
+
+    def __enter__(self):
+        self._enabled = torch.are_deterministic_algorithms_enabled()
+        self._warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True)
+        torch.manual_seed(0)
+        np.random.seed(0)
+        return self
+
+    def __exit__(self, *args):
+        torch.use_deterministic_algorithms(self._enabled, warn_only=self._warn_only)
 
 
 def compute_microbatch_grad_sample(
@@ -126,24 +151,30 @@ def compute_microbatch_grad_sample(
 ) -> Dict[str, torch.Tensor]:
     """Per-sample gradients ``{name: (batch, *shape)}`` from one forward/backward per sample.
 
-    ``x`` is a batch tensor (the batch on dim 0, or dim 1 when ``batch_first=False``) or a
-    ``PackedSequence``. Each sample's gradient is that of its own loss, which is what the batched
-    machinery computes for either reduction.  For a ``PackedSequence`` with ``"mean"`` the batch
-    loss averages over all ``sum_j T_j`` time steps, so sample ``i``'s share (times the batch
-    size ``B``, as the grad-sample hooks scale it) is its own mean loss times ``B T_i / sum_j T_j``.
+    ``chunk_method`` receives the whole batch (a tensor transposed to batch first if needed; a
+    ``PackedSequence`` as the list of its sequences; lists and tuples unchanged) and yields one
+    sample at a time.  A ``tuple`` sample is passed to the model as its positional inputs, as
+    is (e.g. ``(input, offsets)`` of one ``nn.EmbeddingBag`` bag); any other sample gets a batch
+    dimension of 1 (dim 0, or dim 1 when ``batch_first=False``).  Each sample's gradient is that
+    of its own loss, which is what the batched machinery computes for either reduction.  For a
+    ``PackedSequence`` with ``"mean"`` the batch loss averages over all ``sum_j T_j`` time steps,
+    so sample ``i``'s share (times the batch size ``B``, as the grad-sample hooks scale it) is
+    its own mean loss times ``B T_i / sum_j T_j``.  Runs with deterministic algorithms and torch
+    and numpy seeded 0; the deterministic flag is restored afterwards.
     """
     packed = isinstance(x, PackedSequence)
-    model = ModelWithLoss(clone_module(module), loss_reduction)
-    params = [p for _, p in trainable_parameters(model)]
-    names = [n.replace("wrapped_module.", "", 1) for n, _ in trainable_parameters(model)]
-    per_sample = {n: [] for n in names}
-    for sample in chunk_method(_split_samples(x, batch_first)):
-        loss = model(_one_sample_batch(sample, batch_first, packed))
-        if packed and loss_reduction == "mean":
-            loss = loss * (int(x.batch_sizes[0]) * sample.shape[0] / x.data.shape[0])
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for n, p, g in zip(names, params, grads):
-            per_sample[n].append(torch.zeros_like(p) if g is None else g.detach())
+    with _DeterministicSeeded():
+        model = ModelWithLoss(clone_module(module), loss_reduction)
+        params = [p for _, p in trainable_parameters(model)]
+        names = [n.replace("wrapped_module.", "", 1) for n, _ in trainable_parameters(model)]
+        per_sample = {n: [] for n in names}
+        for sample in chunk_method(_batch_first_view(x, batch_first)):
+            loss = model(_one_sample_batch(sample, batch_first, packed))
+            if packed and loss_reduction == "mean":
+                loss = loss * (int(x.batch_sizes[0]) * sample.shape[0] / x.data.shape[0])
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for n, p, g in zip(names, params, grads):
+                per_sample[n].append(torch.zeros_like(p) if g is None else g.detach())
     return {n: torch.stack(gs) for n, gs in per_sample.items()}
 
 
@@ -194,7 +225,14 @@ def compute_grad_samples_microbatch_and_opacus(
     grad_sample_mode: str = "hooks",
     chunk_method: Callable = iter,
 ):
-    """Both dictionaries: ``(microbatch_grad_samples, opacus_grad_samples)``."""
+    """Both dictionaries: ``(microbatch_grad_samples, opacus_grad_samples)``.
+
+    Raises:
+        RuntimeError: ``x`` is an empty batch, or ``grad_sample_mode="ew"`` with
+            ``batch_first=False`` (expanded weights need the batch on dim 0).
+        ValueError: the two computations report different parameter names.
+    """
+    _check_inputs(x, batch_first, grad_sample_mode, "compute_grad_samples_microbatch_and_opacus")
     microbatch = compute_microbatch_grad_sample(
         x, module, batch_first=batch_first, loss_reduction=loss_reduction, chunk_method=chunk_method
     )
@@ -213,6 +251,16 @@ def compute_grad_samples_microbatch_and_opacus(
     return microbatch, opacus_gs
 
 
+def _check_inputs(x, batch_first: bool, grad_sample_mode: str, who: str) -> None:
+    if not isinstance(x, PackedSequence) and is_batch_empty(x):
+        raise RuntimeError(f"{who}: x is an empty batch; pass at least one sample")
+    if grad_sample_mode == "ew" and not batch_first:
+        raise RuntimeError(
+            f"{who}: grad_sample_mode='ew' (expanded weights) needs the batch on dim 0; pass "
+            "batch_first=True with batch-first data, or use 'hooks' or 'functorch'"
+        )
+
+
 def check_per_sample_gradients_are_correct(
     x: Union[torch.Tensor, PackedSequence],
     module: nn.Module,
@@ -223,12 +271,17 @@ def check_per_sample_gradients_are_correct(
     grad_sample_mode: str = "hooks",
 ) -> bool:
     """True if the batched per-sample gradients of ``module`` on ``x`` match the micro-batch loop,
-    for both loss reductions. Run it on a few samples of your data before training a new model."""
+    for both loss reductions. Run it on a few samples of your data before training a new model.
+
+    Raises:
+        RuntimeError: ``x`` is an empty batch (not a PackedSequence and ``is_batch_empty(x)``),
+            or ``grad_sample_mode="ew"`` with ``batch_first=False``.
+        ValueError: the two computations report different parameter names.
+    """
     if grad_sample_mode == "functorch":
         # `import torch.func` here would make `torch` a local name of this function.
         from torch import func as _torch_func  # noqa: F401  (clear ImportError on old torch)
-    if not isinstance(x, PackedSequence) and is_batch_empty(x):
-        raise ValueError("check_per_sample_gradients_are_correct: x is an empty batch")
+    _check_inputs(x, batch_first, grad_sample_mode, "check_per_sample_gradients_are_correct")
     for reduction in ("sum", "mean"):
         micro, ours = compute_grad_samples_microbatch_and_opacus(
             x,
