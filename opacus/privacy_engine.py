@@ -6,6 +6,8 @@ and noises them (``optimizers/``), the data loader draws Poisson batches (``data
 accountant is attached as the optimizer's step hook so that every real step is recorded.
 """
 
+import math
+import numbers
 import os
 import secrets
 import warnings
@@ -23,9 +25,14 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader, switch_generator
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.grad_sample.grad_sample_module import GradSampleHooks, GradSampleModule
-from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.grad_sample.gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule
+from opacus.grad_sample.modes import grad_sample_mode_info, validate_loss_reduction
 from opacus.grad_sample.utils import get_gsm_class, prepare_module
 from opacus.optimizers import get_optimizer_class
+from opacus.optimizers.ddp_perlayeroptimizer import (
+    DistributedPerLayerOptimizer,
+    SimpleDistributedPerLayerOptimizer,
+)
 from opacus.optimizers.optimizer import DPOptimizer
 from opacus.schedulers.grad_clip_scheduler import _GradClipScheduler
 from opacus.schedulers.noise_scheduler import _NoiseScheduler
@@ -60,9 +67,20 @@ _NOISE_SCHEDULER_KEY = "noise_scheduler_state_dict"
 _GRAD_CLIP_SCHEDULER_KEY = "grad_clip_scheduler_state_dict"
 
 
+_SECURE_MODE_WARNING = (
+    "PrivacyEngine(secure_mode=True): batch sampling uses torch's Mersenne Twister seeded with 63 "
+    "bits from the OS CSPRNG (secrets), and the noise comes from torch generators as well. These "
+    "generators are NOT cryptographically secure: secure mode protects against guessable or "
+    "reused seeds and (in the optimizer) against floating-point attacks on the Gaussian noise, "
+    "not against an adversary who can observe the generators' raw outputs or the process memory."
+)
+
+
 def _secure_generator() -> torch.Generator:
-    # torch's Mersenne Twister is not a CSPRNG, but seeding it from the OS entropy pool makes
-    # the batch draws unpredictable to anyone who does not see the process's memory.
+    # torch's Mersenne Twister is not a CSPRNG (its state follows from 624 consecutive outputs),
+    # but seeding it from the OS entropy pool makes the batch draws unpredictable to anyone who
+    # sees neither the process's memory nor the generator's raw outputs (PrivacyEngine's
+    # docstring and _SECURE_MODE_WARNING say so to the user).
     g = torch.Generator()
     g.manual_seed(secrets.randbits(63))
     return g
@@ -70,6 +88,10 @@ def _secure_generator() -> torch.Generator:
 
 def _is_distributed_module(module: nn.Module) -> bool:
     return isinstance(module, (DPDDP, DDP))
+
+
+def _process_group_running() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _check_optimizer_params_in_module(module: nn.Module, optimizer: Optimizer) -> None:
@@ -82,11 +104,111 @@ def _check_optimizer_params_in_module(module: nn.Module, optimizer: Optimizer) -
     ]
     if foreign:
         raise ValueError(
-            "The optimizer holds parameters that are not parameters of the module (param "
-            f"groups {sorted(set(foreign))}): DP-SGD can only privatise gradients it computes "
-            "per sample. Build the optimizer from module.parameters() of the model passed to "
-            "make_private."
+            "Module parameters are different than optimizer Parameters: the optimizer holds "
+            f"parameters that are not parameters of the module (param groups "
+            f"{sorted(set(foreign))}), and DP-SGD can only privatise gradients it computes per "
+            "sample. Build the optimizer from module.parameters() of the model passed to "
+            "make_private (ModuleValidator.fix returns a copy: build the optimizer after it)."
         )
+
+
+def _as_real(value, name: str, where: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{where}: {name} must be a number, got a tensor of shape {tuple(value.shape)}"
+            )
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _validated_noise_multiplier(noise_multiplier, where: str) -> float:
+    value = _as_real(noise_multiplier, "noise_multiplier", where)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"{where}: noise_multiplier={value} must be a finite number >= 0 (the Gaussian "
+            "noise's standard deviation in units of max_grad_norm)"
+        )
+    return value
+
+
+def _validated_max_grad_norm(max_grad_norm, where: str):
+    if isinstance(max_grad_norm, (list, tuple)):
+        return [_validated_max_grad_norm(m, where) for m in max_grad_norm]
+    value = _as_real(max_grad_norm, "max_grad_norm", where)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"{where}: max_grad_norm={value} must be a finite number > 0 (the bound every "
+            "sample's gradient norm is clipped to)"
+        )
+    return value
+
+
+def _sample_rate_of(data_loader: DataLoader, where: str) -> float:
+    """The probability with which one batch of ``data_loader`` holds a given sample.
+
+    The loader's (or its batch sampler's) own ``sample_rate`` when it has one (Poisson loaders: the
+    rate the sampler really uses, not ``1 / len``), else ``1 / len(data_loader)``.
+    """
+    for source in (data_loader, getattr(data_loader, "batch_sampler", None)):
+        rate = getattr(source, "sample_rate", None)
+        if rate is not None:
+            return float(rate)
+    try:
+        n_batches = len(data_loader)
+    except TypeError:
+        raise ValueError(
+            f"{where}: the data loader has no length, so its sample rate is unknown; use a "
+            "map-style dataset (or DPDataLoader(dataset, sample_rate=...))"
+        ) from None
+    if n_batches == 0:
+        raise ValueError(
+            f"{where}: the data loader yields no batches (is the data set empty?); DP training "
+            "needs at least one sample"
+        )
+    return 1.0 / n_batches
+
+
+def _dataset_size(data_loader: DataLoader, where: str) -> int:
+    try:
+        size = len(data_loader.dataset)
+    except TypeError:
+        raise ValueError(
+            f"{where}: the data set has no length; DP training needs a map-style dataset"
+        ) from None
+    if size == 0:
+        raise ValueError(f"{where}: the data set is empty; DP training needs at least one sample")
+    return size
+
+
+def _hooks_owner(module: nn.Module) -> Optional[object]:
+    """The Opacus hooks object whose hooks ``module`` (or a submodule) carries, if any."""
+    if getattr(module, "autograd_grad_sample_hooks", None) is not None:
+        return module
+    for sub in module.modules():
+        for table in (sub._forward_pre_hooks, sub._forward_hooks):
+            for hook in table.values():
+                owner = getattr(hook, "__self__", None) or getattr(
+                    getattr(hook, "func", None), "__self__", None
+                )
+                if isinstance(owner, AbstractGradSampleHooks):
+                    return owner
+    return None
+
+
+def _stop_ddp_gradient_sync(ddp: DDP) -> None:
+    """Make torch DDP leave ``p.grad`` alone: the DP optimizer all-reduces the clipped sum.
+
+    DDP all-reduces the raw (unclipped) gradient of every backward pass. With Poisson batches
+    split into physical batches (BatchMemoryManager) ranks run different numbers of backward
+    passes, so those collectives pair with the optimizer's all-reduce of another rank and raw
+    gradients enter the update. ``require_backward_grad_sync = False`` is what ``no_sync()``
+    sets; here it stays set for good, so gradients accumulate locally, and every rank takes one
+    optimizer all-reduce per logical step (the samplers give every rank the same step count).
+    """
+    ddp.require_backward_grad_sync = False
 
 
 class PrivacyEngine:
@@ -94,8 +216,17 @@ class PrivacyEngine:
 
     Args:
         accountant: privacy accountant, ``"prv"`` (default), ``"rdp"`` or ``"gdp"``.
-        secure_mode: draw batches from a generator seeded by the OS entropy pool and let the
-            optimizer draw noise in secure mode (no user-given ``noise_generator``).
+        secure_mode: harden the random draws. The Poisson batches (and, without Poisson
+            sampling, the loader's shuffling) come from a ``torch.Generator`` seeded with 63 bits
+            from the OS CSPRNG (``secrets``) instead of a user or default seed, a
+            ``noise_generator`` may not be given, and the optimizer draws its noise in secure
+            mode (the floating-point countermeasure of Holohan and Braghin 2021 against
+            attacks on the least significant bits of Gaussian samples, Mironov 2012). Secure
+            mode protects against guessable or reused seeds and those floating-point attacks. It
+            does **not** make the draws cryptographically secure: torch's generators (Mersenne
+            Twister on the CPU) are not CSPRNGs, and an adversary who observes enough of their
+            raw outputs, or the process memory, can predict the rest. Constructing an engine
+            with ``secure_mode=True`` says so once, in a ``UserWarning``.
 
     Example::
 
@@ -110,8 +241,12 @@ class PrivacyEngine:
     def __init__(self, *, accountant: str = "prv", secure_mode: bool = False):
         self.accountant = create_accountant(mechanism=accountant)
         self.secure_mode = secure_mode
+        if secure_mode:
+            warnings.warn(_SECURE_MODE_WARNING, UserWarning, stacklevel=2)
         self.secure_rng = _secure_generator() if secure_mode else None
         self.dataset = None  # set by make_private, for information only
+        # Set by make_private for _prepare_optimizer: torch DDP reduces p.grad in backward.
+        self._ddp_syncs_gradients = False
 
     # ------------------------------------------------------------------ the three parts
     def _prepare_model(
@@ -124,8 +259,9 @@ class PrivacyEngine:
         wrap_model: bool,
         max_grad_norm,
     ):
+        mode = grad_sample_mode_info(grad_sample_mode)
         if isinstance(module, AbstractGradSampleModule) or isinstance(module, GradSampleHooks):
-            expected = get_gsm_class(grad_sample_mode)
+            expected = mode.module_class
             if not isinstance(module, expected):
                 raise ValueError(
                     f"The module is already wrapped in {type(module).__name__} but "
@@ -139,18 +275,23 @@ class PrivacyEngine:
                     f"batch_first={batch_first}, loss_reduction={loss_reduction!r}."
                 )
             return module
+        owner = _hooks_owner(module)
+        if owner is not None:
+            raise ValueError(
+                "PrivacyEngine.make_private: the module already carries Opacus per-sample "
+                f"gradient hooks ({type(owner).__name__}, installed by an earlier make_private "
+                "or GradSampleModule call); hooking it again would compute every per-sample "
+                "gradient twice. Pass the module that earlier call returned, or remove its hooks "
+                "first (remove_hooks() / cleanup() on it)."
+            )
         self.validate(module=module, optimizer=None, data_loader=None)
-        kwargs: Dict[str, Any] = {}
-        if grad_sample_mode == "ghost":
-            kwargs["max_grad_norm"] = max_grad_norm
-            kwargs["use_ghost_clipping"] = True
         return prepare_module(
             module,
             grad_sample_mode,
             wrap_model,
             batch_first=batch_first,
             loss_reduction=loss_reduction,
-            **kwargs,
+            **mode.hook_kwargs(max_grad_norm=max_grad_norm),
         )
 
     def _prepare_data_loader(
@@ -193,6 +334,11 @@ class PrivacyEngine:
         optim_class = get_optimizer_class(
             clipping=clipping, distributed=distributed, grad_sample_mode=grad_sample_mode
         )
+        if optim_class is DistributedPerLayerOptimizer and not self._ddp_syncs_gradients:
+            # It returns each rank's private gradient to torch DDP's all-reduce; without torch
+            # DDP (DPDDP registers no gradient hooks) nothing would combine the ranks' gradients,
+            # and ranks other than 0 would step on un-noised sums. Clip at step and all-reduce.
+            optim_class = SimpleDistributedPerLayerOptimizer
         return optim_class(
             optimizer=optimizer,
             noise_multiplier=noise_multiplier,
@@ -232,31 +378,45 @@ class PrivacyEngine:
         Returns ``(module, optimizer, data_loader)``: the model with per-sample gradient hooks
         (``grad_sample_mode``), a DP optimizer (``clipping``: ``"flat"``, ``"per_layer"`` or
         ``"adaptive"``) whose every real step is recorded by the accountant, and a Poisson data
-        loader with the same expected batch size (``poisson_sampling=True``). With
-        ``grad_sample_mode="ghost"`` it returns ``(module, optimizer, criterion, data_loader)``
-        where ``criterion`` is a ``DPLossFastGradientClipping`` whose ``backward`` does the
-        two-pass ghost clipping.
+        loader with the same expected batch size (``poisson_sampling=True``). With a ghost
+        clipping mode (``"ghost"``, ``"ghost_fsdp"``, ``"ghost_tp"``; see
+        ``opacus.grad_sample.modes``) it returns ``(module, optimizer, criterion,
+        data_loader)`` where ``criterion`` is a ``DPLossFastGradientClipping`` whose
+        ``backward`` does the two-pass ghost clipping.
+
+        The accountant records, at each real step, the sample rate the data loader really uses:
+        its (or its batch sampler's) ``sample_rate`` when it has one, else
+        ``1 / len(data_loader)``; times the number of backward passes accumulated into that step.
 
         The model is checked with ``ModuleValidator`` (use ``get_compatible_module`` to fix it);
         every optimizer parameter must belong to ``module``; a ``DPDDP``/``DDP`` module selects
-        the distributed optimizer and sampler. Extra ``kwargs`` go to the optimizer.
+        the distributed optimizer and sampler. With torch ``DistributedDataParallel`` the DP
+        optimizer all-reduces the clipped sums itself, so DDP's own all-reduce of the raw
+        gradients is switched off (``require_backward_grad_sync = False``, as in ``no_sync()``),
+        except for ``DistributedPerLayerOptimizer``, which hands DDP already private gradients.
+        With Poisson sampling the model refuses gradient accumulation across batches (use
+        ``BatchMemoryManager``). Extra ``kwargs`` go to the optimizer.
         """
+        where = f"{type(self).__name__}.make_private"
         if noise_generator is not None and self.secure_mode:
             raise ValueError(
                 "noise_generator cannot be used with secure_mode=True: secure mode draws the "
                 "noise from its own securely seeded source. Drop noise_generator."
             )
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(
-                f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum' (the reduction of the "
-                "loss you call backward on)."
-            )
-        if grad_sample_mode == "ghost" and clipping != "flat":
-            raise ValueError(
-                f"grad_sample_mode='ghost' supports clipping='flat' only, got {clipping!r}."
-            )
         _check_optimizer_params_in_module(module, optimizer)
-        distributed = _is_distributed_module(module)
+        validate_loss_reduction(loss_reduction, where)
+        mode = grad_sample_mode_info(grad_sample_mode)
+        if clipping not in mode.clippings and clipping in ("flat", "per_layer", "adaptive"):
+            raise ValueError(
+                f"{where}: grad_sample_mode={grad_sample_mode!r} supports clipping in "
+                f"{list(mode.clippings)}, got clipping={clipping!r}."
+            )
+        noise_multiplier = _validated_noise_multiplier(noise_multiplier, where)
+        max_grad_norm = _validated_max_grad_norm(max_grad_norm, where)
+        _dataset_size(data_loader, where)
+        # FSDP is data parallel by itself: every rank must sample its own shard of the data.
+        distributed = _is_distributed_module(module) or (mode.fsdp and _process_group_running())
+        ddp = module if isinstance(module, DDP) else None
 
         module = self._prepare_model(
             module,
@@ -278,14 +438,15 @@ class PrivacyEngine:
             rand_on_empty=rand_on_empty,
         )
         self.dataset = data_loader.dataset
-        sample_rate = 1.0 / len(data_loader)
-        expected_batch_size = len(data_loader.dataset) * sample_rate
+        sample_rate = _sample_rate_of(data_loader, where)
+        expected_batch_size = _dataset_size(data_loader, where) * sample_rate
         if distributed:
             # Each rank divides its share of the noisy sum by its own expected batch size; the
             # distributed optimizer then averages over ranks.
             expected_batch_size /= dist.get_world_size()
         expected_batch_size = max(1, int(round(expected_batch_size)))
 
+        self._ddp_syncs_gradients = ddp is not None
         optimizer = self._prepare_optimizer(
             optimizer=optimizer,
             noise_multiplier=noise_multiplier,
@@ -298,18 +459,17 @@ class PrivacyEngine:
             grad_sample_mode=grad_sample_mode,
             **kwargs,
         )
+        if ddp is not None and not isinstance(optimizer, DistributedPerLayerOptimizer):
+            _stop_ddp_gradient_sync(ddp)
+        # The hook records sample_rate * optimizer.accumulated_iterations at each real step.
         optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-        if (
-            grad_sample_mode in ("hooks", "functorch")
-            and not distributed
-            and isinstance(module, GradSampleHooks)
-        ):
+        if mode.skips_batch_gradient and not distributed and isinstance(module, GradSampleHooks):
             # The DP optimizer replaces p.grad with the noisy clipped sum: backward need not
             # compute the non-private batch gradient (opacus.grad_sample.batch_gradients). Kept
             # under data parallelism, whose gradient hooks and all-reduce run on p.grad.
             module.compute_batch_gradients = False
 
-        if grad_sample_mode == "ghost":
+        if mode.returns_criterion:
             dp_criterion = DPLossFastGradientClipping(module, optimizer, criterion, loss_reduction)
             return module, optimizer, dp_criterion, data_loader
         return module, optimizer, data_loader
@@ -337,17 +497,21 @@ class PrivacyEngine:
         """``make_private`` with the smallest noise multiplier that keeps ``(ε, δ)`` in budget.
 
         The noise multiplier is found by ``get_noise_multiplier`` with this engine's accountant
-        for ``epochs * len(data_loader)`` steps at sample rate ``1 / len(data_loader)``: after
-        that many steps ``get_epsilon(target_delta) <= target_epsilon`` (and within
-        ``epsilon_tolerance``, a keyword argument, of it).
+        at the sample rate ``make_private`` will record (the loader's ``sample_rate``, else
+        ``1 / len(data_loader)``) for ``int(epochs / sample_rate)`` steps, the same conversion
+        as ``get_noise_multiplier(epochs=...)``: after that many steps
+        ``get_epsilon(target_delta) <= target_epsilon`` (and within ``epsilon_tolerance``, a
+        keyword argument, of it).
         """
+        where = f"{type(self).__name__}.make_private_with_epsilon"
         if len(self.accountant.history) > 0:
             warnings.warn(
                 "The privacy accountant already has history: the noise multiplier is chosen for "
                 "the new training alone, so the total ε will exceed target_epsilon.",
                 stacklevel=2,
             )
-        sample_rate = 1.0 / len(data_loader)
+        _dataset_size(data_loader, where)
+        sample_rate = _sample_rate_of(data_loader, where)
         search_kwargs = {}
         if "epsilon_tolerance" in kwargs:
             search_kwargs["epsilon_tolerance"] = kwargs.pop("epsilon_tolerance")

@@ -261,26 +261,43 @@ def test_bmm_counts_logical_steps():
     assert engine.accountant.history == [(0.0, 1 / len(dl), len(dl))]
 
 
-def test_secure_mode_is_warn_free_and_unpredictable():
+def _secure_engine():
+    with pytest.warns(UserWarning, match="NOT cryptographically secure") as record:
+        engine = PrivacyEngine(accountant="rdp", secure_mode=True)
+    assert len(record) == 1
+    return engine
+
+
+def test_secure_mode_warns_once_and_is_unpredictable():
     batches = []
     for _ in range(2):
+        engine = _secure_engine()
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            engine = PrivacyEngine(accountant="rdp", secure_mode=True)
+            warnings.simplefilter("error")  # said once, at construction: not again per call
             _, model, opt, dl = _private(engine)
         assert opt.secure_mode
         assert isinstance(dl.batch_sampler.generator, torch.Generator)
+        assert dl.batch_sampler.generator is engine.secure_rng
         batches.append([list(b) for b in dl.batch_sampler])
     assert batches[0] != batches[1]
     with pytest.raises(ValueError, match="noise_generator"):
-        _private(PrivacyEngine(secure_mode=True), noise_generator=torch.Generator())
+        _private(_secure_engine(), noise_generator=torch.Generator())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PrivacyEngine(accountant="rdp")  # no warning without secure mode
+
+
+def test_secure_mode_docstring_says_what_it_protects_against():
+    doc = " ".join(PrivacyEngine.__doc__.split())
+    for fragment in ("not CSPRNGs", "floating-point", "guessable or reused seeds", "secrets"):
+        assert fragment in doc
 
 
 def test_secure_mode_without_poisson_switches_generator():
-    engine = PrivacyEngine(accountant="rdp", secure_mode=True)
+    engine = _secure_engine()
     loader = DataLoader(_dataset(), batch_size=BATCH, shuffle=True)
     _, _, _, dl = _private(engine, data_loader=loader, poisson_sampling=False)
-    assert dl.sampler.generator is engine.secure_rng
+    assert dl.batch_sampler.sampler.generator is engine.secure_rng
 
 
 # ---------------------------------------------------------------- errors
@@ -312,7 +329,9 @@ def test_batchnorm_model_is_rejected_and_fixable():
 
 def test_optimizer_params_must_belong_to_module():
     model, other = _mlp(), _mlp(seed=3)
-    with pytest.raises(ValueError, match="not parameters of the module"):
+    with pytest.raises(
+        ValueError, match="Module parameters are different than optimizer Parameters"
+    ):
         PrivacyEngine().make_private(
             module=model,
             optimizer=torch.optim.SGD(list(model.parameters()) + list(other.parameters()), lr=1),

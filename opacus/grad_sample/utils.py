@@ -1,4 +1,7 @@
-"""Choosing and building the per-sample gradient engine for a ``grad_sample_mode``."""
+"""Choosing and building the per-sample gradient engine for a ``grad_sample_mode``.
+
+What each mode builds is the table in ``opacus.grad_sample.modes``; these are its public faces.
+"""
 
 from typing import Type
 
@@ -20,9 +23,11 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping_tp import (
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.grad_sample.gsm_exp_weights import GradSampleModuleExpandedWeights
 from opacus.grad_sample.gsm_no_op import GradSampleHooksNoOp, GradSampleModuleNoOp
+from opacus.grad_sample.modes import GRAD_SAMPLE_MODES, grad_sample_mode_info
 from opacus.grad_sample.registry import register_grad_sampler, register_norm_sampler
 
 __all__ = [
+    "GRAD_SAMPLE_MODES",
     "AbstractGradSampleModule",
     "GradSampleHooks",
     "GradSampleHooksFastGradientClipping",
@@ -33,6 +38,7 @@ __all__ = [
     "GradSampleModuleExpandedWeights",
     "GradSampleModuleFastGradientClipping",
     "GradSampleModuleFastGradientClippingFSDP",
+    "GradSampleModuleFastGradientClippingTP",
     "GradSampleModuleNoOp",
     "get_gsm_class",
     "get_hooks_class",
@@ -42,48 +48,26 @@ __all__ = [
     "wrap_model",
 ]
 
-_GSM_CLASSES = {
-    "hooks": GradSampleModule,
-    "functorch": GradSampleModule,
-    "ew": GradSampleModuleExpandedWeights,
-    "ghost": GradSampleModuleFastGradientClipping,
-    "ghost_fsdp": GradSampleModuleFastGradientClippingFSDP,
-    "ghost_tp": GradSampleModuleFastGradientClippingTP,
-    "no_op": GradSampleModuleNoOp,
-}
-
-_HOOKS_CLASSES = {
-    "hooks": GradSampleHooks,
-    "functorch": GradSampleHooks,
-    "ghost": GradSampleHooksFastGradientClipping,
-    "ghost_fsdp": GradSampleHooksFastGradientClippingFSDP,
-    "ghost_tp": GradSampleHooksFastGradientClippingTP,
-    "no_op": GradSampleHooksNoOp,
-}
-
-
-def _lookup(table, grad_sample_mode: str, what: str):
-    try:
-        return table[grad_sample_mode]
-    except KeyError:
-        raise ValueError(
-            f"grad_sample_mode={grad_sample_mode!r} has no {what}; "
-            f"choose one of {sorted(table)}"
-        ) from None
-
 
 def get_gsm_class(grad_sample_mode: str) -> Type[AbstractGradSampleModule]:
-    """The ``nn.Module`` wrapper class for ``grad_sample_mode``.
+    """The ``nn.Module`` wrapper class for ``grad_sample_mode`` (``opacus.grad_sample.modes``).
 
     "hooks" and "functorch" share ``GradSampleModule`` ("functorch" sets ``force_functorch``);
-    "ghost" is fast gradient clipping; "ew" uses PyTorch's expanded weights; "no_op" does nothing.
+    "ghost*" are fast gradient clipping; "ew" uses PyTorch's expanded weights; "no_op" does
+    nothing.
     """
-    return _lookup(_GSM_CLASSES, grad_sample_mode, "module wrapper")
+    return grad_sample_mode_info(grad_sample_mode).module_class
 
 
 def get_hooks_class(grad_sample_mode: str):
     """The hooks-only class (model not wrapped) for ``grad_sample_mode`` ("ew" has none)."""
-    return _lookup(_HOOKS_CLASSES, grad_sample_mode, "hooks-only variant (use wrap_model=True)")
+    mode = grad_sample_mode_info(grad_sample_mode)
+    if mode.hooks_class is None:
+        raise ValueError(
+            f"grad_sample_mode={grad_sample_mode!r} has no hooks-only variant: use "
+            "wrap_model=True"
+        )
+    return mode.hooks_class
 
 
 def prepare_module(
@@ -94,8 +78,9 @@ def prepare_module(
     Returns the wrapper module if ``wrap_model`` (the default), else the hooks object (the model
     keeps its identity and gets hooks directly). Extra arguments go to the class constructor.
     """
-    cls = get_gsm_class(grad_sample_mode) if wrap_model else get_hooks_class(grad_sample_mode)
-    if grad_sample_mode == "functorch":
+    mode = grad_sample_mode_info(grad_sample_mode)
+    cls = mode.module_class if wrap_model else get_hooks_class(grad_sample_mode)
+    if mode.force_functorch:
         kwargs["force_functorch"] = True
     return cls(model, *args, **kwargs)
 

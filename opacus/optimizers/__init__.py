@@ -35,48 +35,56 @@ __all__ = [
     "get_optimizer_class",
 ]
 
-_GHOST_MODES = ("ghost", "ghost_fsdp")
+
+def _grad_sample_mode(grad_sample_mode):
+    # Imported here, not at the top: the grad_sample package may use this package's helpers
+    # (clipping, release-once marks), and the modes table imports the grad_sample classes.
+    from opacus.grad_sample.modes import grad_sample_mode_info
+
+    return grad_sample_mode_info(grad_sample_mode)
 
 
 def get_optimizer_class(clipping: str, distributed: bool, grad_sample_mode: str = None):
     """The DP optimizer class for ``clipping`` ("flat", "per_layer", "adaptive"),
     ``distributed`` and ``grad_sample_mode`` ("hooks", "functorch", "ew", "ghost", ...).
 
-    Ghost clipping ("ghost", "ghost_fsdp") supports only flat clipping.  Per-layer clipping with
-    DDP clips during backward when the per-sample gradients come from hooks
-    (``DistributedPerLayerOptimizer``), otherwise at step (``SimpleDistributedPerLayerOptimizer``).
-    Adaptive clipping is not available with ``distributed=True``.
+    The mode's row in ``opacus.grad_sample.modes`` says how per-sample information arrives:
+    per-sample gradients (clipped here, any ``clipping``) or, for ghost clipping, a clipped sum
+    in ``p.grad`` (flat clipping only; FSDP shards get ``FSDPOptimizerFastGradientClipping``).
+    Per-layer clipping with DDP clips during backward when the per-sample gradients come from
+    hooks (``DistributedPerLayerOptimizer``), otherwise at step
+    (``SimpleDistributedPerLayerOptimizer``). Adaptive clipping is not available with
+    ``distributed=True``.
     """
-    if grad_sample_mode in _GHOST_MODES:
-        if clipping != "flat":
-            raise ValueError(
-                f"grad_sample_mode={grad_sample_mode!r} (ghost clipping) supports only "
-                f"clipping='flat', got clipping={clipping!r}; use grad_sample_mode='hooks' for "
-                "per-layer or adaptive clipping"
+    mode = _grad_sample_mode(grad_sample_mode)
+    if clipping not in mode.clippings:
+        raise ValueError(
+            f"unexpected clipping={clipping!r} for grad_sample_mode={mode.name!r} "
+            f"(distributed={distributed}): use one of {list(mode.clippings)}"
+            + (
+                "; use grad_sample_mode='hooks' for per-layer or adaptive clipping"
+                if mode.clips_in_backward
+                else ""
             )
-        if grad_sample_mode == "ghost_fsdp":
-            return FSDPOptimizerFastGradientClipping
-        return (
-            DistributedDPOptimizerFastGradientClipping
-            if distributed
-            else (DPOptimizerFastGradientClipping)
         )
+    if mode.clips_in_backward:
+        if mode.fsdp:
+            return FSDPOptimizerFastGradientClipping
+        if distributed:
+            return DistributedDPOptimizerFastGradientClipping
+        return DPOptimizerFastGradientClipping
     if clipping == "flat":
         return DistributedDPOptimizer if distributed else DPOptimizer
     if clipping == "per_layer":
         if not distributed:
             return DPPerLayerOptimizer
-        if grad_sample_mode == "hooks":
+        if mode.name == "hooks":
             return DistributedPerLayerOptimizer
         return SimpleDistributedPerLayerOptimizer
-    if clipping == "adaptive":
-        if distributed:
-            raise ValueError(
-                "clipping='adaptive' is not supported with distributed=True; use clipping='flat' "
-                "or 'per_layer' for distributed training"
-            )
-        return AdaClipDPOptimizer
-    raise ValueError(
-        f"unexpected clipping={clipping!r} (distributed={distributed}, grad_sample_mode="
-        f"{grad_sample_mode!r}): use 'flat', 'per_layer' or 'adaptive'"
-    )
+    # clipping == "adaptive"
+    if distributed:
+        raise ValueError(
+            "clipping='adaptive' is not supported with distributed=True; use clipping='flat' "
+            "or 'per_layer' for distributed training"
+        )
+    return AdaClipDPOptimizer

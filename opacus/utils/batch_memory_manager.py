@@ -13,6 +13,7 @@ from typing import Iterator, List
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from opacus.data_loader import _worker_settings
+from opacus.optimizers.ddp_perlayeroptimizer import DistributedPerLayerOptimizer
 from opacus.optimizers.optimizer import DPOptimizer
 from opacus.utils.uniform_sampler import (
     DistributedUniformWithReplacementSampler,
@@ -40,6 +41,24 @@ def _check_max_batch_size(max_batch_size) -> int:
             "number of samples that fits in memory in one forward/backward pass."
         )
     return max_batch_size
+
+
+def _check_steps_stay_in_step(data_loader: DataLoader, optimizer) -> None:
+    # DistributedPerLayerOptimizer hands torch DDP one private gradient per backward pass
+    # (zeros on virtual steps), and DDP all-reduces it: every rank must run the same number of
+    # backward passes. Poisson batches of different sizes split into physical batches do not,
+    # so DDP would pair one rank's real step with another's virtual one (un-noised releases).
+    if isinstance(optimizer, DistributedPerLayerOptimizer) and isinstance(
+        data_loader.batch_sampler,
+        (UniformWithReplacementSampler, DistributedUniformWithReplacementSampler),
+    ):
+        raise ValueError(
+            "BatchMemoryManager cannot split Poisson batches for DistributedPerLayerOptimizer: "
+            "it relies on torch DDP all-reducing every backward pass, and ranks would run "
+            "different numbers of physical batches. Use clipping='flat', or per-layer clipping "
+            "with grad_sample_mode='functorch' or 'ew' (SimpleDistributedPerLayerOptimizer "
+            "all-reduces once per logical step), or train without BatchMemoryManager."
+        )
 
 
 def _split(indices: List[int], max_batch_size: int) -> List[List[int]]:
@@ -129,6 +148,7 @@ def wrap_data_loader(*, data_loader: DataLoader, max_batch_size: int, optimizer:
             "The data loader has no batch sampler (batch_size=None): there are no logical "
             "batches to split."
         )
+    _check_steps_stay_in_step(data_loader, optimizer)
     return _SplitDataLoader(
         dataset=data_loader.dataset,
         collate_fn=data_loader.collate_fn,
@@ -161,6 +181,7 @@ class BatchMemoryManager:
         self.data_loader = data_loader
         self.max_physical_batch_size = _check_max_batch_size(max_physical_batch_size)
         self.optimizer = optimizer
+        _check_steps_stay_in_step(data_loader, optimizer)
 
     def __enter__(self):
         return wrap_data_loader(
