@@ -603,3 +603,20 @@ def test_switch_generator_rejects_loaders_without_a_generator():
 
     with pytest.raises(ValueError, match="switch_generator.*Custom"):
         switch_generator(data_loader=DataLoader(ds, batch_sampler=Custom()), generator=g)
+
+
+def test_first_batch_empty_with_a_string_field_is_a_clear_error(caplog):
+    class Named(Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(2), f"item{i}"
+
+    fn = DPDataLoader(Named(), sample_rate=0.5).collate_fn
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        with pytest.raises(TypeError, match="CollateFnWithEmpty: Unsupported batch type"):
+            fn([])
+    # Non-empty batches with strings are collated as usual.
+    x, names = fn([Named()[0], Named()[2]])
+    assert x.shape == (2, 2) and list(names) == ["item0", "item2"]
