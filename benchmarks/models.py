@@ -4,7 +4,9 @@ A ``Workload`` bundles a model factory, a function ``make_batch(batch_size) -> (
 layout (``batch_first``) the DP wrapper must be told about.  Sizes follow the issue: an MLP
 256-512-512-10, a small CNN on 32x32 images, ``Embedding(5000, 64)`` + ``Linear`` on token
 sequences, a ``DPLSTM`` classifier, a transformer block on ``DPMultiheadAttention`` in both
-layouts, and a 4-layer Linear/Embedding model on long sequences for the memory target.
+layouts, a 4-layer Linear/Embedding model on long sequences for the memory target, and a deep
+narrow residual stack with 1,026 parameter tensors (issue 17: per-step cost linear in the number
+of tensors).
 """
 
 from dataclasses import dataclass
@@ -123,6 +125,22 @@ class LongSequenceModel(nn.Module):
         return self.fc3(h).mean(dim=1)
 
 
+class ManyTensors(nn.Module):
+    """``depth`` residual blocks ``x + tanh(Linear(width, width)(x))`` and a ``Linear`` head:
+    ``2 * depth + 2`` parameter tensors of a few dozen elements each, so that a DP step's cost
+    is dominated by its per-tensor loops (noise, clipping, scaling, zero_grad)."""
+
+    def __init__(self, depth: int, width: int = 8):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return self.head(x)
+
+
 def _labels(batch: int) -> torch.Tensor:
     return torch.randint(0, 10, (batch,))
 
@@ -182,6 +200,12 @@ WORKLOADS: Dict[str, Workload] = {
             lambda s: LongSequenceModel(_vocab(s), 64 if s == "full" else 8),
             lambda b, s: (torch.randint(0, _vocab(s), (b, 1024 if s == "full" else 6)), _labels(b)),
             description="Embedding(5000, 64) + 3 Linear, 1024 tokens (memory target)",
+        ),
+        Workload(
+            "many_tensors",
+            lambda s: ManyTensors(512 if s == "full" else 8),
+            lambda b, s: (torch.randn(b, 8), _labels(b)),
+            description="512 residual Linear(8, 8) blocks + head: 1,026 parameter tensors",
         ),
     ]
 }

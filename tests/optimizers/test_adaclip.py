@@ -245,3 +245,42 @@ def test_errors():
         _adaclip(ps, min_clipbound=5.0, max_clipbound=1.0)
     with pytest.raises(ValueError, match="target_unclipped_quantile"):
         _adaclip(ps, target_unclipped_quantile=1.5)
+
+
+def test_noise_split_message_and_check_order():
+    """Opacus 1.6: base checks, then max_clipbound <= min_clipbound, then the noise split."""
+    ps = _params_with_norms(NORMS)
+    fragment = "noise_multiplier must be smaller than 2 * unclipped_num_std"
+    for nm, s in ((1.0, 0.5), (1.0, 0.4), (3.0, 1.0)):  # equality included
+        with pytest.raises(ValueError, match=fragment.replace("*", r"\*")):
+            _adaclip(ps, noise_multiplier=nm, unclipped_num_std=s)
+    _adaclip(ps, noise_multiplier=1.0, unclipped_num_std=0.51)  # just inside
+    # several faults: the earlier check wins
+    bad_split = dict(noise_multiplier=1.0, unclipped_num_std=0.1)
+    with pytest.raises(ValueError, match="max_clipbound must be larger than min_clipbound"):
+        _adaclip(ps, max_clipbound=0.1, min_clipbound=0.1, **bad_split)  # equal bounds refused
+    with pytest.raises(ValueError, match="loss_reduction"):
+        _adaclip(ps, max_clipbound=0.1, min_clipbound=1.0, loss_reduction="avg", **bad_split)
+    with pytest.raises(ValueError, match="noise_multiplier must be finite"):
+        _adaclip(ps, max_clipbound=0.1, min_clipbound=1.0, noise_multiplier=math.inf)
+    with pytest.raises(ValueError, match="unclipped_num_std"):
+        gradient_noise_multiplier(1.0, 0.5)
+
+
+def test_unclipped_count_noise_goes_through_generate_noise(monkeypatch):
+    """AdaClip draws the count's noise with the 1.6 helper ``_generate_noise``."""
+    import opacus.optimizers.adaclipoptimizer as ada
+
+    calls = []
+
+    def fake(std, reference, generator=None, secure_mode=False):
+        calls.append((std, reference.shape, secure_mode))
+        return torch.zeros_like(reference) + 0.25
+
+    monkeypatch.setattr(ada, "_generate_noise", fake)
+    ps = _params_with_norms(NORMS)
+    opt = _adaclip(ps, unclipped_num_std=3.0, clipbound_learning_rate=0.0)
+    opt.pre_step()
+    assert calls == [(3.0, torch.Size([]), False)]
+    # 3 of 8 unclipped at C = 2: (3 - 4 + 0.25) / 8 + 1/2
+    assert opt.unclipped_frac == pytest.approx((3 - 4 + 0.25) / 8 + 0.5)

@@ -419,7 +419,7 @@ def _ddp_flat_worker(rank, world_size, init_file):
                     torch.optim.SGD(model.parameters(), lr=0.1),
                     expected_batch_size=4,
                     generator=torch.Generator().manual_seed(11),
-                    **kw
+                    **kw,
                 )
                 assert (opt.rank, opt.world_size) == (rank, world_size)
                 set_grad_samples(model, x[shard], y[shard])
@@ -430,7 +430,7 @@ def _ddp_flat_worker(rank, world_size, init_file):
                     torch.optim.SGD(ref.parameters(), lr=0.1),
                     expected_batch_size=8,
                     generator=torch.Generator().manual_seed(11),
-                    **kw
+                    **kw,
                 )
                 set_grad_samples(ref, x, y)
                 ref_opt.step()
@@ -498,3 +498,100 @@ def test_get_optimizer_class_errors(clipping, distributed, mode):
 
     with pytest.raises(ValueError, match="clipping"):
         get_optimizer_class(clipping, distributed, mode)
+
+
+# ------------------------------------------------ per-step cost linear in the number of tensors
+def _count_params_reads(monkeypatch, n_tensors: int, optimizer_cls=DPOptimizer, **kw) -> dict:
+    ps = [nn.Parameter(torch.zeros(2, dtype=torch.float64)) for _ in range(n_tensors)]
+    opt = optimizer_cls(
+        torch.optim.SGD(ps, lr=0.1),
+        noise_multiplier=1.0,
+        expected_batch_size=3,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
+    reads = []
+    original = DPOptimizer.params
+
+    def counting(self):
+        reads.append(1)
+        return original.fget(self)
+
+    monkeypatch.setattr(DPOptimizer, "params", property(counting))
+    counts = {}
+    for stage, run in (
+        ("step", opt.step),
+        ("zero_grad", opt.zero_grad),
+        ("virtual step", lambda: (opt.signal_skip_step(True), opt.step())),
+    ):
+        for p in ps:
+            p.grad_sample = torch.ones(3, 2, dtype=torch.float64)
+        reads.clear()
+        run()
+        counts[stage] = len(reads)
+    for p in ps:
+        p.summed_grad = torch.zeros(2, dtype=torch.float64)
+    reads.clear()
+    opt.add_noise()
+    counts["add_noise"] = len(reads)
+    monkeypatch.setattr(DPOptimizer, "params", original)
+    return counts
+
+
+@pytest.mark.parametrize(
+    "optimizer_cls,kw",
+    [
+        (DPOptimizer, {"max_grad_norm": 1.0}),
+        ("DPPerLayerOptimizer", {"max_grad_norm": None}),
+    ],
+)
+def test_params_is_read_a_constant_number_of_times_per_step(monkeypatch, optimizer_cls, kw):
+    """Issue 17: ``add_noise`` indexed ``self.params[i]`` per tensor (a fresh list each time):
+    quadratic. Every stage must read ``params`` O(1) times, whatever the number of tensors."""
+    from opacus.optimizers import DPPerLayerOptimizer
+
+    counts = {}
+    for n in (3, 300):
+        if optimizer_cls == "DPPerLayerOptimizer":
+            cls, args = DPPerLayerOptimizer, {"max_grad_norm": [1.0] * n}
+        else:
+            cls, args = optimizer_cls, kw
+        counts[n] = _count_params_reads(monkeypatch, n, cls, **args)
+    assert counts[3] == counts[300]
+    assert all(c <= 6 for c in counts[300].values()), counts[300]
+    assert counts[300]["add_noise"] == 1
+
+
+@pytest.mark.parametrize("value", [1.5, torch.tensor(1.5), torch.tensor(1.5, dtype=torch.float64)])
+def test_noise_multiplier_as_0d_tensor_is_a_float(value):
+    model = small_model()
+    dp = _dp(model, noise_multiplier=value, max_grad_norm=torch.tensor(0.5))
+    assert type(dp.noise_multiplier) is float and dp.noise_multiplier == 1.5
+    assert type(dp.max_grad_norm) is float and dp.max_grad_norm == 0.5
+    set_grad_samples(model, *batch(3))
+    dp.step()  # noise and scaling with plain floats
+
+
+@pytest.mark.parametrize("name", ["noise_multiplier", "max_grad_norm"])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), torch.tensor(math.inf)])
+def test_non_finite_settings_are_refused_by_name(name, bad):
+    model = small_model()
+    with pytest.raises(ValueError, match=f"DPOptimizer: {name} must be finite"):
+        _dp(model, **{name: bad})
+
+
+def test_non_scalar_settings_are_refused_by_name():
+    model = small_model()
+    with pytest.raises(TypeError, match="noise_multiplier must be a real number or a 0-d"):
+        _dp(model, noise_multiplier=torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="max_grad_norm must be a real number"):
+        _dp(model, max_grad_norm="1.0")
+    from opacus.optimizers import DPPerLayerOptimizer
+
+    with pytest.raises(ValueError, match=r"max_grad_norm\[1\] must be finite"):
+        DPPerLayerOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=[1.0, float("inf"), 1.0, 1.0],
+            expected_batch_size=2,
+        )

@@ -12,6 +12,7 @@ from opacus.optimizers import (
     DPPerLayerOptimizer,
     SimpleDistributedPerLayerOptimizer,
 )
+from opacus.optimizers.ddp_perlayeroptimizer import _clip_and_accumulate_parameter
 from tests.optimizers.dp_reference import (
     batch,
     dp_grads,
@@ -153,6 +154,62 @@ def test_errors():
         )
 
 
+def _hooks_release_once(rank):
+    """DistributedPerLayerOptimizer clips and releases in the gradient hooks: a second step, a
+    forgotten zero_grad and model.zero_grad are refused as in DPOptimizer (no DDP wrapper here,
+    so a refused backward leaves no collective pending)."""
+    lin = nn.Linear(3, 1, bias=False).double()
+    opt = DistributedPerLayerOptimizer(
+        torch.optim.SGD(lin.parameters(), lr=1.0),
+        noise_multiplier=0.0,
+        max_grad_norm=[1.0],
+        expected_batch_size=2,
+        loss_reduction="sum",
+    )
+    x = 10.0 * torch.eye(3, dtype=torch.float64)[:2]
+
+    def backward(grad_sample):
+        lin.weight.grad_sample = grad_sample
+        lin(x).sum().backward()
+
+    opt.zero_grad()
+    backward(x[:, None, :].clone())
+    before = lin.weight.detach().clone()
+    opt.step()
+    # each row clipped to norm 1: -(e_0 + e_1) (up to the 1e-6 of the factor), times the world
+    # size that DDP's average would undo ("sum"; no DDP wrapper here)
+    torch.testing.assert_close(
+        before - lin.weight.detach(),
+        torch.tensor([[2.0, 2.0, 0.0]], dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
+    with pytest.raises(ValueError, match="no gradients released since the last step"):
+        opt.step()
+    with pytest.raises(ValueError, match="already used by an earlier optimizer step"):
+        backward([lin.weight.grad_sample, x[:, None, :].clone()])  # forgot zero_grad
+    opt.zero_grad()
+    lin.weight.grad = None
+    backward(x[:, None, :].clone())
+    opt.step()
+    lin.weight.grad_sample = None  # model.zero_grad of a GradSampleModule instead
+    lin.weight.grad = None
+    with pytest.raises(ValueError, match="summed_grad was already used"):
+        backward(x[:, None, :].clone())
+    opt.zero_grad()
+    lin.weight.grad = None
+    # the 1.6 helper: clipped per-parameter sum on p's device
+    p = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    p.grad_sample = torch.tensor([[3.0, 4.0, 0.0], [0.3, 0.0, 0.4]], dtype=torch.float64)
+    _clip_and_accumulate_parameter(p, 1.0)
+    factor = 1.0 / (5.0 + 1e-6)
+    expected = factor * torch.tensor([3.0, 4.0, 0.0]) + torch.tensor([0.3, 0.0, 0.4])
+    torch.testing.assert_close(p.summed_grad, expected.double())
+    assert p.summed_grad.device == p.device
+    with pytest.raises(ValueError, match="already used"):
+        _clip_and_accumulate_parameter(p, 1.0)
+
+
 def _ddp_per_layer_worker(rank, world_size, init_file):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -236,6 +293,7 @@ def _ddp_per_layer_worker(rank, world_size, init_file):
         ddp(torch.zeros(4, 200)).sum().backward()
         std = big.weight.grad.std().item()
         assert abs(std / (2.0 * 0.5 / 8) - 1) < 0.05, std
+        _hooks_release_once(rank)
         # leave together: gloo can abort a rank whose peer tears down first
         dist.barrier()
     finally:
