@@ -463,6 +463,12 @@ class GradSampleHooks(AbstractGradSampleHooks):
                     "GroupNorm (opacus.validators.ModuleValidator.fix(model) does so), or put it "
                     "in eval() mode (running statistics) for the whole training."
                 )
+        for sub, path in names.items():
+            if isinstance(sub, nn.EmbeddingBag) and sub.mode == "max" and requires_grad(sub):
+                yield path, sub, (
+                    f"'{path}' (EmbeddingBag) has mode='max', whose per-sample gradients are not "
+                    "supported: use mode='sum' or 'mean', or freeze its weight."
+                )
         for target in _walk_hook_targets(
             module, lambda m: cls._sampler_for(m, force_functorch) is not None
         ):
@@ -678,6 +684,11 @@ class GradSampleHooks(AbstractGradSampleHooks):
             return offsets.shape[0] - (1 if module.include_last_offset else 0)
         return output.shape[0]
 
+    def _training_forward(self, module: nn.Module) -> bool:
+        # A BatchNorm kept in eval() inside a model in training mode is trained (its affine
+        # parameters) with its running statistics: its calls are captured too.
+        return module.training or (is_batch_norm(module) and self._module.training)
+
     def _count_calls(self, module: nn.Module, delta: int) -> None:
         # p._forward_counter: this module's calls whose output gradient is still to come.
         for p in self.hooked_parameters(module):
@@ -693,7 +704,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         """Forward hook: keep the layer's detached inputs (one list per call)."""
         if (
             not self.hooks_enabled
-            or not module.training
+            or not self._training_forward(module)
             or not torch.is_grad_enabled()
             or not requires_grad(module, recurse=True)
         ):
