@@ -14,6 +14,7 @@ from opacus.validators.errors import (  # noqa: F401 (re-exported, as in the pub
     UnsupportableModuleError,
     UnsupportedModuleError,
 )
+from opacus.validators.module_validator import FROZEN_MODULE_NOTICES
 from opacus.validators.utils import register_module_fixer, register_module_validator
 
 BATCHNORM = Union[nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm]
@@ -82,6 +83,22 @@ def validate(module: BATCHNORM) -> List[UnsupportedModuleError]:
             "(GroupNorm; InstanceNorm with replace_bn_with_in=True)"
         )
     ]
+
+
+def _frozen_notice(module: BATCHNORM) -> Optional[str]:
+    """Why a BatchNorm that ``validate`` skips (nothing in it trains) still needs attention."""
+    if not (module.training or not module.track_running_stats):
+        return None  # normalises with fixed running statistics: per sample
+    return (
+        "this BatchNorm has no trainable parameters, so ModuleValidator neither reports nor "
+        "replaces it (as Opacus 1.6), but it normalises with statistics of the whole batch "
+        "(mixing samples) and updates its running statistics from the private data without "
+        "noise; GradSampleModule and make_private refuse it. Replace it by hand, e.g. with "
+        "nn.GroupNorm(num_groups, C, affine=False)"
+    )
+
+
+FROZEN_MODULE_NOTICES.update({cls: _frozen_notice for cls in _BATCH_NORMS})
 
 
 def _group_count(num_channels: int) -> int:

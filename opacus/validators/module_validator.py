@@ -40,6 +40,11 @@ __all__ = [
 ]
 
 
+# Per type: f(module) -> a warning for a module that validate skips because nothing in it trains
+# but that still matters for privacy (e.g. a non-learnable BatchNorm in training mode), or None.
+FROZEN_MODULE_NOTICES: Dict[type, Callable[[nn.Module], Optional[str]]] = {}
+
+
 def _lookup(registry: Dict[type, Callable], module_type: type) -> Optional[Callable]:
     for cls in module_type.__mro__:
         if cls in registry:
@@ -79,8 +84,9 @@ class ModuleValidator:
         training mode. Then every submodule that trains (owns a trainable parameter, or for a
         container such as ``nn.TransformerEncoder`` holds one) is checked by the validator
         registered for its type; frozen or non-learnable layers (``BatchNorm(affine=False)``) are
-        not reported. With ``strict=True`` they are raised instead (the error itself if there is
-        one, else an ``UnsupportedModuleError`` listing them all).
+        not reported (a WARNING is logged for those that still mix samples, see
+        ``FROZEN_MODULE_NOTICES``). With ``strict=True`` they are raised instead (the error
+        itself if there is one, else an ``UnsupportedModuleError`` listing them all).
         """
         errors = []
         if not module.training:
@@ -93,7 +99,14 @@ class ModuleValidator:
         flagged = set()
         for name, sub in module.named_modules():
             validator = _lookup(cls.VALIDATORS, type(sub))
-            if validator is None or not has_trainable_params(sub):
+            if validator is None:
+                continue
+            if not has_trainable_params(sub):
+                notice = _lookup(FROZEN_MODULE_NOTICES, type(sub))
+                message = None if notice is None else notice(sub)
+                if message:
+                    where = f"'{name}'" if name else "the model itself"
+                    logger.warning("%s (%s): %s", where, type(sub).__name__, message)
                 continue
             found = validator(sub)
             if found:

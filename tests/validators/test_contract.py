@@ -125,6 +125,19 @@ def test_non_learnable_batch_norm_is_not_reported():
     assert ModuleValidator.is_valid(model) and ModuleValidator.validate(model) == []
 
 
+def test_non_learnable_batch_norm_in_training_mode_is_warned_about(root_records):
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8, affine=False))
+    assert ModuleValidator.is_valid(model)
+    (record,) = root_records
+    assert record.levelno == logging.WARNING and "'1' (BatchNorm2d)" in record.getMessage()
+    assert "GradSampleModule" in record.getMessage()
+    root_records.clear()
+    model[1].eval()  # fixed running statistics: no samples mixed, nothing learnt from them
+    assert ModuleValidator.is_valid(model) and root_records == []
+    model[1].track_running_stats = False  # batch statistics even in eval mode
+    assert ModuleValidator.is_valid(model) and len(root_records) == 1
+
+
 def test_frozen_unsupported_layers_are_not_reported():
     model = nn.Sequential(nn.Linear(3, 3), nn.LSTM(3, 3).requires_grad_(False))
     assert ModuleValidator.is_valid(model)
