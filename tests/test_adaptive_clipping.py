@@ -448,3 +448,48 @@ def test_plain_backward_is_refused_by_the_adaptive_optimizer():
     optimizer.zero_grad()
     criterion(gsm(x), y).backward()
     optimizer.step()  # the adaptive criterion's double backward is accepted
+
+
+class _ByFreq(nn.Module):
+    """A trainable embedding with scale_grad_by_freq and a LayerNorm (no book-keeping)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, scale_grad_by_freq=True)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.emb(x)).mean(dim=1))
+
+
+@pytest.mark.parametrize("engine_cls", ["PrivacyEngine", "PrivacyEngineAdaptiveClipping"])
+def test_adaptive_ghost_refuses_what_plain_ghost_refuses(engine_cls):
+    """Issue 17: adaptive clipping runs ghost clipping's own double backward, with its safety
+    checks: scale_grad_by_freq couples the samples and is refused in both engines."""
+    from opacus import PrivacyEngine
+
+    torch.manual_seed(0)
+    model = _ByFreq()
+    x = torch.randint(0, 7, (8, 5))
+    y = torch.randint(0, 3, (8,))
+    engine = {
+        "PrivacyEngine": PrivacyEngine,
+        "PrivacyEngineAdaptiveClipping": PrivacyEngineAdaptiveClipping,
+    }[engine_cls](accountant="rdp")
+    module, optimizer, criterion, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=4),
+        noise_multiplier=0.5,
+        max_grad_norm=1.0,
+        grad_sample_mode="ghost",
+        poisson_sampling=False,
+    )
+    xb, yb = next(iter(loader))
+    loss = criterion(module(xb), yb)
+    with pytest.raises(NotImplementedError, match="scale_grad_by_freq"):
+        loss.backward()
+    # Refused before anything was computed or released: no gradient, no count, no bound move.
+    assert all(p.grad is None for p in model.parameters())
+    assert optimizer.max_grad_norm == 1.0

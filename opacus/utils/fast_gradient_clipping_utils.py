@@ -33,6 +33,7 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleHooksFastGradientClipping,
     GradSampleModuleFastGradientClipping,
 )
+from opacus.optimizers.consumed import is_consumed
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 
 __all__ = [
@@ -175,6 +176,7 @@ def double_backward(
             f"{tuple(loss_per_sample.shape)}; reduce extra dims first (DPLossFastGradientClipping "
             "does, see per_sample_loss)"
         )
+    _renew_zeroed_consumed_grads(trainable)
     if hasattr(module, "enable_hooks"):
         module.enable_hooks()
     # Book-keeping replaces the second pass, except under torch DDP, whose gradient all-reduce
@@ -231,6 +233,16 @@ def _mark_clipped_backward(optimizer) -> None:
     record = getattr(optimizer, "_record_clipped_backward", None)
     if record is not None:
         record()
+
+
+def _renew_zeroed_consumed_grads(trainable: List[nn.Parameter]) -> None:
+    """A ``p.grad`` that a step consumed but that was zeroed in place since (e.g.
+    ``model.zero_grad(set_to_none=False)``) holds no sample's data: give this pass a fresh one,
+    so that the optimizer does not take it for a stale sum.  A consumed, non-zero ``p.grad``
+    stays as it is and is refused at ``step()``."""
+    for p in trainable:
+        if is_consumed(p.grad) and not p.grad.any():
+            p.grad = torch.zeros_like(p.grad)
 
 
 def _norm_pass(
