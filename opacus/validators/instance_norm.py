@@ -2,7 +2,7 @@
 ``track_running_stats=True`` its running statistics (used at evaluation) are a function of every
 training sample that no clipping or noise protects."""
 
-from typing import List, Union
+from typing import List, Optional, Union
 
 import torch.nn as nn
 
@@ -11,6 +11,7 @@ from opacus.validators.errors import (  # noqa: F401 (re-exported, as in the pub
     IllegalModuleConfigurationError,
     UnsupportedModuleError,
 )
+from opacus.validators.module_validator import FROZEN_MODULE_NOTICES
 from opacus.validators.utils import register_module_fixer, register_module_validator
 
 __all__ = ["clone_module", "fix", "validate"]
@@ -31,6 +32,21 @@ def validate(module: INSTANCENORM) -> List[UnsupportedModuleError]:
             "ModuleValidator.fix(model)"
         )
     ]
+
+
+def _frozen_notice(module: INSTANCENORM) -> Optional[str]:
+    """Why an InstanceNorm that ``validate`` skips (nothing in it trains) still matters."""
+    if not (module.track_running_stats and module.training):
+        return None
+    return (
+        "this InstanceNorm has no trainable parameters, so ModuleValidator neither reports nor "
+        "fixes it (as Opacus 1.6), but with track_running_stats=True it updates running "
+        "statistics from the private data without noise (used in evaluation and released with "
+        "the model). Build it with track_running_stats=False"
+    )
+
+
+FROZEN_MODULE_NOTICES.update({cls: _frozen_notice for cls in _INSTANCE_NORMS})
 
 
 @register_module_fixer(_INSTANCE_NORMS)

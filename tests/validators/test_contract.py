@@ -138,6 +138,16 @@ def test_non_learnable_batch_norm_in_training_mode_is_warned_about(root_records)
     assert ModuleValidator.is_valid(model) and len(root_records) == 1
 
 
+def test_non_learnable_instance_norm_with_running_stats_is_warned_about(root_records):
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.InstanceNorm2d(8, track_running_stats=True))
+    assert ModuleValidator.is_valid(model)  # as Opacus 1.6: nothing in it trains
+    (record,) = root_records
+    assert record.levelno == logging.WARNING and "track_running_stats=False" in record.getMessage()
+    root_records.clear()
+    model[1] = nn.InstanceNorm2d(8)
+    assert ModuleValidator.is_valid(model) and root_records == []
+
+
 def test_frozen_unsupported_layers_are_not_reported():
     model = nn.Sequential(nn.Linear(3, 3), nn.LSTM(3, 3).requires_grad_(False))
     assert ModuleValidator.is_valid(model)
