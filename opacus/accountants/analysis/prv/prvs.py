@@ -298,16 +298,20 @@ class DiscretePRV:
         above = ts > eps
         return float(np.sum(self.pmf[above] * -np.expm1(eps - ts[above])))
 
-    def _tail_sums(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(A, B, D)``: A_i = sum_{j>=i} p_j, B_i = sum_{j>=i} p_j e^{-t_j} and
-        D_i = e^{t_i} B_i - A_i = -delta(t_i), accumulated from the far tail inwards."""
+    def _tail_sums(self) -> Tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """``(start, A, B, D)`` for the grid indices i >= start: A_i = sum_{j>=i} p_j,
+        B_i = sum_{j>=i} p_j e^{-t_j} and D_i = e^{t_i} B_i - A_i = -delta(t_i), accumulated
+        from the far tail inwards. ``start`` is the last index with t <= 0 (epsilon is never
+        negative, so the sums further left are not needed)."""
         if self._tails is None:
             ts = self.domain.ts
-            tail_a = np.cumsum(self.pmf[::-1])[::-1]
-            tail_b = np.cumsum((self.pmf * np.exp(-ts))[::-1])[::-1]
+            start = max(int(np.searchsorted(ts, 0.0, side="right")) - 1, 0)
+            ts, pmf = ts[start:], self.pmf[start:]
+            tail_a = np.cumsum(pmf[::-1])[::-1]
+            tail_b = np.cumsum((pmf * np.exp(-ts))[::-1])[::-1]
             # e^t beyond e^700 is meaningless for epsilon; the cap only avoids inf * 0.
             minus_delta = np.exp(np.minimum(ts, 700.0)) * tail_b - tail_a
-            self._tails = (tail_a, tail_b, minus_delta)
+            self._tails = (start, tail_a, tail_b, minus_delta)
         return self._tails
 
     def _epsilon_for_delta(self, delta: float) -> float:
@@ -315,12 +319,12 @@ class DiscretePRV:
 
         For eps in [t_{i-1}, t_i), delta(eps) = A_i - e^eps B_i; the first index i with
         delta(t_i) = A_i - e^{t_i} B_i <= delta brackets the solution, which is then
-        ln((A_i - delta) / B_i).
+        ln((A_i - delta) / B_i) (0 when that index has t_i <= 0).
         """
-        tail_a, tail_b, minus_delta = self._tail_sums()
+        start, tail_a, tail_b, minus_delta = self._tail_sums()
         i = int(np.argmax(minus_delta >= -delta))  # the last index qualifies: delta(t_max) = 0
         if i == 0:
-            if self.domain.t_min <= 0:
+            if self.domain.t_min + start * self.domain.dt <= 0:
                 return 0.0  # delta(0) <= delta already
             raise RuntimeError(
                 "DiscretePRV: epsilon lies below the first grid point; the domain is too narrow."
