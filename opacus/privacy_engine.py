@@ -610,23 +610,36 @@ class PrivacyEngine:
         module_load_dict_kwargs: Optional[Dict[str, Any]] = None,
         torch_load_kwargs: Optional[Dict[str, Any]] = None,
     ) -> Dict:
-        """Restore what ``save_checkpoint`` saved; return the remaining (user) entries."""
+        """Restore what ``save_checkpoint`` saved and return the whole loaded checkpoint dict.
+
+        The module, the accountant and, when given, the optimizer (its wrapped optimizer's state
+        only: DP settings such as ``noise_multiplier`` stay as they are) and the schedulers are
+        restored; the user's ``checkpoint_dict`` entries are in the returned dict. A state
+        missing from the checkpoint for an object that was given, or saved for one that was
+        not, is reported with a ``UserWarning`` and skipped.
+        """
         checkpoint = torch.load(path, **(torch_load_kwargs or {}))
-        module.load_state_dict(checkpoint.pop(_MODULE_KEY), **(module_load_dict_kwargs or {}))
-        self.accountant.load_state_dict(checkpoint.pop(_ACCOUNTANT_KEY))
+        module.load_state_dict(checkpoint[_MODULE_KEY], **(module_load_dict_kwargs or {}))
+        self.accountant.load_state_dict(checkpoint[_ACCOUNTANT_KEY])
         restorers = (
             (_OPTIMIZER_KEY, optimizer, "optimizer"),
             (_NOISE_SCHEDULER_KEY, noise_scheduler, "noise_scheduler"),
             (_GRAD_CLIP_SCHEDULER_KEY, grad_clip_scheduler, "grad_clip_scheduler"),
         )
         for key, target, name in restorers:
-            state = checkpoint.pop(key, None)
-            if target is None:
-                continue
-            if state is None:
-                raise ValueError(
-                    f"The checkpoint at {path!r} holds no {name} state: it was saved without "
-                    f"{name}=...; load it without passing {name}."
+            state = checkpoint.get(key)
+            if target is not None and state is None:
+                warnings.warn(
+                    f"load_checkpoint: {name} was given but the checkpoint holds no {name} "
+                    f"state (it was saved without {name}=...); {name} is left as it is.",
+                    stacklevel=2,
                 )
-            target.load_state_dict(state)
+            elif target is None and state is not None:
+                warnings.warn(
+                    f"load_checkpoint: the checkpoint holds {name} state but no {name} was "
+                    f"given; pass {name}=... to restore it.",
+                    stacklevel=2,
+                )
+            elif target is not None:
+                target.load_state_dict(state)
         return checkpoint

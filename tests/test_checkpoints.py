@@ -1,6 +1,11 @@
-"""PrivacyEngine.save_checkpoint / load_checkpoint round-trip exactly."""
+"""PrivacyEngine.save_checkpoint / load_checkpoint round-trip exactly.
+
+DP settings (noise multiplier, clipping bound, ...) are not part of the optimizer's checkpoint
+(Opacus 1.6): loading leaves the target optimizer's own settings in place.
+"""
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -68,19 +73,29 @@ def test_round_trip(tmp_path, to_buffer):
 
     engine2, model2, opt2, _, ns2, cs2 = _setup(seed=1)
     assert not are_state_dict_equal(model.state_dict(), model2.state_dict())
-    extra = engine2.load_checkpoint(
-        path=target, module=model2, optimizer=opt2, noise_scheduler=ns2, grad_clip_scheduler=cs2
-    )
-    assert extra == {"epoch": 2, "note": "hello"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything saved is restored: nothing to report
+        loaded = engine2.load_checkpoint(
+            path=target,
+            module=model2,
+            optimizer=opt2,
+            noise_scheduler=ns2,
+            grad_clip_scheduler=cs2,
+        )
+    assert loaded["epoch"] == 2 and loaded["note"] == "hello"  # the whole loaded dict
+    assert are_state_dict_equal(loaded["module_state_dict"], model.state_dict())
     assert are_state_dict_equal(model.state_dict(), model2.state_dict())
     assert _optimizer_states_equal(opt, opt2)
     assert engine2.accountant.history == engine.accountant.history
     assert engine2.get_epsilon(1e-5) == engine.get_epsilon(1e-5)
     assert ns2.state_dict() == ns.state_dict() and cs2.state_dict() == cs.state_dict()
-    assert opt2.noise_multiplier == opt.noise_multiplier
-    assert opt2.max_grad_norm == opt.max_grad_norm
+    # The DP settings stay the loading optimizer's own (the schedulers moved opt's).
+    assert opt2.noise_multiplier == 1.3 != opt.noise_multiplier
+    assert opt2.max_grad_norm == 1.5 != opt.max_grad_norm
 
-    # Training on from the checkpoint gives what training on without it gives.
+    # With the same DP settings, training on from the checkpoint gives what training on
+    # without it gives.
+    opt2.noise_multiplier, opt2.max_grad_norm = opt.noise_multiplier, opt.max_grad_norm
     opt.generator = torch.Generator().manual_seed(9)
     opt2.generator = torch.Generator().manual_seed(9)
     x, y = next(iter(DataLoader(dl.dataset, batch_size=8)))
@@ -110,7 +125,19 @@ def test_kwargs_pass_through_and_partial_checkpoints(tmp_path):
         module_load_dict_kwargs={"strict": False},
         torch_load_kwargs={"map_location": "cpu"},
     )
-    with pytest.raises(ValueError, match="optimizer"):
+    with pytest.warns(UserWarning, match="optimizer was given but the checkpoint holds no"):
         engine2.load_checkpoint(
             path=path, module=model2, optimizer=opt2, module_load_dict_kwargs={"strict": False}
         )
+    assert opt2.state_dict()["state"] == {}  # left as it was (never stepped)
+
+
+def test_optimizer_state_without_optimizer_warns(tmp_path):
+    engine, model, opt, dl, ns, cs = _setup(seed=0)
+    path = tmp_path / "ckpt.pt"
+    engine.save_checkpoint(path=path, module=model, optimizer=opt, noise_scheduler=ns)
+    engine2, model2, *_ = _setup(seed=1)
+    with pytest.warns(UserWarning, match="holds optimizer state but no optimizer was given"):
+        loaded = engine2.load_checkpoint(path=path, module=model2)
+    assert "optimizer_state_dict" in loaded
+    assert are_state_dict_equal(model.state_dict(), model2.state_dict())
