@@ -19,10 +19,11 @@ floating-point values and knows everything else (the strong adversary of the DP 
   its uniforms from the operating system's CSPRNG (``os.urandom``: ``getrandom(2)``, ChaCha20 on
   Linux) and turns them into normals with the Box-Muller transform in float64 (53 random bits per
   uniform), on the CPU, then casts and moves the result to the parameter's device
-  (``csprng_standard_normal``).  Cost, measured on one CPU core: about 35 ns per normal draw
-  (450 MB/s from ``os.urandom``, 8 bytes per draw, plus the transform), against 17 ns for
-  torch's ``randn``; with the four draws per coordinate below, a secure step spends about
-  0.15 s per million parameters on noise, plus the host-to-device copy on an accelerator.
+  (``csprng_standard_normal``).  Cost, measured on one core of a shared CPU: 60 to 115 ns per
+  normal draw (``os.urandom`` at 260 to 450 MB/s, 8 bytes per draw, plus the transform), against
+  12 ns for torch's ``randn``; with the four draws per coordinate below, a secure step spends
+  about 0.25 s per million parameters on noise (0.01 s without secure mode), plus the
+  host-to-device copy on an accelerator.
 * **The floating-point countermeasure** (Holohan and Braghin 2021, "Secure random sampling in
   differential privacy", after Mironov 2012, "On significance of the least significant bits for
   differential privacy"): a textbook floating-point sampler does not produce every float near a
