@@ -73,12 +73,20 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
                 "by make_private (DPLossFastGradientClipping): loss = criterion(output, target); "
                 "loss.backward(); and call optimizer.zero_grad() before each backward"
             )
+        self._accumulated_backwards = max(1, getattr(self, "_clipped_backward_count", 0))
         self._clipped_backward_count = 0
 
     @property
     def accumulated_iterations(self) -> int:
-        """Always 1: the double backward leaves one clipped sum per backward, no chunks."""
-        return 1
+        """Clipped (double) backward passes whose sums the last ``accumulate`` took from
+        ``p.grad``: 1, or k after k DP-loss backward passes before one step (gradient
+        accumulation). ``scale_grad`` divides by ``expected_batch_size`` times it and the
+        accountant records ``sample_rate`` times it, as for ``DPOptimizer``'s chunks."""
+        return getattr(self, "_accumulated_backwards", 1)
+
+    def clipped_backwards_pending(self) -> int:
+        """Clipped backward passes whose sums wait in ``p.grad`` for the next step."""
+        return getattr(self, "_clipped_backward_count", 0)
 
     def _clipped_sum_of(self, p: torch.Tensor, index: int) -> torch.Tensor:
         if p.grad is None:

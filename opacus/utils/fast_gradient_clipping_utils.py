@@ -176,6 +176,7 @@ def double_backward(
             f"{tuple(loss_per_sample.shape)}; reduce extra dims first (DPLossFastGradientClipping "
             "does, see per_sample_loss)"
         )
+    _check_accumulation_allowed(module, optimizer)
     _renew_zeroed_consumed_grads(trainable)
     if hasattr(module, "enable_hooks"):
         module.enable_hooks()
@@ -233,6 +234,21 @@ def _mark_clipped_backward(optimizer) -> None:
     record = getattr(optimizer, "_record_clipped_backward", None)
     if record is not None:
         record()
+
+
+def _check_accumulation_allowed(module, optimizer) -> None:
+    """With Poisson sampling (``forbid_grad_accumulation``) one step releases one batch: a
+    second DP-loss backward pass before the step would add another batch's clipped sum that the
+    accountant never records."""
+    pending = getattr(optimizer, "clipped_backwards_pending", lambda: 0)()
+    if pending and not getattr(module, "_grad_accumulation_allowed", True):
+        raise ValueError(
+            "ghost clipping: a second DP loss backward pass before optimizer.step() would "
+            "accumulate two batches into one step, but gradient accumulation is forbidden "
+            "(Poisson sampling gives batches of varying size): call optimizer.step() and "
+            "optimizer.zero_grad() after each backward pass, or use "
+            "opacus.utils.batch_memory_manager.BatchMemoryManager for large batches."
+        )
 
 
 def _renew_zeroed_consumed_grads(trainable: List[nn.Parameter]) -> None:

@@ -179,3 +179,53 @@ def test_model_zero_grad_after_a_virtual_step_is_fine(set_to_none):
     assert len(runs[0].released) == 2
     for a, b in zip(runs[0].released, runs[1].released):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ accumulation (cluster 11)
+def _make_private(poisson_sampling):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from opacus import PrivacyEngine
+
+    model = small_model()
+    x, y = _data(12)
+    engine = PrivacyEngine(accountant="rdp")
+    gsm, optimizer, criterion, _ = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=4),
+        noise_multiplier=0.0,
+        max_grad_norm=C,
+        grad_sample_mode="ghost",
+        poisson_sampling=poisson_sampling,
+    )
+    return engine, gsm, optimizer, criterion, x, y
+
+
+def test_two_dp_backward_passes_before_one_step_count_as_two_batches():
+    from tests.optimizers.dp_reference import clipped_sum_flat, oracle_grad_samples
+
+    engine, gsm, optimizer, criterion, x, y = _make_private(poisson_sampling=False)
+    criterion(gsm(x[:4]), y[:4]).backward()
+    criterion(gsm(x[4:8]), y[4:8]).backward()
+    optimizer.step()
+    assert optimizer.accumulated_iterations == 2
+    gs = oracle_grad_samples(small_model(), x[:8], y[:8])
+    expected = clipped_sum_flat([gs[n] for n, _ in small_model().named_parameters()], C)
+    for p, s in zip(gsm.parameters(), expected):
+        torch.testing.assert_close(p.grad, s / (4 * 2))  # expected batch size 4, two batches
+    [(_, sample_rate, steps)] = engine.accountant.history
+    assert sample_rate == pytest.approx(2 * 4 / 12) and steps == 1
+
+
+def test_with_poisson_sampling_a_second_dp_backward_before_the_step_is_refused():
+    engine, gsm, optimizer, criterion, x, y = _make_private(poisson_sampling=True)
+    criterion(gsm(x[:4]), y[:4]).backward()
+    first = [p.grad.clone() for p in gsm.parameters()]
+    loss = criterion(gsm(x[4:8]), y[4:8])
+    with pytest.raises(ValueError, match="accumulation is forbidden"):
+        loss.backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(first, gsm.parameters()))
+    optimizer.step()  # the first batch alone is released, once
+    assert optimizer.accumulated_iterations == 1
+    assert len(engine.accountant.history) == 1
