@@ -301,11 +301,24 @@ def _walk_hook_targets(module: nn.Module, has_sampler: Callable[[nn.Module], boo
     """
     if not requires_grad(module, recurse=True):
         return
-    if has_sampler(module) or requires_grad(module):
+    if has_sampler(module) or _owns_trainable_params(module):
         yield module
         return
     for child in module.children():
         yield from _walk_hook_targets(child, has_sampler)
+
+
+def _owns_trainable_params(module: nn.Module) -> bool:
+    """True if ``module`` has a trainable parameter of its own, not merely an alias of one of
+    its descendants' (as DP RNN containers register torch-style names for their children's
+    parameters): such aliases are covered by the descendants' hooks."""
+    if isinstance(module, DPRNNBase):
+        return False
+    own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+    if not own:
+        return False
+    below = {id(p) for child in module.children() for p in child.parameters()}
+    return any(id(p) not in below for p in own)
 
 
 class _ForgetCalls:

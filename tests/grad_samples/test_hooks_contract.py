@@ -421,3 +421,33 @@ def test_embedding_bag_errors_are_clear():
     gsm = GradSampleModule(nn.EmbeddingBag(4, 2))
     with pytest.raises(ValueError, match="without positional offsets"):
         gsm(torch.tensor([0, 1, 2]), offsets=torch.tensor([0, 1]))
+
+
+def test_parameter_aliases_of_children_do_not_make_a_functorch_module():
+    """A container registering its child's parameter under another name (as DP RNNs expose
+    torch's names) is looked through: the child's hook covers the parameter."""
+    from opacus.layers import DPLSTM
+
+    class Alias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.register_parameter("alias", self.fc.weight)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    torch.manual_seed(7)
+    model = Alias()
+    x = torch.randn(5, 4)
+    expected = brute_force_grad_samples(model, x)
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    assert list(gsm.iterate_submodules(model)) == [model.fc]
+    assert not hasattr(model, "ft_compute_sample_grad")
+    gsm(x).sum().backward()
+    assert_grad_samples_close(grad_samples_of(gsm), expected)
+
+    lstm = DPLSTM(3, 4)
+    lstm.register_parameter("alias_ih_l0", lstm.l0.ih.weight)
+    hooks = GradSampleHooks(lstm)
+    assert all(type(m).__name__ == "RNNLinear" for m in hooks.iterate_submodules(lstm))
