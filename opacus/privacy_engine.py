@@ -261,12 +261,13 @@ class PrivacyEngine:
     ):
         mode = grad_sample_mode_info(grad_sample_mode)
         if isinstance(module, AbstractGradSampleModule) or isinstance(module, GradSampleHooks):
-            expected = mode.module_class
+            expected = tuple(c for c in (mode.module_class, mode.hooks_class) if c is not None)
             if not isinstance(module, expected):
                 raise ValueError(
                     f"The module is already wrapped in {type(module).__name__} but "
-                    f"grad_sample_mode={grad_sample_mode!r} needs {expected.__name__}: pass the "
-                    "unwrapped model (gsm._module) instead."
+                    f"grad_sample_mode={grad_sample_mode!r} needs "
+                    f"{' or '.join(c.__name__ for c in expected)}: pass the unwrapped model "
+                    "(gsm._module) instead."
                 )
             if module.batch_first != batch_first or module.loss_reduction != loss_reduction:
                 raise ValueError(

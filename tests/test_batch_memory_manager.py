@@ -172,3 +172,22 @@ def test_bmm_with_empty_logical_batches():
     assert got_steps == want_steps == 32
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_ddp_hook_per_layer_optimizer_is_refused_with_poisson_batches():
+    # DistributedPerLayerOptimizer needs every rank to run the same number of backward passes
+    # (torch DDP all-reduces each); split Poisson batches do not (tests/test_engine_ddp_bmm.py).
+    from opacus.optimizers import DistributedPerLayerOptimizer
+
+    opt = object.__new__(DistributedPerLayerOptimizer)  # no process group needed for the check
+    poisson = DPDataLoader(TensorDataset(torch.zeros(10, 1)), sample_rate=0.5)
+    with pytest.raises(ValueError, match="DistributedPerLayerOptimizer.*clipping='flat'"):
+        BatchMemoryManager(data_loader=poisson, max_physical_batch_size=2, optimizer=opt)
+    with pytest.raises(ValueError, match="DistributedPerLayerOptimizer"):
+        wrap_data_loader(data_loader=poisson, max_batch_size=2, optimizer=opt)
+    fixed = DataLoader(TensorDataset(torch.zeros(10, 1)), batch_size=4)
+    BatchMemoryManager(data_loader=fixed, max_physical_batch_size=2, optimizer=opt)
+    # other optimizers split Poisson batches as before
+    BatchMemoryManager(
+        data_loader=poisson, max_physical_batch_size=2, optimizer=RecordingOptimizer()
+    )
