@@ -360,7 +360,20 @@ class GradSampleHooks(AbstractGradSampleHooks):
             adds them up.
         strict: raise on layers whose per-sample gradients cannot be computed (else warn and
             leave them without hooks).
-        force_functorch: use ``torch.func`` for every layer, even those with a grad sampler.
+        force_functorch: use ``torch.func`` for every layer, even those with a grad sampler
+            (``nn.EmbeddingBag`` and eval-mode BatchNorm keep their exact samplers: torch.func
+            cannot take them).
+
+    Each trainable parameter gets ``grad_sample`` (None until a backward pass; a tensor, or a
+    list with one tensor per backward pass) and ``_forward_counter`` (calls whose output
+    gradient is still to come).  The model gets ``autograd_grad_sample_hooks`` (two removable
+    handles per hooked module) and every module handled by ``torch.func`` gets
+    ``ft_compute_sample_grad``; ``remove_hooks()`` deletes them, ``cleanup()`` also deletes the
+    per-parameter attributes.
+
+    BatchNorm: refused while it normalises with batch statistics (training mode), which mixes
+    samples and records statistics of private data; a BatchNorm in ``eval()`` mode (running
+    statistics) is supported, and every training forward checks that it still is.
 
     Set ``compute_batch_gradients = False`` on the object to keep the hooked parameters out of the
     autograd graph: backward then computes their per-sample gradients but no ``p.grad`` (about
@@ -1024,9 +1037,13 @@ class GradSampleHooks(AbstractGradSampleHooks):
 class GradSampleModule(GradSampleHooks, AbstractGradSampleModule):
     """Wraps ``m`` so that ``loss.backward()`` also fills ``p.grad_sample`` for trainable params.
 
-    ``p.grad_sample`` has shape ``(batch, *p.shape)``: row ``i`` is the gradient of sample ``i``'s
-    own loss. The wrapped model is ``self._module``; attribute access falls through to it.
-    See ``GradSampleHooks`` for the arguments.
+    After one backward pass ``p.grad_sample`` has shape ``(batch, *p.shape)``: row ``i`` is the
+    gradient of sample ``i``'s own loss.  Each further backward pass before ``zero_grad()`` adds
+    its own tensor: ``p.grad_sample`` becomes a list with one tensor per pass (gradient
+    accumulation; ``forbid_grad_accumulation()`` refuses it, as ``make_private`` does under
+    Poisson sampling).  The wrapped model is ``self._module``; attribute access falls through
+    to it.  Wrapping a model that already carries hooks raises ``ValueError``.  See
+    ``GradSampleHooks`` for the arguments.
     """
 
     def __init__(
