@@ -9,7 +9,6 @@ accountant is attached as the optimizer's step hook so that every real step is r
 import math
 import numbers
 import os
-import secrets
 import warnings
 from typing import IO, Any, BinaryIO, Dict, List, Optional, Tuple, Union
 
@@ -33,6 +32,7 @@ from opacus.optimizers.ddp_perlayeroptimizer import (
     DistributedPerLayerOptimizer,
     SimpleDistributedPerLayerOptimizer,
 )
+from opacus.optimizers.noise import secure_generator
 from opacus.optimizers.optimizer import DPOptimizer
 from opacus.schedulers.grad_clip_scheduler import _GradClipScheduler
 from opacus.schedulers.noise_scheduler import _NoiseScheduler
@@ -68,22 +68,12 @@ _GRAD_CLIP_SCHEDULER_KEY = "grad_clip_scheduler_state_dict"
 
 
 _SECURE_MODE_WARNING = (
-    "PrivacyEngine(secure_mode=True): batch sampling uses torch's Mersenne Twister seeded with 63 "
-    "bits from the OS CSPRNG (secrets), and the noise comes from torch generators as well. These "
-    "generators are NOT cryptographically secure: secure mode protects against guessable or "
-    "reused seeds and (in the optimizer) against floating-point attacks on the Gaussian noise, "
-    "not against an adversary who can observe the generators' raw outputs or the process memory."
+    "PrivacyEngine(secure_mode=True): the noise is drawn from the OS CSPRNG, but the batches are "
+    "drawn with torch's Mersenne Twister seeded from it (secrets), which is NOT cryptographically "
+    "secure: an adversary who observes enough of its outputs can predict which samples later "
+    "batches hold. Secure mode does not cover timing side channels or access to the process "
+    "memory either (see PrivacyEngine's docstring)."
 )
-
-
-def _secure_generator() -> torch.Generator:
-    # torch's Mersenne Twister is not a CSPRNG (its state follows from 624 consecutive outputs),
-    # but seeding it from the OS entropy pool makes the batch draws unpredictable to anyone who
-    # sees neither the process's memory nor the generator's raw outputs (PrivacyEngine's
-    # docstring and _SECURE_MODE_WARNING say so to the user).
-    g = torch.Generator()
-    g.manual_seed(secrets.randbits(63))
-    return g
 
 
 def _is_distributed_module(module: nn.Module) -> bool:
@@ -216,17 +206,18 @@ class PrivacyEngine:
 
     Args:
         accountant: privacy accountant, ``"prv"`` (default), ``"rdp"`` or ``"gdp"``.
-        secure_mode: harden the random draws. The Poisson batches (and, without Poisson
-            sampling, the loader's shuffling) come from a ``torch.Generator`` seeded with 63 bits
-            from the OS CSPRNG (``secrets``) instead of a user or default seed, a
-            ``noise_generator`` may not be given, and the optimizer draws its noise in secure
-            mode (the floating-point countermeasure of Holohan and Braghin 2021 against
-            attacks on the least significant bits of Gaussian samples, Mironov 2012). Secure
-            mode protects against guessable or reused seeds and those floating-point attacks. It
-            does **not** make the draws cryptographically secure: torch's generators (Mersenne
-            Twister on the CPU) are not CSPRNGs, and an adversary who observes enough of their
-            raw outputs, or the process memory, can predict the rest. Constructing an engine
-            with ``secure_mode=True`` says so once, in a ``UserWarning``.
+        secure_mode: harden the random draws against an adversary who sees the released
+            models and knows everything else. What it protects against: (1) noise that could be
+            predicted or read off the released values: the optimizer draws it from the OS
+            CSPRNG, with the floating-point countermeasure of Holohan and Braghin 2021 against
+            attacks on the least significant bits of Gaussian samples (Mironov 2012), and a
+            ``noise_generator`` may not be given; (2) guessable or reused seeds for the batches:
+            the Poisson sampler (and, without Poisson sampling, the loader's shuffling) uses a
+            ``torch.Generator`` seeded with 63 bits from the OS CSPRNG (``secrets``). What it does
+            **not** protect against: torch's generators are not CSPRNGs, so an adversary who
+            observes enough of the sampler's outputs can predict later batch compositions;
+            timing side channels; anyone who can read the process memory. Constructing an
+            engine with ``secure_mode=True`` says so once, in a ``UserWarning``.
 
     Example::
 
@@ -243,7 +234,7 @@ class PrivacyEngine:
         self.secure_mode = secure_mode
         if secure_mode:
             warnings.warn(_SECURE_MODE_WARNING, UserWarning, stacklevel=2)
-        self.secure_rng = _secure_generator() if secure_mode else None
+        self.secure_rng = secure_generator("cpu") if secure_mode else None
         self.dataset = None  # set by make_private, for information only
         # Set by make_private for _prepare_optimizer: torch DDP reduces p.grad in backward.
         self._ddp_syncs_gradients = False

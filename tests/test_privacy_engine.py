@@ -289,7 +289,13 @@ def test_secure_mode_warns_once_and_is_unpredictable():
 
 def test_secure_mode_docstring_says_what_it_protects_against():
     doc = " ".join(PrivacyEngine.__doc__.split())
-    for fragment in ("not CSPRNGs", "floating-point", "guessable or reused seeds", "secrets"):
+    for fragment in (
+        "not CSPRNGs",
+        "OS CSPRNG",
+        "floating-point",
+        "guessable or reused seeds",
+        "timing side channels",
+    ):
         assert fragment in doc
 
 
