@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from scipy import integrate
 
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import gdp
 from opacus.accountants.analysis.prv import (
     DiscretePRV,
     Domain,
@@ -377,6 +378,22 @@ def test_reference_value_of_opacus_1_6():
     lower, estimate, upper = acc.compute_epsilon(1e-5)
     assert upper == acc.get_epsilon(delta=1e-5)
     assert upper - 0.01 > estimate > lower + 0.01
+
+
+@pytest.mark.parametrize("sigma,steps", [(0.625, 4), (2.0, 50), (0.6, 3000)])
+def test_full_batch_matches_the_gaussian_closed_form(sigma, steps):
+    """q = 1: k steps are one Gaussian mechanism, exactly mu-GDP with mu = sqrt(k) / sigma
+    (Dong, Roth, Su 2019); the last case has eps ~ 4555, a grid reaching past t = 700."""
+    exact = gdp.eps_from_mu(mu=math.sqrt(steps) / sigma, delta=1e-5)
+    lower, estimate, upper = prv_bounds([(sigma, 1.0, steps)], 1e-5)
+    assert lower <= exact <= upper
+    assert estimate == pytest.approx(exact, abs=0.01)
+
+
+def test_epsilon_beyond_700_is_finite_and_above_the_lower_bound():
+    lower, estimate, upper = prv_bounds([(0.6, 0.75, 646)], 1e-5)
+    assert 700 < lower <= estimate <= upper < math.inf
+    assert rdp_epsilon([(0.6, 0.75, 646)], 1e-5) >= lower
 
 
 @pytest.mark.parametrize("sigma,q,steps", GRID)

@@ -160,7 +160,9 @@ class PoissonSubsampledGaussianPRV:
         def integrand(w: float) -> float:
             # Scalar twin of _y * _mixture_density (quad calls it hundreds of times).
             u = (2.0 * w - 1.0) / (2.0 * s * s)
-            if u < 30.0:
+            if q == 1.0:
+                y = u
+            elif u < 30.0:
                 y = math.log1p(q * math.expm1(u))
             else:
                 y = max(log_1mq, log_q + u) + math.log1p(math.exp(-abs(log_1mq - log_q - u)))
@@ -298,20 +300,27 @@ class DiscretePRV:
         above = ts > eps
         return float(np.sum(self.pmf[above] * -np.expm1(eps - ts[above])))
 
-    def _tail_sums(self) -> Tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-        """``(start, A, B, D)`` for the grid indices i >= start: A_i = sum_{j>=i} p_j,
-        B_i = sum_{j>=i} p_j e^{-t_j} and D_i = e^{t_i} B_i - A_i = -delta(t_i), accumulated
-        from the far tail inwards. ``start`` is the last index with t <= 0 (epsilon is never
-        negative, so the sums further left are not needed)."""
+    def _tail_sums(self) -> Tuple[int, float, np.ndarray, np.ndarray, np.ndarray]:
+        """``(start, c, A, B, D)`` for the grid indices i >= start: A_i = sum_{j>=i} p_j,
+        B_i = sum_{j>=i} p_j e^{c - t_j} and D_i = e^{t_i - c} B_i - A_i = -delta(t_i),
+        accumulated from the far tail inwards.
+
+        ``start`` is the last index with t <= 0 (epsilon is never negative, so the sums further
+        left are not needed). The scale c = max(0, t_max - 700) keeps e^{c - t} from underflowing
+        on grids reaching beyond t = 700 (it is 0 otherwise).
+        """
         if self._tails is None:
             ts = self.domain.ts
             start = max(int(np.searchsorted(ts, 0.0, side="right")) - 1, 0)
             ts, pmf = ts[start:], self.pmf[start:]
+            scale = max(0.0, float(ts[-1]) - 700.0)
             tail_a = np.cumsum(pmf[::-1])[::-1]
-            tail_b = np.cumsum((pmf * np.exp(-ts))[::-1])[::-1]
-            # e^t beyond e^700 is meaningless for epsilon; the cap only avoids inf * 0.
-            minus_delta = np.exp(np.minimum(ts, 700.0)) * tail_b - tail_a
-            self._tails = (start, tail_a, tail_b, minus_delta)
+            with np.errstate(over="ignore", invalid="ignore"):
+                # Beyond ~1400 units below t_max e^{c - t} overflows: those points (far below
+                # any epsilon the grid resolves) get NaN sums and are never selected.
+                tail_b = np.cumsum((pmf * np.exp(scale - ts))[::-1])[::-1]
+                minus_delta = np.exp(ts - scale) * tail_b - tail_a
+            self._tails = (start, scale, tail_a, tail_b, minus_delta)
         return self._tails
 
     def _epsilon_for_delta(self, delta: float) -> float:
@@ -321,20 +330,18 @@ class DiscretePRV:
         delta(t_i) = A_i - e^{t_i} B_i <= delta brackets the solution, which is then
         ln((A_i - delta) / B_i) (0 when that index has t_i <= 0).
         """
-        start, tail_a, tail_b, minus_delta = self._tail_sums()
+        start, scale, tail_a, tail_b, minus_delta = self._tail_sums()
         i = int(np.argmax(minus_delta >= -delta))  # the last index qualifies: delta(t_max) = 0
+        t_i = self.domain.t_min + (start + i) * self.domain.dt
         if i == 0:
-            if self.domain.t_min + start * self.domain.dt <= 0:
+            if t_i <= 0:
                 return 0.0  # delta(0) <= delta already
             raise RuntimeError(
                 "DiscretePRV: epsilon lies below the first grid point; the domain is too narrow."
             )
         if not (tail_b[i] > 0 and tail_a[i] > delta):
-            raise RuntimeError(
-                f"DiscretePRV: epsilon at delta={delta!r} is not resolved by the grid (floating "
-                "point error in the tail sums); increase delta or delta_error."
-            )
-        return max(math.log((tail_a[i] - delta) / tail_b[i]), 0.0)
+            return t_i  # e^{-t} underflowed: eps <= t_i, the end of its bracket
+        return max(math.log((tail_a[i] - delta) / tail_b[i]) + scale, 0.0)
 
     def compute_epsilon(
         self, delta: float, delta_error: float, eps_error: float
