@@ -281,9 +281,17 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             return None  # e.g. calls captured by an earlier forward without a backward yet
         if not tensor_hooks_run_on_captured_gradients():
             return None  # an older torch: the norm pass asks for parameter gradients instead
-        if self.norm_pass_needs_backward():
+        if self.norm_pass_needs_backward() or self.unhooked_parameters():
+            # The pass must show which parameters the loss reached: one that no hook measures
+            # would silently count as norm 0 (double_backward refuses it).
             return None
         return anchors
+
+    def unhooked_parameters(self) -> List[nn.Parameter]:
+        """Trainable parameters that no installed hook covers (layers left out with
+        ``strict=False``): ghost clipping has no per-sample norm for them."""
+        hooked = {id(p) for module in self._samplers for p in self.hooked_parameters(module)}
+        return [p for _, p in trainable_parameters(self._module) if id(p) not in hooked]
 
     def norm_pass_needs_backward(self) -> bool:
         """True if the norm pass must be a real backward pass: hooked layers of the last

@@ -226,3 +226,32 @@ def test_make_private_ghost_without_wrapping_trains_like_the_oracle(loss_reducti
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, atol=1e-10, rtol=1e-8)
     assert len(engine.accountant.history) > 0
+
+
+def test_a_trainable_parameter_without_hooks_is_refused_not_counted_as_norm_zero():
+    """strict=False leaves an unsupported layer without hooks: its samples' gradients have no
+    norm, and counting it as 0 would under-clip, so the norm pass refuses, naming it."""
+
+    class WithBuffer(nn.Module):  # trainable, has a buffer, no grad sampler: unsupported
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4))
+            self.register_buffer("shift", torch.zeros(4))
+
+        def forward(self, x):
+            return x * self.w + self.shift
+
+    model = nn.Sequential(nn.Linear(3, 4), WithBuffer(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning):
+        gsm = GradSampleModuleFastGradientClipping(model, strict=False, loss_reduction="sum")
+    assert gsm.unhooked_parameters() == [model[1].w]
+    loss = gsm(torch.randn(5, 3)).sum(dim=1)
+    with pytest.raises(RuntimeError, match="no per-sample norm.*'1.w'"):
+        double_backward(gsm, _Bound(0.1), loss)
+    # Frozen, the layer needs no norm: the rest is clipped as usual.
+    frozen = nn.Sequential(nn.Linear(3, 4), WithBuffer(), nn.Linear(4, 2))
+    frozen[1].w.requires_grad_(False)
+    gsm2 = GradSampleModuleFastGradientClipping(frozen, loss_reduction="sum")
+    assert gsm2.unhooked_parameters() == []
+    double_backward(gsm2, _Bound(0.1), gsm2(torch.randn(5, 3)).sum(dim=1))
+    assert frozen[0].weight.grad is not None
