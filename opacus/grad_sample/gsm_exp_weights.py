@@ -3,7 +3,8 @@
 ``torch.nn.utils._per_sample_grad.call_for_per_sample_grads`` runs the model with every trainable
 parameter replaced by an ``ExpandedWeight``, whose backward writes ``p.grad_sample`` for the layers
 PyTorch supports (Linear, Conv, Embedding, the norms).  Unlike the hooks it does not fill
-``p.grad`` and it refuses to accumulate over several backward passes.
+``p.grad`` and it refuses to accumulate over several backward passes (a forward while
+``grad_sample`` still holds a pass raises ``ValueError``).
 """
 
 import torch
@@ -53,6 +54,21 @@ class GradSampleModuleExpandedWeights(AbstractGradSampleModule):
     def forward(self, x: torch.Tensor, *args, **kwargs):
         """Run the wrapped module through torch's per-sample-gradient context (batch on dim 0 of
         ``x``), so that the next backward fills ``p.grad_sample``."""
+        held = [
+            name
+            for name, p in self._module.named_parameters()
+            if p.requires_grad and getattr(p, "grad_sample", None) is not None
+        ]
+        if held:
+            # torch's expanded weights would add this pass's rows to the previous ones (samples
+            # of two batches mixed); it refuses any forward then, with a less helpful error.
+            raise ValueError(
+                f"{type(self).__name__}: gradient accumulation is not supported in "
+                f"grad_sample_mode='ew' ({held[0]} still holds the per-sample gradients of an "
+                "earlier backward pass). Call optimizer.zero_grad() (or zero_grad() on this "
+                "module) after every step and before any other forward, or use "
+                "grad_sample_mode='hooks', which keeps one chunk per backward pass."
+            )
         batch_size = x.shape[0]
         wrapped = self._call_for_per_sample_grads(
             self._module,

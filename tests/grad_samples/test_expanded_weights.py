@@ -45,8 +45,12 @@ def test_ew_time_major_is_refused():
 def test_ew_refuses_accumulation():
     model = _model()
     ew = GradSampleModuleExpandedWeights(model, loss_reduction="sum")
-    ew(torch.randn(2, 4)).sum().backward()
-    with pytest.raises(RuntimeError, match="grad_sample"):
+    x = torch.randn(2, 4)
+    ew(x).sum().backward()
+    first = {n: g.clone() for n, g in grad_samples_of(ew).items()}
+    with pytest.raises(ValueError, match="(?s)accumulation is not supported.*'hooks'"):
         ew(torch.randn(2, 4)).sum().backward()
+    assert_grad_samples_close(grad_samples_of(ew), first)  # the first pass is untouched
     ew.zero_grad()
-    ew(torch.randn(2, 4)).sum().backward()
+    ew(x).sum().backward()
+    assert_grad_samples_close(grad_samples_of(ew), first)
