@@ -173,10 +173,8 @@ def _dataset_size(data_loader: DataLoader, where: str) -> int:
     return size
 
 
-def _hooks_owner(module: nn.Module) -> Optional[object]:
-    """The Opacus hooks object whose hooks ``module`` (or a submodule) carries, if any."""
-    if getattr(module, "autograd_grad_sample_hooks", None) is not None:
-        return module
+def _hooked_by(module: nn.Module) -> Optional[str]:
+    """Where the Opacus hooks ``module`` (or a submodule) already carries come from, if any."""
     for sub in module.modules():
         for table in (sub._forward_pre_hooks, sub._forward_hooks):
             for hook in table.values():
@@ -184,7 +182,9 @@ def _hooks_owner(module: nn.Module) -> Optional[object]:
                     getattr(hook, "func", None), "__self__", None
                 )
                 if isinstance(owner, AbstractGradSampleHooks):
-                    return owner
+                    return type(owner).__name__
+    if getattr(module, "autograd_grad_sample_hooks", None) is not None:
+        return "attribute 'autograd_grad_sample_hooks'"
     return None
 
 
@@ -267,11 +267,11 @@ class PrivacyEngine:
                     f"batch_first={batch_first}, loss_reduction={loss_reduction!r}."
                 )
             return module
-        owner = _hooks_owner(module)
-        if owner is not None:
+        hooked_by = _hooked_by(module)
+        if hooked_by is not None:
             raise ValueError(
                 "PrivacyEngine.make_private: the module already carries Opacus per-sample "
-                f"gradient hooks ({type(owner).__name__}, installed by an earlier make_private "
+                f"gradient hooks ({hooked_by}, installed by an earlier make_private "
                 "or GradSampleModule call); hooking it again would compute every per-sample "
                 "gradient twice. Pass the module that earlier call returned, or remove its hooks "
                 "first (remove_hooks() / cleanup() on it)."
