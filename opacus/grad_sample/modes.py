@@ -71,6 +71,9 @@ class GradSampleMode:
         fsdp: parameters may be FSDP shards; the optimizer reads the gradient shard FSDP reduced.
         skips_batch_gradient: under ``PrivacyEngine`` (no data parallelism) the hooks may skip the
             discarded non-private batch gradient (``compute_batch_gradients = False``).
+        grad_sample_before_grad: each ``p.grad_sample`` is complete before ``p.grad`` is
+            accumulated, so per-layer clipping with DDP can run in gradient hooks during backward
+            (``DistributedPerLayerOptimizer``); otherwise it runs at step.
     """
 
     name: str
@@ -83,6 +86,7 @@ class GradSampleMode:
     hooks_take_max_grad_norm: bool = False
     fsdp: bool = False
     skips_batch_gradient: bool = False
+    grad_sample_before_grad: bool = False
 
     @property
     def clips_in_backward(self) -> bool:
@@ -116,6 +120,7 @@ GRAD_SAMPLE_MODES: Dict[str, GradSampleMode] = {
             PER_SAMPLE_GRADIENTS,
             _ALL_CLIPPINGS,
             skips_batch_gradient=True,
+            grad_sample_before_grad=True,
         ),
         GradSampleMode(
             "functorch",

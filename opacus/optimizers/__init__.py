@@ -78,7 +78,7 @@ def get_optimizer_class(clipping: str, distributed: bool, grad_sample_mode: str 
     if clipping == "per_layer":
         if not distributed:
             return DPPerLayerOptimizer
-        if mode.name == "hooks":
+        if mode.grad_sample_before_grad:
             return DistributedPerLayerOptimizer
         return SimpleDistributedPerLayerOptimizer
     # clipping == "adaptive"
