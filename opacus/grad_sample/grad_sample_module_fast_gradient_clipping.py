@@ -242,7 +242,11 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         the segment with gradients off, then again inside the backward pass, where its own
         backward delivers the output gradients: that re-run is the one captured.
         """
-        if self.hooks_enabled and module.training and requires_grad(module, recurse=True):
+        if (
+            self.hooks_enabled
+            and self._training_forward(module)
+            and requires_grad(module, recurse=True)
+        ):
             if _in_backward():
                 if not self._calls_to_recompute.get(module):
                     return
