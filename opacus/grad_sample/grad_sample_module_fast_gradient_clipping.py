@@ -128,6 +128,13 @@ def _shared_params(module: nn.Module) -> set:
 class GradSampleHooksFastGradientClipping(GradSampleHooks):
     """Hooks that store per-sample gradient norms ``p._norm_sample`` instead of ``p.grad_sample``.
 
+    Every trainable parameter has ``grad_sample = None`` from construction on, and keeps it:
+    where a norm comes from a materialised per-sample gradient (``use_ghost_clipping=False``,
+    layers without a norm sampler, layers called several times per forward, tied weights), that
+    gradient is reduced to its ``(batch,)`` norms once the backward pass is complete and
+    ``grad_sample`` is set back to None.  Layers used twice (or sharing a parameter) are thus
+    clipped exactly, where Opacus 1.6 refuses them under ghost clipping.
+
     Args:
         m: the model.
         batch_first, loss_reduction, strict, force_functorch: as for ``GradSampleHooks``.
