@@ -53,11 +53,11 @@ def _init(rank, world_size, init_file):
     )
 
 
-def _ddp_bmm_run(rank, out):
+def _ddp_bmm_run(rank, out, grad_sample_mode):
     x, y, idx = _data()
     ddp = DDP(_model())
     engine = PrivacyEngine(accountant="rdp")
-    model, opt, dl = engine.make_private(
+    made = engine.make_private(
         module=ddp,
         optimizer=torch.optim.SGD(ddp.parameters(), lr=LR),
         data_loader=DataLoader(
@@ -67,7 +67,12 @@ def _ddp_bmm_run(rank, out):
         ),
         noise_multiplier=0.0,
         max_grad_norm=CLIP,
+        grad_sample_mode=grad_sample_mode,
     )
+    if len(made) == 4:  # ghost clipping: the DP criterion runs the clipped second pass
+        model, opt, criterion, dl = made
+    else:
+        (model, opt, dl), criterion = made, _loss
     out["sync"] = ddp.require_backward_grad_sync
     out["optimizer"] = type(opt).__name__
     out["expected_batch_size"] = opt.expected_batch_size
@@ -83,7 +88,7 @@ def _ddp_bmm_run(rank, out):
         for xb, yb, ib in pdl:
             physical.append(ib.tolist())
             opt.zero_grad()
-            _loss(model(xb), yb).backward()
+            criterion(model(xb), yb).backward()
             opt.step()
     # logical batches: the physical ones between two real steps
     logical, start = [], 0
@@ -141,7 +146,9 @@ def _worker(rank, world_size, init_file, out_dir):
     _init(rank, world_size, init_file)
     try:
         out = {}
-        _ddp_bmm_run(rank, out)
+        for mode in ("hooks", "ghost"):
+            out[mode] = {}
+            _ddp_bmm_run(rank, out[mode], mode)
         _per_layer_refusal(rank, out)
         _dpddp_per_layer(rank, out)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -176,10 +183,14 @@ def results():
 
 
 @pytest.mark.slow
-def test_ddp_bmm_poisson_update_is_the_clipped_sum_of_the_union(results):
-    r0, r1 = results
-    for r in results:
-        assert r["optimizer"] == "DistributedDPOptimizer"
+@pytest.mark.parametrize(
+    "mode, optimizer",
+    [("hooks", "DistributedDPOptimizer"), ("ghost", "DistributedDPOptimizerFastGradientClipping")],
+)
+def test_ddp_bmm_poisson_update_is_the_clipped_sum_of_the_union(results, mode, optimizer):
+    r0, r1 = (r[mode] for r in results)
+    for r in (r0, r1):
+        assert r["optimizer"] == optimizer
         assert r["sync"] is False  # DDP never all-reduces raw gradients
         assert r["expected_batch_size"] == BATCH // 2
     # every rank takes the same number of optimizer steps ...
@@ -189,7 +200,7 @@ def test_ddp_bmm_poisson_update_is_the_clipped_sum_of_the_union(results):
     union = [a + b for a, b in zip(r0["logical"], r1["logical"])]
     assert all(len(set(u)) == len(u) for u in union)  # the ranks' shards are disjoint
     expected = _oracle(union)
-    for r in results:
+    for r in (r0, r1):
         for got, want in zip(r["params"], expected):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
         assert r["history"] == [(0.0, BATCH / N, len(union))]
