@@ -3,6 +3,10 @@
 Unlike ``torch.nn.parallel.DistributedDataParallel`` it registers no gradient hooks: with DP the
 gradients to reduce across ranks are the *clipped* per-sample gradient sums, which only exist in
 the optimizer (``DistributedDPOptimizer`` all-reduces them and rank 0 alone adds the noise).
+A model wrapped in torch's ``DistributedDataParallel`` instead gets the same treatment from
+``PrivacyEngine.make_private``: DDP's own all-reduce of the raw gradients is switched off
+(``require_backward_grad_sync = False``, as inside ``no_sync()``), so ranks that run different
+numbers of backward passes (Poisson batches split by ``BatchMemoryManager``) stay in step.
 """
 
 import torch.distributed as dist
