@@ -427,7 +427,12 @@ class DPTensorFastGradientClipping(object):
         return _batch_loss(self.loss_per_sample.detach(), self.loss_reduction)
 
     def __str__(self):
-        return f"{type(self).__name__}(loss={self.detach()!r}, reduction={self.loss_reduction!r})"
+        value = (
+            self.detach()
+            if self.loss_reduction in _REDUCTIONS
+            else self.loss_per_sample.detach()  # never raise from repr
+        )
+        return f"{type(self).__name__}(loss={value!r}, reduction={self.loss_reduction!r})"
 
     __repr__ = __str__
 

@@ -41,6 +41,8 @@ def test_item_and_detach_exact_values():
     assert torch.is_tensor(d) and not d.requires_grad and d.item() == 6.0
     with pytest.raises(ValueError, match="loss_reduction"):
         _tensor(reduction="none").item()
+    assert "reduction='none'" in repr(_tensor(reduction="none"))  # repr never raises
+    assert "6." in str(_tensor(reduction="sum"))
 
 
 def _same_context(result, t):
