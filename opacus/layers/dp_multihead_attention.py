@@ -389,6 +389,24 @@ _SEPARATE_WEIGHTS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 _SEQUENCE_BIASES = (("bias_k", "seq_bias_k"), ("bias_v", "seq_bias_v"))
 
 
+def _as_saved(parts, shape=None):
+    """One saved tensor made of ``parts`` (concatenated on dim 0, or one part viewed as ``shape``).
+
+    With ``state_dict(keep_vars=True)`` the parts are parameters: the result is then a detached
+    leaf that carries the parts' gradients too, so gradients compare key by key with
+    ``nn.MultiheadAttention``'s (whose ``in_proj_weight`` is one parameter).
+    """
+    value = (
+        torch.cat([t.detach() for t in parts]) if shape is None else parts[0].detach().view(shape)
+    )
+    if any(t.requires_grad for t in parts):
+        value.requires_grad_(True)
+        grads = [t.grad for t in parts]
+        if all(g is not None for g in grads):
+            value.grad = torch.cat(grads) if shape is None else grads[0].view(shape)
+    return value
+
+
 def _save_as_torch_mha(module, state_dict, prefix, local_metadata):
     """State-dict post-hook: rewrite our entries into nn.MultiheadAttention's, in place.
 
@@ -403,19 +421,19 @@ def _save_as_torch_mha(module, state_dict, prefix, local_metadata):
     weights = [found.pop(f"{p}.weight", None) for p in _PROJECTIONS]
     packed = module.kdim == e and module.vdim == e  # torch's _qkv_same_embed_dim
     if packed and all(w is not None for w in weights):
-        converted["in_proj_weight"] = torch.cat(weights)
+        converted["in_proj_weight"] = _as_saved(weights)
     else:  # separate weights; partial (filtered) packed dicts keep the internal names
         names = [f"{p}.weight" for p in _PROJECTIONS] if packed else _SEPARATE_WEIGHTS
         converted.update({n: w for n, w in zip(names, weights) if w is not None})
     biases = [found.pop(f"{p}.bias", None) for p in _PROJECTIONS]
     if all(b is not None for b in biases):
-        converted["in_proj_bias"] = torch.cat(biases)
+        converted["in_proj_bias"] = _as_saved(biases)
     else:  # partial (filtered) dicts keep what they have, under the internal names
         converted.update({f"{p}.bias": b for p, b in zip(_PROJECTIONS, biases) if b is not None})
     for torch_name, seq in _SEQUENCE_BIASES:
         bias = found.pop(f"{seq}.bias", None)
         if bias is not None:
-            converted[torch_name] = bias.view(1, 1, e)
+            converted[torch_name] = _as_saved([bias], (1, 1, e))
     converted.update(found)  # out_proj.weight / out_proj.bias: already torch's names
     for name, value in converted.items():
         state_dict[prefix + name] = value

@@ -262,3 +262,20 @@ def test_fixed_and_wrapped_models_keep_the_checkpoint_format():
     other.load_state_dict(wrapped.state_dict())
     assert_same_state_dict(other.state_dict(), wrapped.state_dict())
     assert are_state_dict_equal(other._module.state_dict(), ref.state_dict())
+
+
+@pytest.mark.parametrize("add_bias_kv", [False, True])
+def test_mha_keep_vars_state_dict_carries_gradients(add_bias_kv):
+    """Gradients compare key by key with nn.MultiheadAttention via state_dict(keep_vars=True)."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(8, 2, add_bias_kv=add_bias_kv)
+    dp = DPMultiheadAttention(8, 2, add_bias_kv=add_bias_kv)
+    dp.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 2, 8)
+    ref(x, x, x)[0].pow(2).sum().backward()
+    dp(x, x, x)[0].pow(2).sum().backward()
+    ours, theirs = dp.state_dict(keep_vars=True), ref.state_dict(keep_vars=True)
+    assert list(ours) == list(theirs)
+    for key, value in ours.items():
+        assert value.is_leaf and value.grad is not None, key
+        torch.testing.assert_close(value.grad, theirs[key].grad, atol=1e-5, rtol=1e-5)
