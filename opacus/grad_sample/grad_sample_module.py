@@ -570,27 +570,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self.force_functorch = force_functorch
         self.batch_first = batch_first
         names = {mod: name for name, mod in root.named_modules()}
-        targets = []
-        for module in self.iterate_submodules(root):
-            if id(module) in getattr(self, "_skipped", ()):
-                continue
-            sampler = self._sampler_for(module, force_functorch)
-            if sampler is None:
-                try:
-                    prepare_layer(module, batch_first=batch_first)
-                except NotImplementedError as err:
-                    if getattr(self, "_strict", True):
-                        self._remove_ft_attributes([m for m, _ in targets])
-                        raise NotImplementedError(
-                            f"{type(self).__name__}: layer '{names.get(module) or '<root>'}' "
-                            f"({type(module).__name__}) cannot get per-sample gradients: {err}"
-                        ) from err
-                    warnings.warn(
-                        f"per-sample gradients will be missing for '{names.get(module)}': {err}",
-                        stacklevel=2,
-                    )
-                    continue
-            targets.append((module, sampler))
+        targets = self._hook_targets(root, names, batch_first, force_functorch)
         self._structure = ModelStructure(root)
         self._batch_norms = [
             (n or "<root>", m) for n, m in root.named_modules() if is_batch_norm(m)
@@ -620,6 +600,36 @@ class GradSampleHooks(AbstractGradSampleHooks):
             p.grad_sample = None
             p._forward_counter = 0
         self.enable_hooks()
+
+    def _hook_targets(self, root, names, batch_first, force_functorch) -> list:
+        """``(module, sampler)`` for every module to hook; ``sampler`` None means ``torch.func``
+        (``prepare_layer`` done). An unsupported layer raises, or is skipped with a warning
+        when not strict."""
+        targets = []
+        for module in self.iterate_submodules(root):
+            if id(module) in getattr(self, "_skipped", ()):
+                continue
+            sampler = self._sampler_for(module, force_functorch)
+            if sampler is None:
+                try:
+                    prepare_layer(module, batch_first=batch_first)
+                except NotImplementedError as err:
+                    self._unsupported_layer(err, names.get(module), module, targets)
+                    continue
+            targets.append((module, sampler))
+        return targets
+
+    def _unsupported_layer(self, err, name, module, targets) -> None:
+        if getattr(self, "_strict", True):
+            self._remove_ft_attributes([m for m, _ in targets])
+            raise NotImplementedError(
+                f"{type(self).__name__}: layer '{name or '<root>'}' "
+                f"({type(module).__name__}) cannot get per-sample gradients: {err}"
+            ) from err
+        warnings.warn(
+            f"per-sample gradients will be missing for '{name}': {err}",
+            stacklevel=4,
+        )
 
     def hooked_parameters(self, module: nn.Module) -> Iterable[nn.Parameter]:
         """The parameters whose per-sample gradients ``module``'s hook computes (its subtree)."""

@@ -232,6 +232,36 @@ class DPMultiheadAttention(nn.Module):
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
 
+        q, k, v = self._project_heads(query, key, value)
+        n, _, tgt_len, _ = q.shape
+        mask = self._merged_mask(key_padding_mask, attn_mask, n, tgt_len, k.shape[2], q.dtype)
+        if need_weights:
+            attn, weights = self._attention_with_weights(q, k, v, mask)
+        else:
+            # Torch drops the mask for the causal kernel in exactly this case; so do we.
+            use_causal = is_causal and key_padding_mask is None
+            attn = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=None if use_causal else mask,
+                dropout_p=self.dropout.p if self.training else 0.0,
+                is_causal=use_causal,
+            )
+            weights = None
+
+        attn = attn.transpose(1, 2).reshape(n, tgt_len, self.embed_dim)
+        if not self.batch_first:
+            attn = attn.transpose(0, 1)
+        output = self.out_proj(attn)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if is_batched:
+            return output, weights
+        return output.squeeze(batch_dim), None if weights is None else weights.squeeze(0)
+
+    def _project_heads(self, query, key, value):
+        """q, k, v of shape ``(N, H, L or S', head_dim)`` (S' counting the added keys)."""
         # The inner layers see the promised layout (batch on `batch_dim`); see module docstring.
         q = self.qlinear(query)
         k = self.klinear(key)
@@ -242,52 +272,23 @@ class DPMultiheadAttention(nn.Module):
         if not self.batch_first:
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
 
-        n, tgt_len, _ = q.shape
+        n = q.shape[0]
         heads, head_dim = self.num_heads, self.head_dim
-        q = q.reshape(n, tgt_len, heads, head_dim).transpose(1, 2)
-        k = k.reshape(n, k.shape[1], heads, head_dim).transpose(1, 2)
-        v = v.reshape(n, v.shape[1], heads, head_dim).transpose(1, 2)
+        q, k, v = (t.reshape(n, t.shape[1], heads, head_dim).transpose(1, 2) for t in (q, k, v))
         if self.add_zero_attn:
             zeros = q.new_zeros(n, heads, 1, head_dim)
             k = torch.cat([k, zeros], dim=2)
             v = torch.cat([v, zeros], dim=2)
-        src_len = k.shape[2]
+        return q, k, v
 
-        mask = self._merged_mask(key_padding_mask, attn_mask, n, tgt_len, src_len, q.dtype)
-        dropout_p = self.dropout.p if self.training else 0.0
-        if need_weights:
-            # Scale q before the product, as torch does, so the results agree to the last bits.
-            scores = (q * math.sqrt(1.0 / head_dim)) @ k.transpose(-2, -1)
-            if mask is not None:
-                scores = scores + mask
-            weights = torch.softmax(scores, dim=-1)
-            weights = self.dropout(weights)
-            attn = weights @ v
-        else:
-            # Torch drops the mask for the causal kernel in exactly this case; so do we.
-            use_causal = is_causal and key_padding_mask is None
-            attn = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=None if use_causal else mask,
-                dropout_p=dropout_p,
-                is_causal=use_causal,
-            )
-            weights = None
-
-        attn = attn.transpose(1, 2).reshape(n, tgt_len, self.embed_dim)
-        if not self.batch_first:
-            attn = attn.transpose(0, 1)
-        output = self.out_proj(attn)
-
-        if weights is not None and average_attn_weights:
-            weights = weights.mean(dim=1)
-        if not is_batched:
-            output = output.squeeze(batch_dim)
-            if weights is not None:
-                weights = weights.squeeze(0)
-        return output, weights
+    def _attention_with_weights(self, q, k, v, mask):
+        """Explicit softmax attention: the output ``(N, H, L, head_dim)`` and its weights."""
+        # Scale q before the product, as torch does, so the results agree to the last bits.
+        scores = (q * math.sqrt(1.0 / self.head_dim)) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        weights = self.dropout(torch.softmax(scores, dim=-1))
+        return weights @ v, weights
 
     def _check_shapes(self, query, key, value, key_padding_mask, attn_mask) -> bool:
         """Validate input shapes the way nn.MultiheadAttention does; True if batched (3-D)."""
@@ -320,6 +321,11 @@ class DPMultiheadAttention(nn.Module):
                 f"{name}: key and value must agree on the sequence and batch dimensions, got "
                 f"{tuple(key.shape)} and {tuple(value.shape)}"
             )
+        return self._check_batch_and_masks(query, key, key_padding_mask, attn_mask)
+
+    def _check_batch_and_masks(self, query, key, key_padding_mask, attn_mask) -> bool:
+        """Second half of ``_check_shapes``: batch sizes and mask ranks; True if batched."""
+        name = "DPMultiheadAttention"
         is_batched = query.dim() == 3
         if is_batched:
             b = 0 if self.batch_first else 1
@@ -452,40 +458,63 @@ def _load_from_torch_mha(
     nn.MultiheadAttention loads into the same model after ``ModuleValidator.fix``. Keys already
     in the internal format pass through unchanged.
     """
+    keys = _TorchMhaKeys(module.embed_dim, state_dict, prefix, errors)
     e = module.embed_dim
+    keys.split_packed(
+        "in_proj_weight",
+        "weight",
+        lambda w: w.dim() == 2 and w.shape[0] == 3 * e,
+        f"({3 * e}, {e})",
+    )
+    for name, ours in zip(_SEPARATE_WEIGHTS, _PROJECTIONS):
+        keys.rename(name, f"{ours}.weight")
+    keys.split_packed("in_proj_bias", "bias", lambda b: tuple(b.shape) == (3 * e,), f"({3 * e},)")
+    for name, ours in _SEQUENCE_BIASES:
+        keys.sequence_bias(name, ours)
 
-    def pop(name):
-        return state_dict.pop(prefix + name, None)
 
-    def wrong_shape(name, value, expected):
-        errors.append(
-            f"DPMultiheadAttention: '{prefix}{name}' has shape {tuple(value.shape)}, expected "
-            f"{expected} (embed_dim={e}); is the checkpoint from a layer with the same embed_dim, "
-            "kdim and vdim?"
+class _TorchMhaKeys:
+    """Rewrites one nn.MultiheadAttention state dict's keys (``_load_from_torch_mha``)."""
+
+    def __init__(self, embed_dim, state_dict, prefix, errors):
+        self.e = embed_dim
+        self.state_dict = state_dict
+        self.prefix = prefix
+        self.errors = errors
+
+    def pop(self, name):
+        return self.state_dict.pop(self.prefix + name, None)
+
+    def wrong_shape(self, name, value, expected):
+        self.errors.append(
+            f"DPMultiheadAttention: '{self.prefix}{name}' has shape {tuple(value.shape)}, "
+            f"expected {expected} (embed_dim={self.e}); is the checkpoint from a layer with the "
+            "same embed_dim, kdim and vdim?"
         )
 
-    in_proj_weight = pop("in_proj_weight")
-    if in_proj_weight is not None:
-        if in_proj_weight.dim() != 2 or in_proj_weight.shape[0] != 3 * e:
-            wrong_shape("in_proj_weight", in_proj_weight, f"({3 * e}, {e})")
+    def rename(self, name, ours):
+        value = self.pop(name)
+        if value is not None:
+            self.state_dict[f"{self.prefix}{ours}"] = value
+
+    def split_packed(self, name, kind, shape_ok, expected):
+        """``in_proj_*``: the q, k, v thirds go to the three projections' ``kind``."""
+        packed = self.pop(name)
+        if packed is None:
+            return
+        if not shape_ok(packed):
+            self.wrong_shape(name, packed, expected)
+            return
+        e = self.e
+        for i, ours in enumerate(_PROJECTIONS):
+            self.state_dict[f"{self.prefix}{ours}.{kind}"] = packed[i * e : (i + 1) * e]
+
+    def sequence_bias(self, name, ours):
+        """``bias_k``/``bias_v`` ``(1, 1, E)``: the sequence-bias layer's ``(E,)`` bias."""
+        bias = self.pop(name)
+        if bias is None:
+            return
+        if bias.numel() != self.e:
+            self.wrong_shape(name, bias, f"(1, 1, {self.e})")
         else:
-            for i, name in enumerate(_PROJECTIONS):
-                state_dict[f"{prefix}{name}.weight"] = in_proj_weight[i * e : (i + 1) * e]
-    for name, ours in zip(_SEPARATE_WEIGHTS, _PROJECTIONS):
-        weight = pop(name)
-        if weight is not None:
-            state_dict[f"{prefix}{ours}.weight"] = weight
-    in_proj_bias = pop("in_proj_bias")
-    if in_proj_bias is not None:
-        if tuple(in_proj_bias.shape) != (3 * e,):
-            wrong_shape("in_proj_bias", in_proj_bias, f"({3 * e},)")
-        else:
-            for i, name in enumerate(_PROJECTIONS):
-                state_dict[f"{prefix}{name}.bias"] = in_proj_bias[i * e : (i + 1) * e]
-    for name, ours in _SEQUENCE_BIASES:
-        bias = pop(name)
-        if bias is not None:
-            if bias.numel() != e:
-                wrong_shape(name, bias, f"(1, 1, {e})")
-            else:
-                state_dict[f"{prefix}{ours}.bias"] = bias.reshape(e)
+            self.state_dict[f"{self.prefix}{ours}.bias"] = bias.reshape(self.e)

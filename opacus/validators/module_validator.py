@@ -185,19 +185,7 @@ class ModuleValidator:
         fixer = _lookup(cls.FIXERS, type(module))
         replacement = module
         if fixer is not None and has_trainable_params(module):
-            try:
-                replacement = _call_fixer(fixer, module, kwargs)
-            except UnsupportedModuleError as error:
-                raise _located(error, name, module) from error
-            except Exception as error:
-                where = f"'{name}'" if name else "the model itself"
-                error.add_note(f"(raised while fixing {where}: {type(module).__name__})")
-                raise
-            if replacement is not module:
-                device = _device_of(module)
-                if device is not None:
-                    replacement = replacement.to(device)
-                logger.info("Replaced sub_module %s : %s with %s", name, module, replacement)
+            replacement = _fix_one(fixer, module, name, kwargs)
         memo[id(module)] = replacement
         return replacement
 
@@ -207,6 +195,24 @@ class ModuleValidator:
         fixed = cls.fix(module, **kwargs)
         cls.validate(fixed, strict=True)
         return fixed
+
+
+def _fix_one(fixer: Callable, module: nn.Module, name: str, kwargs) -> nn.Module:
+    """``fixer(module)`` on ``module``'s device; errors name the submodule's path ``name``."""
+    try:
+        replacement = _call_fixer(fixer, module, kwargs)
+    except UnsupportedModuleError as error:
+        raise _located(error, name, module) from error
+    except Exception as error:
+        where = f"'{name}'" if name else "the model itself"
+        error.add_note(f"(raised while fixing {where}: {type(module).__name__})")
+        raise
+    if replacement is not module:
+        device = _device_of(module)
+        if device is not None:
+            replacement = replacement.to(device)
+        logger.info("Replaced sub_module %s : %s with %s", name, module, replacement)
+    return replacement
 
 
 def _device_of(module: nn.Module) -> Optional[torch.device]:
