@@ -11,8 +11,9 @@ well an adversary can tell whether a canary was in the training data and turns t
 * :mod:`opacus.auditing.dp_sgd`: the white-box audits of ``PrivacyEngine`` runs: gradient
   canaries (``audit_dp_sgd``, many runs; ``audit_dp_sgd_one_run``, Steinke et al. 2023) and a
   crafted input canary (``audit_dp_sgd_input_canary``), which also exercises the grad samplers.
-* :mod:`opacus.auditing.sabotage`: deliberately broken DP-SGD variants (and one harmless one)
-  for checking that an audit catches privacy bugs.
+
+Deliberately broken DP-SGD variants, for checking that an audit catches privacy bugs, are not
+shipped in the package: see ``examples/sabotage.py`` (used by ``examples/audit_dp_sgd.py``).
 
 Example:
     >>> import torch

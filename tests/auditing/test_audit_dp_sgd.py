@@ -25,7 +25,7 @@ from opacus.auditing import (
     audit_dp_sgd_one_run,
     run_canary_experiment,
 )
-from opacus.auditing.sabotage import (
+from tests.auditing.sabotage import (
     MixedSamples,
     NoClipping,
     QuietNoise,

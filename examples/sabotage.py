@@ -5,6 +5,10 @@ optimizer that ``PrivacyEngine.make_private`` returns).  All but ``SwappedSample
 guarantee the accountant reports, so a sound, powerful enough audit must find
 ``eps_lower > eps_claimed``; ``SwappedSamples`` is harmless (the clipped sum does not depend on
 the order of the samples) and must not be flagged.  Never train with them.
+
+Not part of the installed ``opacus`` package (nothing privacy-breaking ships with it): used by
+``examples/audit_dp_sgd.py`` (next to this file) and by the tests (``tests/auditing/sabotage.py``
+loads this file).
 """
 
 from typing import Callable, Optional
