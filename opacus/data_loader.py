@@ -20,6 +20,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
 from opacus.utils.uniform_sampler import (
+    CyclicPoissonSampler,
     DistributedUniformWithReplacementSampler,
     UniformWithReplacementSampler,
 )
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CollateFnWithEmpty",
+    "CyclicPoissonDataLoader",
+    "CyclicPoissonSampler",
     "DPDataLoader",
     "DistributedUniformWithReplacementSampler",
     "UniformWithReplacementSampler",
@@ -457,3 +460,131 @@ def switch_generator(*, data_loader: DataLoader, generator):
         generator=generator,
         **_worker_settings(data_loader),
     )
+
+
+class CyclicPoissonDataLoader(DataLoader):
+    """``DataLoader`` with cyclic Poisson sampling (:class:`CyclicPoissonSampler`), the sampling
+    that banded matrix-factorization noise (``make_private(noise_mechanism="banded_mf")``) needs.
+
+    The dataset is split once (seeded by ``group_seed``) into ``bands`` disjoint groups; step
+    ``t`` draws each sample of group ``t mod bands`` with probability ``sample_rate``. The
+    expected batch size is ``sample_rate * len(dataset) / bands``. ``sample_rate`` (on the loader
+    and its ``batch_sampler``) is the per-step rate within the group: the rate the privacy
+    reduction (DP-SGD with ``ceil(T / bands)`` steps at rate ``sample_rate``) uses. Empty batches,
+    ``collate_fn``, ``generator`` and the other keyword arguments are handled as by
+    :class:`DPDataLoader`.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        sample_rate: float,
+        bands: int,
+        group_seed: int = 0,
+        steps: Optional[int] = None,
+        collate_fn: Optional[Callable[[List[Any]], Any]] = None,
+        generator=None,
+        distributed: bool = False,
+        batch_first: bool = True,
+        rand_on_empty: bool = False,
+        **kwargs,
+    ):
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "CyclicPoissonDataLoader needs a map-style dataset (with __len__ and "
+                "__getitem__): Poisson sampling draws indices. IterableDataset is not supported."
+            )
+        for forbidden in ("batch_size", "batch_sampler", "sampler", "shuffle", "drop_last"):
+            if forbidden in kwargs:
+                raise ValueError(
+                    f"CyclicPoissonDataLoader chooses batches by cyclic Poisson sampling; do not "
+                    f"pass {forbidden}= (set sample_rate = expected_batch_size * bands / "
+                    "len(dataset) instead)."
+                )
+        self.distributed = distributed
+        batch_sampler = CyclicPoissonSampler(
+            num_samples=len(dataset),
+            sample_rate=sample_rate,
+            bands=bands,
+            group_seed=group_seed,
+            generator=generator,
+            steps=steps,
+            distributed=distributed,
+        )
+        super().__init__(
+            dataset=dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=_collate_for_dataset(
+                dataset, collate_fn, batch_first=batch_first, rand_on_empty=rand_on_empty
+            ),
+            **kwargs,
+        )
+
+    @property
+    def sample_rate(self) -> float:
+        """The per-step Poisson rate within the current group: what the accountant records."""
+        return self.batch_sampler.sample_rate
+
+    @property
+    def bands(self) -> int:
+        return self.batch_sampler.bands
+
+    @classmethod
+    def from_data_loader(
+        cls,
+        data_loader: DataLoader,
+        *,
+        bands: int,
+        group_seed: int = 0,
+        distributed: bool = False,
+        generator=None,
+        batch_first: bool = True,
+        rand_on_empty: bool = False,
+    ):
+        """A cyclic Poisson loader over the same dataset with the same expected batch size and
+        epoch length: ``sample_rate = bands / len(data_loader)`` within each group (it must be
+        at most 1: a batch cannot be larger than a group) and ``len(data_loader)`` steps per
+        epoch. Collate function and worker settings are kept."""
+        owner = "CyclicPoissonDataLoader.from_data_loader"
+        if isinstance(data_loader.dataset, IterableDataset):
+            raise ValueError(f"{owner}: cyclic Poisson sampling needs a map-style dataset.")
+        batch_sampler = data_loader.batch_sampler
+        if isinstance(batch_sampler, (CyclicPoissonSampler,) + _POISSON_SAMPLERS):
+            raise ValueError(
+                f"{owner}: the data loader already Poisson-samples "
+                f"({type(batch_sampler).__name__}); build CyclicPoissonDataLoader(dataset, "
+                "sample_rate=..., bands=...) directly."
+            )
+        if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+            raise ValueError(
+                f"{owner}: the data loader uses a custom batch_sampler "
+                f"({type(batch_sampler).__name__}); build CyclicPoissonDataLoader(dataset, "
+                "sample_rate=..., bands=...) directly."
+            )
+        num_batches = len(data_loader)
+        if num_batches == 0:
+            raise ValueError(f"{owner}: the data loader yields no batches.")
+        sample_rate = bands * _rate_for_batches(num_batches)
+        if sample_rate > 1.0:
+            raise ValueError(
+                f"{owner}: bands={bands} groups of about {len(data_loader.dataset) // bands} "
+                f"samples are smaller than the expected batch size; use at most {num_batches} "
+                "bands or a smaller batch size."
+            )
+        collate_fn = data_loader.collate_fn
+        if isinstance(collate_fn, CollateFnWithEmpty):
+            collate_fn = collate_fn.collator_fn
+        return cls(
+            dataset=data_loader.dataset,
+            sample_rate=sample_rate,
+            bands=bands,
+            group_seed=group_seed,
+            steps=num_batches,
+            collate_fn=collate_fn,
+            generator=generator if generator is not None else _sampler_generator(data_loader),
+            distributed=distributed,
+            batch_first=batch_first,
+            rand_on_empty=rand_on_empty,
+            **_worker_settings(data_loader),
+        )

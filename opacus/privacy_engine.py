@@ -17,26 +17,34 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.data_loader import DPDataLoader, switch_generator
+from opacus.data_loader import (
+    CyclicPoissonDataLoader,
+    DPDataLoader,
+    _rate_for_batches,
+    switch_generator,
+)
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.grad_sample.grad_sample_module import GradSampleHooks, GradSampleModule
 from opacus.grad_sample.gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule
 from opacus.grad_sample.modes import grad_sample_mode_info, validate_loss_reduction
 from opacus.grad_sample.utils import get_gsm_class, prepare_module
 from opacus.optimizers import get_optimizer_class
+from opacus.optimizers.correlated_noise import BandedMatrixFactorizationNoise
 from opacus.optimizers.ddp_perlayeroptimizer import (
     DistributedPerLayerOptimizer,
     SimpleDistributedPerLayerOptimizer,
 )
 from opacus.optimizers.noise import secure_generator
 from opacus.optimizers.optimizer import DPOptimizer
+from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 from opacus.schedulers.grad_clip_scheduler import _GradClipScheduler
 from opacus.schedulers.noise_scheduler import _NoiseScheduler
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.utils.uniform_sampler import CyclicPoissonSampler
 from opacus.validators.module_validator import ModuleValidator
 
 __all__ = [
@@ -65,6 +73,17 @@ _ACCOUNTANT_KEY = "privacy_accountant_state_dict"
 _OPTIMIZER_KEY = "optimizer_state_dict"
 _NOISE_SCHEDULER_KEY = "noise_scheduler_state_dict"
 _GRAD_CLIP_SCHEDULER_KEY = "grad_clip_scheduler_state_dict"
+_NOISE_MECHANISM_KEY = "noise_mechanism_state_dict"
+
+# make_private(**kwargs) keys of the correlated-noise mode (popped before the optimizer's kwargs).
+_BANDED_MF_KWARGS = (
+    "noise_mechanism",
+    "bands",
+    "noise_coefficients",
+    "noise_horizon",
+    "group_seed",
+    "unsafe_banded_mf_without_cyclic_sampling",
+)
 
 
 _SECURE_MODE_WARNING = (
@@ -201,6 +220,175 @@ def _stop_ddp_gradient_sync(ddp: DDP) -> None:
     ddp.require_backward_grad_sync = False
 
 
+class _BandedMF:
+    """The settings of ``make_private(noise_mechanism="banded_mf", ...)`` (see
+    ``PrivacyEngine.make_private``); ``None`` from :meth:`parse` when the mode is not asked for."""
+
+    def __init__(self, kwargs: Dict[str, Any], where: str):
+        mechanism = kwargs.pop("noise_mechanism")
+        self.unsafe = bool(kwargs.pop("unsafe_banded_mf_without_cyclic_sampling", False))
+        self.group_seed = kwargs.pop("group_seed", 0)
+        bands = kwargs.pop("bands", None)
+        coefficients = kwargs.pop("noise_coefficients", None)
+        self.horizon = kwargs.pop("noise_horizon", None)
+        if isinstance(mechanism, BandedMatrixFactorizationNoise):
+            if bands is not None and bands != mechanism.bands:
+                raise ValueError(f"{where}: bands={bands} but the mechanism has {mechanism.bands}")
+            if coefficients is not None:
+                raise ValueError(
+                    f"{where}: noise_coefficients cannot be combined with a mechanism instance"
+                )
+            self.mechanism = mechanism
+            self.bands = mechanism.bands
+            return
+        if mechanism != "banded_mf":
+            raise ValueError(
+                f"{where}: noise_mechanism={mechanism!r} is not supported: use 'banded_mf' (or a "
+                "BandedMatrixFactorizationNoise), or leave it out for DP-SGD's independent noise"
+            )
+        if bands is None or isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
+            raise ValueError(
+                f"{where}: noise_mechanism='banded_mf' needs bands=b, an integer >= 1 (the "
+                f"number of bands of C and of sampling groups), got bands={bands!r}"
+            )
+        self.bands = bands
+        self.coefficients = "sqrt" if coefficients is None else coefficients
+        self.mechanism = None  # built by build(), once the horizon is known
+
+    @classmethod
+    def parse(cls, kwargs: Dict[str, Any], where: str) -> Optional["_BandedMF"]:
+        if kwargs.get("noise_mechanism") is None:
+            kwargs.pop("noise_mechanism", None)
+            present = [k for k in _BANDED_MF_KWARGS if k in kwargs]
+            if present:
+                raise ValueError(f"{where}: {present} only apply with noise_mechanism='banded_mf'")
+            return None
+        return cls(kwargs, where)
+
+    def build(self, where: str) -> BandedMatrixFactorizationNoise:
+        if self.mechanism is not None:
+            return self.mechanism
+        if isinstance(self.coefficients, str):
+            if self.coefficients == "sqrt":
+                self.mechanism = BandedMatrixFactorizationNoise.banded_sqrt(self.bands)
+            elif self.coefficients == "optimized":
+                if self.horizon is None:
+                    raise ValueError(
+                        f"{where}: noise_coefficients='optimized' needs noise_horizon=T (the "
+                        "number of training steps the coefficients are optimised for)"
+                    )
+                self.mechanism = BandedMatrixFactorizationNoise.optimized(
+                    self.bands, int(self.horizon)
+                )
+            else:
+                raise ValueError(
+                    f"{where}: noise_coefficients={self.coefficients!r}: use 'sqrt' (default), "
+                    "'optimized' or a sequence c_0 = 1, ..., c_(b-1)"
+                )
+        else:
+            self.mechanism = BandedMatrixFactorizationNoise(self.coefficients, bands=self.bands)
+        return self.mechanism
+
+    def is_cyclic(self, data_loader: DataLoader) -> bool:
+        sampler = getattr(data_loader, "batch_sampler", None)
+        return isinstance(sampler, CyclicPoissonSampler)
+
+    def check_loader(self, data_loader: DataLoader, where: str) -> None:
+        sampler = getattr(data_loader, "batch_sampler", None)
+        if isinstance(sampler, CyclicPoissonSampler) and sampler.bands != self.bands:
+            raise ValueError(
+                f"{where}: the CyclicPoissonDataLoader has {sampler.bands} groups but "
+                f"bands={self.bands}; they must be equal"
+            )
+
+    def needs_unsafe(self, data_loader: DataLoader, poisson_sampling: bool) -> bool:
+        """b > 1 with batches that are not cyclic Poisson batches (and that the engine will not
+        turn into them)."""
+        if self.bands == 1 or self.is_cyclic(data_loader):
+            return False
+        plain = type(getattr(data_loader, "batch_sampler", None)) is BatchSampler
+        return not (poisson_sampling and plain)
+
+    def check_optimizer(self, optimizer: DPOptimizer, where: str) -> None:
+        supported = (DPOptimizer.add_noise, DPOptimizerFastGradientClipping.add_noise)
+        if type(optimizer).add_noise not in supported:
+            raise ValueError(
+                f"{where}: noise_mechanism='banded_mf' is not available with "
+                f"{type(optimizer).__name__} (it draws its noise its own way: adaptive "
+                "clipping, per-layer clipping in backward under DDP, or FSDP). Use flat or "
+                "per-layer clipping with a non-FSDP grad_sample_mode."
+            )
+
+    def hook(self, accountant, sample_rate: float, amplified: bool):
+        """The accountant's step hook: the reduced DP-SGD events (module docstring of
+        ``opacus.optimizers.correlated_noise``), or, without amplification, one full-batch event
+        per step at the noise multiplier of the per-step sensitivity."""
+        mechanism = self.mechanism
+        b = mechanism.bands
+        col = mechanism.column_norm
+        abs_prefix = [sum(abs(c) for c in mechanism.coefficients[: k + 1]) for k in range(b)]
+
+        def hook_fn(optim: DPOptimizer) -> None:
+            step = mechanism.steps - 1
+            if not amplified:
+                sensitivity = abs_prefix[min(step, b - 1)]
+                accountant.step(
+                    noise_multiplier=optim.noise_multiplier * col / sensitivity, sample_rate=1.0
+                )
+                return
+            if optim.accumulated_iterations != 1:
+                raise ValueError(
+                    "banded MF: one optimizer step took several Poisson batches "
+                    f"({optim.accumulated_iterations} backward passes); with cyclic sampling "
+                    "each step must use exactly one batch (use BatchMemoryManager for virtual "
+                    "steps)"
+                )
+            if step % b == 0:
+                accountant.step(noise_multiplier=optim.noise_multiplier, sample_rate=sample_rate)
+
+        return hook_fn
+
+
+def _unsafe_message(where: str, bands: int) -> str:
+    return (
+        f"{where}: noise_mechanism='banded_mf' with bands={bands} needs cyclic Poisson sampling "
+        "(the data set split into `bands` groups, step t sampling group t mod bands only): the "
+        "amplification theorem that reduces its privacy to DP-SGD with ceil(T / bands) steps "
+        "does not hold for this data loader (plain Poisson over the whole data set, or "
+        "poisson_sampling=False). Pass a plain DataLoader with poisson_sampling=True (the engine "
+        "makes it cyclic) or a CyclicPoissonDataLoader. "
+        "unsafe_banded_mf_without_cyclic_sampling=True keeps the loader and accounts every step "
+        "as a full-batch Gaussian mechanism without amplification (far larger epsilon)."
+    )
+
+
+def _banded_calibration(banded, data_loader, poisson_sampling, epochs, kwargs, where):
+    """``(q, ceil(T / b))`` for ``make_private_with_epsilon`` with banded MF (``b > 1``):
+    ``T = int(epochs * len(data_loader))`` steps (the cyclic loader keeps the loader's length);
+    ``q`` is the per-group rate the cyclic loader will use. Sets ``noise_horizon = T`` for
+    optimised coefficients when it is not given."""
+    if banded.needs_unsafe(data_loader, poisson_sampling):
+        raise ValueError(
+            _unsafe_message(where, banded.bands)
+            + " make_private_with_epsilon calibrates through the amplified reduction only."
+        )
+    if banded.is_cyclic(data_loader):
+        sample_rate = float(data_loader.sample_rate)
+    else:
+        sample_rate = banded.bands * _rate_for_batches(len(data_loader))
+        if sample_rate > 1.0:
+            raise ValueError(
+                f"{where}: bands={banded.bands} groups are smaller than the expected batch size; "
+                f"use at most {len(data_loader)} bands or a smaller batch size"
+            )
+    total_steps = int(epochs * len(data_loader))
+    if total_steps < 1:
+        raise ValueError(f"{where}: epochs={epochs} gives no training step")
+    if kwargs.get("noise_coefficients") == "optimized" and kwargs.get("noise_horizon") is None:
+        kwargs["noise_horizon"] = total_steps
+    return sample_rate, math.ceil(total_steps / banded.bands)
+
+
 class PrivacyEngine:
     """Entry point of DP training: wraps model, optimizer and data loader and tracks privacy.
 
@@ -294,7 +482,23 @@ class PrivacyEngine:
         distributed: bool,
         batch_first: bool,
         rand_on_empty: bool,
+        banded: Optional[_BandedMF] = None,
     ) -> DataLoader:
+        if banded is not None and banded.is_cyclic(data_loader):
+            # Already cyclic Poisson: kept (secure mode retargets its generator).
+            if self.secure_mode:
+                data_loader.batch_sampler.generator = self.secure_rng
+            return data_loader
+        if banded is not None and banded.bands > 1 and poisson_sampling:
+            return CyclicPoissonDataLoader.from_data_loader(
+                data_loader,
+                bands=banded.bands,
+                group_seed=banded.group_seed,
+                generator=self.secure_rng,
+                distributed=distributed,
+                batch_first=batch_first,
+                rand_on_empty=rand_on_empty,
+            )
         if poisson_sampling:
             return DPDataLoader.from_data_loader(
                 data_loader,
@@ -390,6 +594,13 @@ class PrivacyEngine:
         ``BatchMemoryManager``). Extra ``kwargs`` go to the optimizer.
         """
         where = f"{type(self).__name__}.make_private"
+        banded = _BandedMF.parse(kwargs, where)
+        unamplified = False
+        if banded is not None:
+            banded.check_loader(data_loader, where)
+            unamplified = banded.needs_unsafe(data_loader, poisson_sampling)
+            if unamplified and not banded.unsafe:
+                raise ValueError(_unsafe_message(where, banded.bands))
         if noise_generator is not None and self.secure_mode:
             raise ValueError(
                 "noise_generator cannot be used with secure_mode=True: secure mode draws the "
@@ -428,6 +639,7 @@ class PrivacyEngine:
             distributed=distributed,
             batch_first=batch_first,
             rand_on_empty=rand_on_empty,
+            banded=None if unamplified else banded,
         )
         self.dataset = data_loader.dataset
         sample_rate = _sample_rate_of(data_loader, where)
@@ -455,6 +667,13 @@ class PrivacyEngine:
             _stop_ddp_gradient_sync(ddp)
         # The hook records sample_rate * optimizer.accumulated_iterations at each real step.
         optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        if banded is not None:
+            banded.check_optimizer(optimizer, where)
+            optimizer.noise_mechanism = banded.build(where)
+            if banded.bands > 1:
+                optimizer.attach_step_hook(
+                    banded.hook(self.accountant, sample_rate, amplified=not unamplified)
+                )
         if mode.skips_batch_gradient and not distributed and isinstance(module, GradSampleHooks):
             # The DP optimizer replaces p.grad with the noisy clipped sum: backward need not
             # compute the non-private batch gradient (opacus.grad_sample.batch_gradients). Kept
@@ -496,6 +715,7 @@ class PrivacyEngine:
         keyword argument, of it).
         """
         where = f"{type(self).__name__}.make_private_with_epsilon"
+        banded = _BandedMF.parse({k: kwargs[k] for k in _BANDED_MF_KWARGS if k in kwargs}, where)
         if len(self.accountant.history) > 0:
             warnings.warn(
                 "The privacy accountant already has history: the noise multiplier is chosen for "
@@ -507,11 +727,17 @@ class PrivacyEngine:
         search_kwargs = {}
         if "epsilon_tolerance" in kwargs:
             search_kwargs["epsilon_tolerance"] = kwargs.pop("epsilon_tolerance")
+        if banded is not None and banded.bands > 1:
+            sample_rate, steps = _banded_calibration(
+                banded, data_loader, poisson_sampling, epochs, kwargs, where
+            )
+            search_kwargs["steps"] = steps
+        else:
+            search_kwargs["epochs"] = epochs
         noise_multiplier = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=target_delta,
             sample_rate=sample_rate,
-            epochs=epochs,
             accountant=self.accountant.mechanism(),
             **search_kwargs,
         )
@@ -589,6 +815,9 @@ class PrivacyEngine:
             checkpoint[_NOISE_SCHEDULER_KEY] = noise_scheduler.state_dict()
         if grad_clip_scheduler is not None:
             checkpoint[_GRAD_CLIP_SCHEDULER_KEY] = grad_clip_scheduler.state_dict()
+        mechanism = getattr(optimizer, "noise_mechanism", None)
+        if mechanism is not None:
+            checkpoint[_NOISE_MECHANISM_KEY] = mechanism.state_dict()
         torch.save(checkpoint, path, **(torch_save_kwargs or {}))
 
     def load_checkpoint(
@@ -634,4 +863,13 @@ class PrivacyEngine:
                 )
             elif target is not None:
                 target.load_state_dict(state)
+        mechanism = getattr(optimizer, "noise_mechanism", None)
+        if mechanism is not None and _NOISE_MECHANISM_KEY in checkpoint:
+            mechanism.load_state_dict(checkpoint[_NOISE_MECHANISM_KEY])
+        elif mechanism is not None:
+            warnings.warn(
+                "load_checkpoint: the optimizer has a noise_mechanism but the checkpoint holds "
+                "no noise_mechanism state; its noise stream restarts.",
+                stacklevel=2,
+            )
         return checkpoint

@@ -379,8 +379,11 @@ class DPOptimizer(Optimizer):
         ``summed_grad`` is marked so that no later step releases it again."""
         params = self.params
         sums = self._fresh_summed_grads(params)
+        # ``noise_mechanism`` (optional, e.g. optimizers/correlated_noise): draws the noise instead.
+        mechanism = getattr(self, "noise_mechanism", None)
+        noised = with_gaussian_noise if mechanism is None else mechanism.with_noise
         # The fresh noisy tensors become the gradients: one allocation and pass per param.
-        for i, noisy in with_gaussian_noise(
+        for i, noisy in noised(
             self._noise_std(), sums, generator=self.generator, secure_mode=self.secure_mode
         ):
             params[i].grad = noisy.view_as(params[i])

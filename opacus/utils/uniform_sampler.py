@@ -15,7 +15,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["DistributedUniformWithReplacementSampler", "UniformWithReplacementSampler"]
+__all__ = [
+    "CyclicPoissonSampler",
+    "DistributedUniformWithReplacementSampler",
+    "UniformWithReplacementSampler",
+]
 
 
 def _check_sample_rate(owner: str, sample_rate: float) -> float:
@@ -151,3 +155,94 @@ class DistributedUniformWithReplacementSampler(Sampler[torch.Tensor]):
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle the shards for ``epoch`` (same on all ranks, as DistributedSampler does)."""
         self.epoch = epoch
+
+
+class CyclicPoissonSampler(Sampler[List[int]]):
+    """Cyclic Poisson sampling for banded matrix factorization (Choquette-Choo et al. 2023).
+
+    The dataset is split once into ``bands`` disjoint groups (a random permutation from a
+    generator seeded ``group_seed``, cut into ``bands`` chunks whose sizes differ by at most one;
+    the split depends on nothing but ``num_samples``, ``bands`` and the seed). Step ``t`` (counted
+    over the sampler's whole life, across epochs) Poisson-samples group ``t mod bands`` only: each
+    of its samples joins the batch independently with probability ``sample_rate``; samples of
+    the other groups have probability 0. With ``bands = 1`` this is Poisson sampling of the whole
+    dataset (``UniformWithReplacementSampler``'s draws, from the same generator).
+
+    The expected batch size is ``sample_rate * num_samples / bands``. One epoch (each sample seen
+    once in expectation) is ``int(bands / sample_rate)`` steps by default.
+
+    With ``distributed=True`` every group is split further over the ranks of the default process
+    group (positions ``rank, rank + W, ...`` of the group): each rank Poisson-samples its share of
+    the current group, so the union over the ranks is a Poisson sample of the group.
+
+    Every yielded batch must be used for exactly one (logical) optimizer step: the privacy
+    reduction needs the step count of the noise and of the sampler to stay aligned. ``step``
+    (the number of batches drawn so far) is kept in :meth:`state_dict`.
+
+    Attributes: ``num_samples``, ``sample_rate``, ``bands``, ``group_seed``, ``generator``,
+    ``steps`` (batches per epoch), ``step``, ``groups`` (list of index tensors), ``rank``,
+    ``num_replicas``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_samples: int,
+        sample_rate: float,
+        bands: int,
+        group_seed: int = 0,
+        generator=None,
+        steps: Optional[int] = None,
+        distributed: bool = False,
+    ):
+        owner = type(self).__name__
+        if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
+            raise ValueError(f"{owner}: bands must be an integer >= 1, got {bands!r}")
+        if int(num_samples) < bands:
+            raise ValueError(
+                f"{owner}: num_samples={num_samples} is smaller than bands={bands}: every group "
+                "needs at least one sample."
+            )
+        self.num_samples = int(num_samples)
+        self.sample_rate = _check_sample_rate(owner, sample_rate)
+        self.bands = bands
+        self.group_seed = group_seed
+        self.generator = generator
+        if steps is None:
+            steps = max(1, int(bands / self.sample_rate))
+        self.steps = _batches_per_epoch(owner, self.sample_rate, steps)
+        self.step = 0
+        if distributed:
+            self.num_replicas, self.rank = dist.get_world_size(), dist.get_rank()
+        else:
+            self.num_replicas, self.rank = 1, 0
+        if bands == 1:
+            order = torch.arange(self.num_samples)
+        else:
+            g = torch.Generator()
+            g.manual_seed(group_seed)
+            order = torch.randperm(self.num_samples, generator=g)
+        self.groups = [
+            chunk[self.rank :: self.num_replicas] for chunk in torch.tensor_split(order, bands)
+        ]
+
+    def group_of(self, step: int) -> int:
+        """The group sampled at (life-long) step ``step``: ``step mod bands``."""
+        return step % self.bands
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for _ in range(self.steps):
+            group = self.groups[self.group_of(self.step)]
+            self.step += 1
+            mask = torch.rand(len(group), generator=self.generator) < self.sample_rate
+            yield group[mask].tolist()
+
+    def state_dict(self) -> dict:
+        """``{"step": ...}``: where the cycle is (the generator's state is the caller's)."""
+        return {"step": self.step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.step = int(state_dict["step"])
