@@ -15,6 +15,7 @@ from opacus.grad_sample import (  # noqa: F401  (imported to register their samp
     layer_norm,
     linear,
     rms_norm,
+    transformers_layers,
 )
 from opacus.grad_sample.grad_sample_module import (
     GradSampleHooks,

@@ -1,0 +1,271 @@
+"""transformers' Conv1D and RMSNorm-style norms: grad samplers, ghost norms and clipped sums vs
+the brute-force oracle; whole GPT-2 / Llama models through the hooks; lazy registration."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("transformers")
+
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+from opacus.grad_sample import transformers_layers as tl  # noqa: E402
+from opacus.grad_sample.registry import (  # noqa: E402
+    CLIPPED_SUM_SAMPLERS,
+    GRAD_SAMPLERS,
+    NORM_SAMPLERS,
+)
+from tests.oracle import brute_force_grad_samples  # noqa: E402
+
+RMS_NORMS = [
+    ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
+    ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"),
+    ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
+]
+
+
+def _rms_norm_class(i):
+    import importlib
+
+    module, name = RMS_NORMS[i]
+    return getattr(importlib.import_module(module), name)
+
+
+def oracle(layer, x, r):
+    """Per-sample grads of loss_i = <layer(x_i), R_i>, keyed by parameter name."""
+    return brute_force_grad_samples(layer, x, loss_fn=lambda out, t: (out * t).sum(), targets=r)
+
+
+def by_name(layer, result):
+    names = {p: n for n, p in layer.named_parameters()}
+    return {names[p]: v for p, v in result.items()}
+
+
+def check_all_three(layer, x, r, tol):
+    """grad sampler == oracle; norm sampler == oracle norms; clipped sum == sum_i w_i g_i."""
+    cls = type(layer)
+    expected = oracle(layer, x, r)
+    got = by_name(layer, GRAD_SAMPLERS[cls](layer, [x], r))
+    assert set(got) == set(expected)
+    for name, g in expected.items():
+        torch.testing.assert_close(got[name], g, **tol, msg=lambda m: f"{name}: {m}")
+    norms = by_name(layer, NORM_SAMPLERS[cls](layer, [x], r))
+    assert set(norms) == set(expected)
+    for name, g in expected.items():
+        want = g.reshape(g.shape[0], -1).norm(dim=1)
+        torch.testing.assert_close(norms[name].to(want.dtype), want, **tol)
+    w = torch.rand(x.shape[0], dtype=x.dtype)
+    sums = by_name(layer, CLIPPED_SUM_SAMPLERS[cls](layer, [x], r, w))
+    assert set(sums) == set(expected)
+    for name, g in expected.items():
+        torch.testing.assert_close(sums[name], torch.einsum("b,b...->...", w, g), **tol)
+
+
+EXACT = dict(atol=1e-10, rtol=1e-9)
+
+
+def test_registered_for_every_sampler_kind():
+    for table in (GRAD_SAMPLERS, NORM_SAMPLERS, CLIPPED_SUM_SAMPLERS):
+        assert table[Conv1D] is not None
+        for i in range(len(RMS_NORMS)):
+            assert _rms_norm_class(i) in table
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    middle=st.lists(st.integers(1, 4), max_size=2),
+    nx=st.integers(1, 6),
+    nf=st.integers(1, 6),
+    frozen=st.sampled_from([None, "weight", "bias"]),
+)
+def test_conv1d(batch, middle, nx, nf, frozen):
+    torch.manual_seed(0)
+    layer = Conv1D(nf, nx).double()
+    with torch.no_grad():
+        layer.bias.normal_()
+    if frozen:
+        getattr(layer, frozen).requires_grad_(False)
+    x = torch.randn(batch, *middle, nx, dtype=torch.float64)
+    r = torch.randn(batch, *middle, nf, dtype=torch.float64)
+    check_all_three(layer, x, r, EXACT)
+
+
+@pytest.mark.parametrize("seq, nx, nf", [(3, 4, 5), (12, 2, 3), (1, 4, 4)])
+def test_conv1d_norm_paths(seq, nx, nf):
+    """Gram-matrix path, materialised path (T^2 > nx * nf) and the one-position product."""
+    torch.manual_seed(0)
+    layer = Conv1D(nf, nx).double()
+    x = torch.randn(3, seq, nx, dtype=torch.float64)
+    r = torch.randn(3, seq, nf, dtype=torch.float64)
+    check_all_three(layer, x, r, EXACT)
+
+
+def test_conv1d_float32_pooled_buffer():
+    """Large enough for the reusable per-sample buffer; float32 tolerances."""
+    torch.manual_seed(0)
+    layer = Conv1D(96, 64)
+    x, r = torch.randn(48, 5, 64), torch.randn(48, 5, 96)
+    with torch.no_grad():
+        first = GRAD_SAMPLERS[Conv1D](layer, [x], r)[layer.weight].clone()
+        again = GRAD_SAMPLERS[Conv1D](layer, [x], r)[layer.weight]
+    torch.testing.assert_close(again, first)
+    check_all_three(layer, x, r, dict(atol=1e-4, rtol=1e-4))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    which=st.integers(0, len(RMS_NORMS) - 1),
+    batch=st.integers(1, 4),
+    middle=st.lists(st.integers(1, 3), max_size=2),
+    hidden=st.integers(1, 6),
+    eps=st.sampled_from([1e-6, 0.5]),
+)
+def test_rms_norm_style(which, batch, middle, hidden, eps):
+    torch.manual_seed(0)
+    layer = _rms_norm_class(which)(hidden, eps=eps)
+    with torch.no_grad():
+        layer.weight.normal_()
+    x = torch.randn(batch, *middle, hidden)
+    r = torch.randn(batch, *middle, hidden)
+    # The layer computes in float32 whatever the input dtype: float32 tolerances.
+    check_all_three(layer, x, r, dict(atol=1e-5, rtol=1e-4))
+
+
+def test_rms_norm_style_frozen_and_bad_layer():
+    layer = _rms_norm_class(0)(4)
+    layer.weight.requires_grad_(False)
+    x = torch.randn(2, 4)
+    assert tl.compute_rms_norm_style_grad_sample(layer, [x], x) == {}
+    assert tl.compute_rms_norm_style_norm_sample(layer, [x], x) == {}
+    assert tl.compute_rms_norm_style_clipped_sum(layer, [x], x, torch.ones(2)) == {}
+
+    class NoEps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+
+    with pytest.raises(TypeError, match="NoEps.*variance_epsilon"):
+        tl.compute_rms_norm_style_grad_sample(NoEps(), [x], x)
+
+
+# ------------------------------------------------------------------------- whole models
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        n_layer=1,
+        n_embd=8,
+        n_head=2,
+        vocab_size=11,
+        n_positions=6,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = GPT2LMHeadModel(cfg)
+
+        def forward(self, ids):
+            pos = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+            return self.lm(input_ids=ids, position_ids=pos, use_cache=False).logits
+
+    return LM()
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=11,
+        max_position_embeddings=8,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = LlamaForCausalLM(cfg)
+
+        def forward(self, ids):
+            pos = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+            return self.lm(input_ids=ids, position_ids=pos, use_cache=False).logits
+
+    return LM()
+
+
+def _lm_loss(logits, target):
+    return nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="sum")
+
+
+@pytest.mark.parametrize("build, layer_type", [(_tiny_gpt2, "Conv1D"), (_tiny_llama, "RMSNorm")])
+def test_whole_model_hooks_and_ghost_match_the_oracle(build, layer_type):
+    from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+    from tests.oracle import grad_samples_of
+
+    torch.manual_seed(0)
+    model = build().double()
+    ids = torch.randint(0, 11, (3, 5))
+    target = torch.randint(0, 11, (3, 5))
+    expected = brute_force_grad_samples(model, ids, loss_fn=_lm_loss, targets=target)
+
+    gsm = GradSampleModule(copy.deepcopy(model), loss_reduction="sum")
+    hooked = {type(m).__name__ for m, s in gsm._samplers.items() if s is not None}
+    assert any(layer_type in n for n in hooked), hooked
+    assert all(s is not None for s in gsm._samplers.values())  # no torch.func fallback
+    _lm_loss(gsm(ids), target).backward()
+    got = grad_samples_of(gsm)
+    assert set(got) == set(expected)
+    for name, g in expected.items():
+        torch.testing.assert_close(got[name], g, atol=1e-8, rtol=1e-6, msg=lambda m: name + m)
+
+    ghost = GradSampleModuleFastGradientClipping(model, loss_reduction="sum", max_grad_norm=1.0)
+    _lm_loss(ghost(ids), target).backward()
+    want = torch.stack([g.reshape(3, -1).norm(dim=1) for g in expected.values()]).norm(dim=0)
+    torch.testing.assert_close(ghost.get_norm_sample(), want, atol=1e-8, rtol=1e-6)
+
+
+def test_registration_is_lazy_and_happens_on_import():
+    code = (
+        "import sys\n"
+        "import opacus.grad_sample\n"
+        "from opacus.grad_sample.registry import GRAD_SAMPLERS, NORM_SAMPLERS\n"
+        "assert 'transformers' not in sys.modules\n"
+        "from transformers.pytorch_utils import Conv1D\n"
+        "from transformers.models.llama.modeling_llama import LlamaRMSNorm\n"
+        "assert Conv1D in GRAD_SAMPLERS and LlamaRMSNorm in NORM_SAMPLERS\n"
+        "import inspect; assert 'addmm' in inspect.getsource(Conv1D)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_registration_when_transformers_was_imported_first():
+    code = (
+        "from transformers.pytorch_utils import Conv1D\n"
+        "from opacus.grad_sample.registry import GRAD_SAMPLERS\n"
+        "assert Conv1D in GRAD_SAMPLERS\n"
+        "from opacus.grad_sample.transformers_layers import register_transformers_layers\n"
+        "assert 'transformers.pytorch_utils' in register_transformers_layers()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
