@@ -6,16 +6,24 @@ layout (``batch_first``) the DP wrapper must be told about.  Sizes follow the is
 sequences, a ``DPLSTM`` classifier, a transformer block on ``DPMultiheadAttention`` in both
 layouts, a 4-layer Linear/Embedding model on long sequences for the memory target, and a deep
 narrow residual stack with 1,026 parameter tensors (issue 17: per-step cost linear in the number
-of tensors).
+of tensors), and (issue 18; skipped without ``transformers``/``peft``) a GPT-2-style causal LM,
+untied, with LoRA, and at sequence 512.
 """
 
+import importlib.util
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from opacus.layers import DPLSTM, DPMultiheadAttention
+
+# Through PrivacyEngine.make_private; "*_direct": GradSampleModule(+FastGradientClipping) and
+# DPOptimizer(FastGradientClipping) built by hand, as Opacus's own examples do.
+ENGINE_MODES = ("hooks", "functorch", "ghost")
+DIRECT_MODES = ("hooks_direct", "ghost_direct")
+ALL_MODES = ENGINE_MODES + DIRECT_MODES
 
 
 @dataclass
@@ -27,6 +35,18 @@ class Workload:
     make_batch: Callable[[int, str], Tuple[torch.Tensor, torch.Tensor]]
     batch_first: bool = True
     description: str = ""
+    # Modes this workload is timed in.
+    modes: Tuple[str, ...] = ENGINE_MODES
+    # Batch size of the workload (None: the runner's ``--batch-size``).
+    batch_size: Optional[int] = None
+    # Optional packages the model needs: without them its rows are skipped.
+    requires: Tuple[str, ...] = ()
+    # At most this many timed repeats (long steps).
+    max_repeats: Optional[int] = None
+
+    def missing(self) -> Tuple[str, ...]:
+        """The packages of ``requires`` that are not installed."""
+        return tuple(r for r in self.requires if importlib.util.find_spec(r) is None)
 
 
 def _mlp(size: str) -> nn.Module:
@@ -141,6 +161,72 @@ class ManyTensors(nn.Module):
         return self.head(x)
 
 
+# GPT-2-style causal LM (issue 18): 4 layers, width 256, 4 heads, vocabulary 4096, sequence 128,
+# batch 8, random init from a config (no download); dropout off so that the DP and non-private
+# steps compute the same thing. Tiny sizes for --quick.
+LM_FULL = dict(n_layer=4, n_embd=256, n_head=4, vocab_size=4096)
+LM_TINY = dict(n_layer=1, n_embd=8, n_head=2, vocab_size=50)
+
+
+class CausalLM(nn.Module):
+    """``transformers.GPT2LMHeadModel`` from a config; returns the logits as ``(B, V, T)``, the
+    layout ``nn.CrossEntropyLoss`` takes with ``(B, T)`` next-token labels.
+
+    Position ids are passed with the batch dimension (``(B, T)``): GPT-2's default ``(1, T)``
+    would show the position embedding a batch of 1, which the per-sample hooks refuse.
+    """
+
+    def __init__(self, seq_len: int, size: str, lora: bool = False, tie: bool = True):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        dims = LM_FULL if size == "full" else LM_TINY
+        cfg = GPT2Config(
+            **dims,
+            n_positions=seq_len,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+            tie_word_embeddings=tie,
+        )
+        lm = GPT2LMHeadModel(cfg)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            lm = get_peft_model(
+                lm,
+                LoraConfig(
+                    r=8,
+                    lora_alpha=16,
+                    lora_dropout=0.0,
+                    target_modules=["c_attn", "c_proj"],
+                    fan_in_fan_out=True,
+                ),
+            )
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        return self.lm(input_ids=ids, position_ids=pos, use_cache=False).logits.transpose(1, 2)
+
+
+def _lm_batch(seq_len: int):
+    def make(batch: int, size: str):
+        vocab = (LM_FULL if size == "full" else LM_TINY)["vocab_size"]
+        t = seq_len if size == "full" else 6
+        return torch.randint(0, vocab, (batch, t)), torch.randint(0, vocab, (batch, t))
+
+    return make
+
+
+def _lm(seq_len: int, **kw):
+    return lambda size: CausalLM(seq_len if size == "full" else 6, size, **kw)
+
+
 def _labels(batch: int) -> torch.Tensor:
     return torch.randint(0, 10, (batch,))
 
@@ -162,6 +248,7 @@ WORKLOADS: Dict[str, Workload] = {
             _mlp,
             lambda b, s: (torch.randn(b, 256), _labels(b)),
             description="MLP 256-512-512-10",
+            modes=ALL_MODES,
         ),
         Workload(
             "cnn",
@@ -174,6 +261,7 @@ WORKLOADS: Dict[str, Workload] = {
             lambda s: TokenClassifier(_vocab(s), 64 if s == "full" else 8),
             lambda b, s: (torch.randint(0, _vocab(s), (b, _seq_len(s))), _labels(b)),
             description="Embedding(5000, 64) + Linear(64, 10), 32 tokens",
+            modes=ALL_MODES,
         ),
         Workload(
             "lstm",
@@ -206,6 +294,43 @@ WORKLOADS: Dict[str, Workload] = {
             lambda s: ManyTensors(512 if s == "full" else 8),
             lambda b, s: (torch.randn(b, 8), _labels(b)),
             description="512 residual Linear(8, 8) blocks + head: 1,026 parameter tensors",
+        ),
+        Workload(
+            "gpt2",
+            _lm(128),
+            _lm_batch(128),
+            modes=("hooks", "ghost", "functorch"),
+            batch_size=8,
+            requires=("transformers",),
+            description="GPT-2-style LM (4 layers, width 256, vocab 4096, tied), seq 128, batch 8",
+        ),
+        Workload(
+            "gpt2_untied",
+            _lm(128, tie=False),
+            _lm_batch(128),
+            modes=("hooks", "ghost"),
+            batch_size=8,
+            requires=("transformers",),
+            description="the same LM with an untied lm_head",
+        ),
+        Workload(
+            "gpt2_lora",
+            _lm(128, lora=True),
+            _lm_batch(128),
+            modes=("hooks", "ghost"),
+            batch_size=8,
+            requires=("transformers", "peft"),
+            description="the LM with peft LoRA r=8 on c_attn and c_proj (base frozen)",
+        ),
+        Workload(
+            "gpt2_seq512",
+            _lm(512),
+            _lm_batch(512),
+            modes=("hooks", "ghost"),
+            batch_size=8,
+            requires=("transformers",),
+            max_repeats=5,
+            description="the LM at sequence 512 (ghost peak-memory target)",
         ),
     ]
 }

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as ``python benchmarks/run.py``
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.models import WORKLOADS, Workload  # noqa: E402
+from benchmarks.models import ALL_MODES, WORKLOADS, Workload  # noqa: E402
 from opacus import PrivacyEngine  # noqa: E402
 from opacus.grad_sample.buffers import release_buffers  # noqa: E402
 
-MODES = ("hooks", "functorch", "ghost")
+MODES = ALL_MODES
 
 
 def _sync(device: torch.device) -> None:
@@ -113,7 +113,41 @@ def _plain_step(model: nn.Module, x, y) -> Callable[[], None]:
     return step
 
 
+def _direct_dp_step(model: nn.Module, x, y, mode: str, batch_first: bool) -> Callable[[], None]:
+    """``GradSampleModule`` (ghost: ``...FastGradientClipping``) and ``DPOptimizer`` built by
+    hand, without ``PrivacyEngine`` (its batch-gradient skip does not apply)."""
+    from opacus import GradSampleModule
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    n = x.shape[1] if not batch_first else x.shape[0]
+    dp = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=n)
+    if mode == "ghost_direct":
+        module = GradSampleModuleFastGradientClipping(
+            model, batch_first=batch_first, max_grad_norm=1.0
+        )
+        optimizer = DPOptimizerFastGradientClipping(
+            torch.optim.SGD(module.parameters(), lr=0.01), **dp
+        )
+        criterion = DPLossFastGradientClipping(module, optimizer, nn.CrossEntropyLoss())
+    else:
+        module = GradSampleModule(model, batch_first=batch_first)
+        optimizer = DPOptimizer(torch.optim.SGD(module.parameters(), lr=0.01), **dp)
+        criterion = nn.CrossEntropyLoss()
+
+    def step():
+        loss = criterion(module(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _dp_step(model: nn.Module, x, y, mode: str, batch_first: bool) -> Callable[[], None]:
+    if mode.endswith("_direct"):
+        return _direct_dp_step(model, x, y, mode, batch_first)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     n = x.shape[1] if not batch_first else x.shape[0]
     dataset = torch.utils.data.TensorDataset(torch.zeros(n, 1))
@@ -146,16 +180,25 @@ def _dp_step(model: nn.Module, x, y, mode: str, batch_first: bool) -> Callable[[
 def bench_model(w: Workload, modes: List[str], args, device: torch.device) -> List[dict]:
     """One row per mode: DP step vs the plain step of an identical copy of the model."""
     size = "tiny" if args.quick else "full"
+    modes = [m for m in modes if m in w.modes]
+    missing = w.missing()
+    if missing:
+        return [
+            {"model": w.name, "mode": m, "skipped": f"needs {', '.join(missing)}"} for m in modes
+        ]
+    if not modes:
+        return []
     torch.manual_seed(0)
     base = w.build(size).to(device)
-    x, y = w.make_batch(args.batch_size, size)
+    x, y = w.make_batch(w.batch_size or args.batch_size, size)
     x, y = x.to(device), y.to(device)
     plain = _plain_step(copy.deepcopy(base), x, y)
+    repeats = min(args.repeats, w.max_repeats or args.repeats)
     rows = []
     for mode in modes:
         try:
             dp = _dp_step(copy.deepcopy(base), x, y, mode, w.batch_first)
-            t = _median_times({"plain": plain, "dp": dp}, args.repeats, args.warmup, device)
+            t = _median_times({"plain": plain, "dp": dp}, repeats, args.warmup, device)
             mem_plain, mem_dp = peak_memory(plain, device), peak_memory(dp, device)
         except Exception as e:  # report, keep benchmarking the other rows
             rows.append({"model": w.name, "mode": mode, "error": f"{type(e).__name__}: {e}"})
@@ -164,6 +207,7 @@ def bench_model(w: Workload, modes: List[str], args, device: torch.device) -> Li
             {
                 "model": w.name,
                 "mode": mode,
+                "batch": int(x.shape[0] if w.batch_first else x.shape[1]),
                 "plain_ms": t["plain"]["cpu_ms"],
                 "dp_ms": t["dp"]["cpu_ms"],
                 "ratio": t["dp"]["cpu_ms"] / t["plain"]["cpu_ms"],
@@ -228,6 +272,9 @@ def to_markdown(rows: List[dict], acc_rows: List[dict], header: str) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | {r['mode']} | skipped: {r['skipped']} |||||||")
+            continue
         if "error" in r:
             lines.append(f"| {r['model']} | {r['mode']} | error: {r['error'][:80]} |||||||")
             continue
@@ -291,7 +338,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     acc_rows = [] if args.no_accountants else bench_accountants(args.quick)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     header = (
-        f"batch {args.batch_size}, {args.threads} thread(s), device {device}, "
+        f"batch {args.batch_size} (LM rows: 8), {args.threads} thread(s), device {device}, "
         f"{cores} cores available, load average {os.getloadavg()[0]:.2f}, torch "
         f"{torch.__version__}; medians of {args.repeats} alternating repeats; ratio = DP "
         "step / non-private step (process CPU time)"

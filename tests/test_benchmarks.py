@@ -17,10 +17,14 @@ def test_runner_quick_all_models_and_modes(tmp_path, capsys):
     result = run.main(["--quick", "--batch-size", "4", "--json", str(out)])
     rows = result["rows"]
     assert {(r["model"], r["mode"]) for r in rows} == {
-        (m, mode) for m in run.WORKLOADS for mode in run.MODES
+        (name, mode) for name, w in run.WORKLOADS.items() for mode in w.modes
     }
     errors = [r for r in rows if "error" in r]
     assert not errors, errors
+    skipped = {r["model"] for r in rows if "skipped" in r}
+    assert skipped == {name for name, w in run.WORKLOADS.items() if w.missing()}
+    rows = [r for r in rows if "skipped" not in r]
+    assert {"hooks_direct", "ghost_direct"} <= {r["mode"] for r in rows if r["model"] == "mlp"}
     for r in rows:
         assert r["plain_ms"] > 0 and r["dp_ms"] > 0
         assert r["ratio"] == pytest.approx(r["dp_ms"] / r["plain_ms"])
@@ -29,6 +33,42 @@ def test_runner_quick_all_models_and_modes(tmp_path, capsys):
     assert {a["what"].split()[0] for a in result["accountants"]} == {"rdp", "prv"}
     table = capsys.readouterr().out
     assert "| mlp | hooks |" in table and "| attention_sf | ghost |" in table
+
+
+def test_rows_of_a_workload_without_its_package_are_skipped(monkeypatch):
+    w = run.WORKLOADS["gpt2_lora"]
+    monkeypatch.setattr(w, "requires", ("transformers", "no_such_package_w18"))
+    args = run.parse_args(["--quick"])
+    rows = run.bench_model(w, list(run.MODES), args, __import__("torch").device("cpu"))
+    assert rows == [
+        {"model": "gpt2_lora", "mode": m, "skipped": "needs no_such_package_w18"} for m in w.modes
+    ]
+    assert "| gpt2_lora | hooks | skipped: needs no_such_package_w18 |" in run.to_markdown(
+        rows, [], ""
+    )
+
+
+def test_lm_workloads_are_the_issue_sizes():
+    """GPT-2-style LM: 4 layers, width 256, 4 heads, vocab 4096; seq 128 (and 512), batch 8."""
+    pytest.importorskip("transformers")
+    lm = run.WORKLOADS["gpt2"].build("full")
+    cfg = lm.lm.config
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size) == (4, 256, 4, 4096)
+    assert lm.lm.lm_head.weight is lm.lm.transformer.wte.weight  # tied, as GPT-2
+    for name, seq in [("gpt2", 128), ("gpt2_seq512", 512)]:
+        w = run.WORKLOADS[name]
+        x, y = w.make_batch(w.batch_size, "full")
+        assert x.shape == y.shape == (8, seq)
+    logits = lm(x[:, :128])
+    assert logits.shape == (8, 4096, 128)
+
+
+def test_lora_workload_trains_only_the_adapters():
+    pytest.importorskip("peft")
+    lm = run.WORKLOADS["gpt2_lora"].build("tiny")
+    trainable = [n for n, p in lm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("c_attn" in n for n in trainable) and any("c_proj" in n for n in trainable)
 
 
 def test_runner_rejects_unknown_model():
