@@ -39,6 +39,15 @@ def _text_outputs(nb):
     return "".join(chunks)
 
 
+def _plots(nb):
+    return sum(
+        "image/png" in out.get("data", {})
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+    )
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_committed_notebook_has_outputs_and_matches_its_source(name):
     nbformat = pytest.importorskip("nbformat")
@@ -47,6 +56,7 @@ def test_committed_notebook_has_outputs_and_matches_its_source(name):
     assert code and all(c.get("execution_count") for c in code), "store the notebook executed"
     assert all(c.get("outputs") for c in code), "a code cell without output"
     assert "full mode" in _text_outputs(nb), "commit the outputs of a full (not fast) run"
+    assert _plots(nb) >= 1, "every tutorial shows at least one plot"
     sources = [source for _, source in _builder().NOTEBOOKS[name]]
     assert [c.source for c in nb.cells] == sources, (
         "the notebook differs from tutorials/build_notebooks.py: rebuild it with "
@@ -83,6 +93,7 @@ def executed():
                     del os.environ["OPACUS_TUTORIAL_FAST"]
                 else:
                     os.environ["OPACUS_TUTORIAL_FAST"] = old
+            assert _plots(nb) >= 1, f"{name}: no plot in fast mode"
             cache[name] = _text_outputs(nb)
         return cache[name]
 
@@ -108,6 +119,10 @@ def test_text_classifier_notebook(executed):
     loop = float(re.search(r"per-example loop: ([0-9.e+-]+)", text).group(1))
     assert loop < 1e-5  # per-sample gradients equal the one-at-a-time loop
     assert "'_module.head.weight': (3, 2, 16)" in text  # seq-first: batch 3 on dim 0
+    count, share = re.search(
+        r"(\d+) per-example norms, median [0-9.]+; (\d+)% are clipped", text
+    ).groups()
+    assert int(count) > 0 and 0 <= int(share) <= 100
 
 
 @pytest.mark.slow

@@ -244,6 +244,22 @@ for sigma, eps, acc in rows:
 print(f"{'-':>6} {'inf':>7} {baseline_acc:9.3f}  (non-private)")""",
     ),
     (
+        "code",
+        """import matplotlib.pyplot as plt
+
+fig, ax = plt.subplots(figsize=(5, 3.2))
+ax.plot([eps for _, eps, _ in rows], [acc for _, _, acc in rows], "o-", label="DP-SGD")
+for sigma, eps, acc in rows:
+    ax.annotate(f"σ={sigma}", (eps, acc), textcoords="offset points", xytext=(4, -10))
+ax.axhline(baseline_acc, color="grey", linestyle="--", label="non-private")
+ax.set_xlabel("ε (δ = 1e-5, PRV accountant)")
+ax.set_ylabel("test accuracy")
+ax.set_title("Privacy–utility trade-off on the digits")
+ax.legend(loc="lower right")
+plt.tight_layout()
+plt.show()""",
+    ),
+    (
         "md",
         """## Take-aways
 
@@ -452,6 +468,36 @@ print(f"{time.time() - start:.1f}s; chance is {1 / len(labels):.2f}")""",
     ),
     (
         "md",
+        """How large are the per-example gradients that DP-SGD clips? One batch through the private
+model, then the L2 norm of each example's whole gradient (all parameters together) from the
+`grad_sample` the hooks computed. Every example above `max_grad_norm` is scaled down to it.""",
+    ),
+    (
+        "code",
+        """import matplotlib.pyplot as plt
+
+xb, yb = next(iter(DataLoader(train_set, batch_size=128)))
+optimizer.zero_grad()
+criterion(model(xb), yb).backward()
+norms = torch.stack(
+    [p.grad_sample.reshape(len(xb), -1).norm(dim=1) for p in model.parameters()
+     if p.requires_grad and p.grad_sample is not None]
+).norm(dim=0)
+optimizer.zero_grad()
+clipped = (norms > 1.0).float().mean().item()
+print(f"{len(norms)} per-example norms, median {norms.median():.2f}; {clipped:.0%} are clipped")
+fig, ax = plt.subplots(figsize=(5, 3.2))
+ax.hist(norms.numpy(), bins=30)
+ax.axvline(1.0, color="red", linestyle="--", label="max_grad_norm = 1.0")
+ax.set_xlabel("per-example gradient L2 norm")
+ax.set_ylabel("examples")
+ax.set_title("Per-example gradient norms after training")
+ax.legend()
+plt.tight_layout()
+plt.show()""",
+    ),
+    (
+        "md",
         """## 6. Sequence-first models
 
 With `batch_first=False` the tensors are `(L, N, E)` and the per-example hooks look for the batch
@@ -522,6 +568,26 @@ for e in epochs:
         accountant.history = [(sigma, q, e * 23)]  # (noise_multiplier, sample_rate, steps)
         row.append(accountant.get_epsilon(delta))
     print(f"{e:6d} " + " ".join(f"{v:7.2f}" for v in row))""",
+    ),
+    (
+        "code",
+        """import matplotlib.pyplot as plt
+
+curve = list(range(1, (20 if FAST else 50) + 1, 1 if FAST else 2))
+fig, ax = plt.subplots(figsize=(5, 3.2))
+for name in ("rdp", "prv", "gdp"):
+    values = []
+    for e in curve:
+        accountant = create_accountant(name)
+        accountant.history = [(sigma, q, e * 23)]
+        values.append(accountant.get_epsilon(delta))
+    ax.plot(curve, values, label=name.upper())
+ax.set_xlabel("epochs (q = 1/23, σ = 1.0)")
+ax.set_ylabel("ε at δ = 1e-5")
+ax.set_title("ε over training")
+ax.legend()
+plt.tight_layout()
+plt.show()""",
     ),
     (
         "md",
