@@ -20,29 +20,29 @@ backprops the first pass kept.  ``L_i`` is sample ``i``'s own loss (the criterio
 ``reduction="none"``), so the per-sample gradient is the gradient of that sample's loss, as for
 ``GradSampleModule``.  Adaptive clipping (``opacus.utils.adaptive_clipping``) runs the same
 passes and only chooses the bound between them (``clip_bound`` of ``double_backward``).
+
+The loss talks to the module and the optimizer through two narrow interfaces defined here:
+``ClippedSumHooks`` (what the module's hooks offer: norms, coefficients, the norm pass's plan,
+book-keeping; ``GradSampleHooksFastGradientClipping`` implements it) and
+``ClippedSumOptimizer`` (what the optimizer offers: the bound, the record of clipped backward
+passes; ``DPOptimizerFastGradientClipping`` implements it).  This module imports neither side.
+(Its public 1.6 path ``opacus.utils.fast_gradient_clipping_utils`` re-exports it.)
 """
 
 import copy
 import logging
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Protocol, Sequence
 
 import torch
 import torch.nn as nn
 
-from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
-    GradSampleHooksFastGradientClipping,
-    GradSampleModuleFastGradientClipping,
-)
-from opacus.optimizers.consumed import is_consumed
-from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
-
 __all__ = [
+    "ClippedSumHooks",
+    "ClippedSumOptimizer",
     "DPLossFastGradientClipping",
-    "DPOptimizerFastGradientClipping",
     "DPTensorFastGradientClipping",
-    "GradSampleHooksFastGradientClipping",
-    "GradSampleModuleFastGradientClipping",
     "double_backward",
+    "per_sample_loss",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,37 +123,120 @@ def _mean_weights(criterion, target) -> Optional[torch.Tensor]:
     return criterion.weight[classes] * valid
 
 
-def _ghost_module(module) -> GradSampleHooksFastGradientClipping:
+class ClippedSumHooks:
+    """The module side of ghost clipping, as the loss (``double_backward``) uses it.
+
+    ``GradSampleHooksFastGradientClipping`` (and so every ghost wrapper) implements it; a
+    data-parallel wrapper around one (``DPDDP``, torch DDP) is looked through via ``.module``.
+    Required: the attributes ``loss_reduction`` and ``max_grad_norm`` (set by the loss before
+    ``get_clipping_coef``), ``enable_hooks``, ``disable_hooks``, ``get_norm_sample`` and
+    ``get_clipping_coef``.  The other methods have the defaults of hooks that neither
+    book-keep nor plan their norm pass.
+    """
+
+    loss_reduction: str
+    max_grad_norm: float
+
+    def enable_hooks(self) -> None:
+        """Switch the hooks on (the norm pass)."""
+        raise NotImplementedError
+
+    def disable_hooks(self) -> None:
+        """Switch the hooks off (the clipped second pass)."""
+        raise NotImplementedError
+
+    def get_norm_sample(self) -> torch.Tensor:
+        """``(batch,)``: every sample's gradient norm, from the norm pass."""
+        raise NotImplementedError
+
+    def get_clipping_coef(self) -> torch.Tensor:
+        """``(batch,)``: ``min(1, max_grad_norm / (norm + 1e-6))`` (``optimizers/clipping.py``)."""
+        raise NotImplementedError
+
+    def hooked_model(self) -> nn.Module:
+        """The ``nn.Module`` whose parameters the hooks cover: this wrapper, or the user's model
+        for an unwrapped hooks object (``make_private(..., wrap_model=False)``)."""
+        return self if isinstance(self, nn.Module) else self._module
+
+    def wrapped_model(self) -> Optional[nn.Module]:
+        """The user's model the hooks were put on (``None`` if unknown)."""
+        return getattr(self, "_module", None)
+
+    @property
+    def grad_accumulation_allowed(self) -> bool:
+        """False under Poisson sampling (``forbid_grad_accumulation``)."""
+        return True
+
+    def measures_every_parameter(self) -> bool:
+        """True if every parameter the loss reaches must have a norm (``p._norm_sample``)."""
+        return False
+
+    def first_pass_anchors(self) -> Optional[list]:
+        """Gradient edges whose gradients run every hook (or None: ask the parameters')."""
+        return None
+
+    def norm_pass_needs_backward(self) -> bool:
+        """True if the norm pass must be a real ``backward()`` (reentrant checkpointing)."""
+        return False
+
+    def plan_book_keeping(self) -> bool:
+        """True if the norm pass keeps what ``accumulate_clipped_sum`` needs (no second pass)."""
+        return False
+
+    def batch_coupled_layers(self) -> List[str]:
+        """Layers whose gradient couples samples (a second pass cannot clip them)."""
+        return []
+
+    def accumulate_clipped_sum(self, coef: torch.Tensor) -> bool:
+        """Add ``sum_i coef_i g_i`` to ``p.grad`` from the kept activations; False if not kept."""
+        return False
+
+    def take_unmeasured_calls(self) -> List[nn.Module]:
+        """Layers that ran in the forward pass but got no norm in the norm pass; forgets them."""
+        return []
+
+
+class ClippedSumOptimizer(Protocol):
+    """The optimizer side of ghost clipping, as the loss uses it
+    (``DPOptimizerFastGradientClipping`` implements it)."""
+
+    max_grad_norm: float
+
+    def prepare_clipped_backward(self, params: List[nn.Parameter]) -> None:
+        """Before a DP-loss backward: refuse or reset what the pass must not add to."""
+
+    def record_clipped_backward(self) -> None:
+        """After it: ``p.grad`` now holds a clipped sum."""
+
+    def clipped_backwards_pending(self) -> int:
+        """Clipped backward passes whose sums wait in ``p.grad`` for the next step."""
+
+
+def _ghost_module(module) -> ClippedSumHooks:
     # A data-parallel wrapper (DPDDP, DDP) holds the GradSampleModuleFastGradientClipping in
     # ``.module`` and does not forward attribute access to it.
     inner = module
-    while not hasattr(inner, "get_clipping_coef") and isinstance(
+    while not isinstance(inner, ClippedSumHooks) and isinstance(
         getattr(inner, "module", None), nn.Module
     ):
         inner = inner.module
-    if not hasattr(inner, "get_clipping_coef"):
+    if not isinstance(inner, ClippedSumHooks):
         raise TypeError(
             f"{type(module).__name__} is not a GradSampleModuleFastGradientClipping (no "
-            "get_clipping_coef): wrap the model with grad_sample_mode='ghost' before using "
+            "ClippedSumHooks): wrap the model with grad_sample_mode='ghost' before using "
             "DPLossFastGradientClipping"
         )
     return inner
 
 
-def _model_of(ghost) -> nn.Module:
-    """The ``nn.Module`` whose parameters the ghost hooks cover: the wrapper itself, or the
-    user's model for the unwrapped hooks object (``make_private(..., wrap_model=False)``)."""
-    return ghost if isinstance(ghost, nn.Module) else ghost._module
-
-
-_GhostModule = Union[GradSampleModuleFastGradientClipping, GradSampleHooksFastGradientClipping]
+_GhostModule = ClippedSumHooks
 #: ``clip_bound(per_sample_norms) -> C``: the bound of this step, chosen between the passes.
 ClipBoundRule = Callable[[torch.Tensor], float]
 
 
 def double_backward(
     module: _GhostModule,
-    optimizer: DPOptimizerFastGradientClipping,
+    optimizer: ClippedSumOptimizer,
     loss_per_sample: torch.Tensor,
     *,
     clip_bound: Optional[ClipBoundRule] = None,
@@ -166,8 +249,8 @@ def double_backward(
     clipping); it is copied into ``module.max_grad_norm`` before the coefficients are computed.
     """
     wrapper, module = module, _ghost_module(module)
-    loss_reduction = getattr(module, "loss_reduction", "mean")
-    trainable = [p for p in _model_of(module).parameters() if p.requires_grad]
+    loss_reduction = module.loss_reduction
+    trainable = [p for p in module.hooked_model().parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("double_backward: the module has no trainable parameters")
     if loss_per_sample.dim() != 1:
@@ -177,17 +260,16 @@ def double_backward(
             "does, see per_sample_loss)"
         )
     _check_accumulation_allowed(module, optimizer)
-    _renew_zeroed_consumed_grads(trainable)
-    if hasattr(module, "enable_hooks"):
-        module.enable_hooks()
+    optimizer.prepare_clipped_backward(trainable)
+    module.enable_hooks()
     # Book-keeping replaces the second pass, except under torch DDP, whose gradient all-reduce
     # is driven by the backward pass itself.
     book_keeping = (
         loss_per_sample.numel() > 0
         and not _under_torch_ddp(wrapper, module)
-        and getattr(module, "plan_book_keeping", lambda: False)()
+        and module.plan_book_keeping()
     )
-    coupled = [] if book_keeping else getattr(module, "batch_coupled_layers", lambda: [])()
+    coupled = [] if book_keeping else module.batch_coupled_layers()
     if coupled:
         raise NotImplementedError(
             "ghost clipping: the second backward pass cannot clip "
@@ -201,7 +283,7 @@ def double_backward(
         module, trainable, _batch_loss(loss_per_sample, loss_reduction), retain=not book_keeping
     )
     _check_every_hook_fired(module)
-    if used is not None and isinstance(module, GradSampleHooksFastGradientClipping):
+    if used is not None and module.measures_every_parameter():
         _check_every_used_parameter_has_a_norm(module, used)
     bound = optimizer.max_grad_norm if clip_bound is None else clip_bound(module.get_norm_sample())
     module.max_grad_norm = bound
@@ -225,23 +307,15 @@ def double_backward(
             (coef.to(loss_per_sample.dtype) * loss_per_sample).sum().backward()
         finally:
             module.enable_hooks()
-    _mark_clipped_backward(optimizer)
-
-
-def _mark_clipped_backward(optimizer) -> None:
-    """Tell the optimizer that ``p.grad`` now holds a clipped sum (it refuses ``p.grad`` left by
-    a plain, unclipped ``backward()`` otherwise); an optimizer without that record is left be."""
-    record = getattr(optimizer, "_record_clipped_backward", None)
-    if record is not None:
-        record()
+    # The optimizer refuses p.grad left by a plain, unclipped backward() otherwise.
+    optimizer.record_clipped_backward()
 
 
 def _check_accumulation_allowed(module, optimizer) -> None:
     """With Poisson sampling (``forbid_grad_accumulation``) one step releases one batch: a
     second DP-loss backward pass before the step would add another batch's clipped sum that the
     accountant never records."""
-    pending = getattr(optimizer, "clipped_backwards_pending", lambda: 0)()
-    if pending and not getattr(module, "_grad_accumulation_allowed", True):
+    if optimizer.clipped_backwards_pending() and not module.grad_accumulation_allowed:
         raise ValueError(
             "ghost clipping: a second DP loss backward pass before optimizer.step() would "
             "accumulate two batches into one step, but gradient accumulation is forbidden "
@@ -249,16 +323,6 @@ def _check_accumulation_allowed(module, optimizer) -> None:
             "optimizer.zero_grad() after each backward pass, or use "
             "opacus.utils.batch_memory_manager.BatchMemoryManager for large batches."
         )
-
-
-def _renew_zeroed_consumed_grads(trainable: List[nn.Parameter]) -> None:
-    """A ``p.grad`` that a step consumed but that was zeroed in place since (e.g.
-    ``model.zero_grad(set_to_none=False)``) holds no sample's data: give this pass a fresh one,
-    so that the optimizer does not take it for a stale sum.  A consumed, non-zero ``p.grad``
-    stays as it is and is refused at ``step()``."""
-    for p in trainable:
-        if is_consumed(p.grad) and not p.grad.any():
-            p.grad = torch.zeros_like(p.grad)
 
 
 def _norm_pass(
@@ -272,8 +336,8 @@ def _norm_pass(
     # Asking for the gradients just below the hooked layers' output-hook nodes runs every hook
     # but prunes the weight-gradient branches; otherwise the parameter gradients are returned
     # (not stored) and dropped.
-    anchors = getattr(module, "first_pass_anchors", lambda: None)()
-    if getattr(module, "norm_pass_needs_backward", lambda: False)():
+    anchors = module.first_pass_anchors()
+    if module.norm_pass_needs_backward():
         # Reentrant checkpointing re-runs its segments inside the engine and refuses .grad():
         # a real backward, after which p.grad gets back what it held (the clipped sums of
         # earlier passes, or None).
@@ -306,7 +370,7 @@ def _check_every_used_parameter_has_a_norm(module, used: List[nn.Parameter]) -> 
         return
     names = [
         name.replace("_module.", "", 1)
-        for name, p in _model_of(module).named_parameters()
+        for name, p in module.hooked_model().named_parameters()
         if id(p) in missing
     ]
     raise RuntimeError(
@@ -323,7 +387,7 @@ def _under_torch_ddp(wrapper, ghost) -> bool:
     chain = [wrapper]
     while chain[-1] is not ghost and isinstance(getattr(chain[-1], "module", None), nn.Module):
         chain.append(chain[-1].module)
-    chain.append(getattr(ghost, "_module", None))
+    chain.append(ghost.wrapped_model())
     return any(isinstance(m, nn.parallel.DistributedDataParallel) for m in chain)
 
 
@@ -335,19 +399,16 @@ def _check_every_hook_fired(module) -> None:
     hook never runs, e.g. the first layer when the model input itself requires grad, or when a
     forward pass ran without its backward.
     """
-    if hasattr(module, "_prune_orphaned_calls"):
-        module._prune_orphaned_calls()  # calls whose output the loss never used contribute 0
-    leftover = [m for m, calls in getattr(module, "_activations", {}).items() if calls]
+    # Calls whose output the loss never used contribute 0 and are not counted.
+    leftover = module.take_unmeasured_calls()
     if not leftover:
         return
     names = {
-        id(m): name.replace("_module.", "", 1) for name, m in _model_of(module).named_modules()
+        id(m): name.replace("_module.", "", 1) for name, m in module.hooked_model().named_modules()
     }
     listed = ", ".join(
         f"'{names.get(id(m), type(m).__name__)}' ({type(m).__name__})" for m in leftover
     )
-    for m in leftover:
-        module._activations[m].clear()
     raise RuntimeError(
         "ghost clipping: the norm pass computed no per-sample norm for " + listed + ", which ran "
         "in the forward pass; clipping without it would under-clip. Run exactly one forward pass "
@@ -408,7 +469,7 @@ class DPTensorFastGradientClipping(object):
     def __init__(
         self,
         module: _GhostModule,
-        optimizer: DPOptimizerFastGradientClipping,
+        optimizer: ClippedSumOptimizer,
         loss_per_sample: torch.Tensor,
         loss_reduction: str = "mean",
     ):
@@ -470,7 +531,7 @@ class DPTensorFastGradientClipping(object):
     # ---------------------------------------------------------------- backward
     def _check_module_reduction(self) -> None:
         _check_reduction(self.loss_reduction, type(self).__name__)
-        module_reduction = getattr(_ghost_module(self.module), "loss_reduction", None)
+        module_reduction = _ghost_module(self.module).loss_reduction
         if isinstance(module_reduction, str) and module_reduction != self.loss_reduction:
             raise ValueError(
                 f"{type(self).__name__}: loss_reduction={self.loss_reduction!r} differs from the "
@@ -499,12 +560,12 @@ class DPLossFastGradientClipping(object):
     def __init__(
         self,
         module: _GhostModule,
-        optimizer: DPOptimizerFastGradientClipping,
+        optimizer: ClippedSumOptimizer,
         criterion,
         loss_reduction: str = "mean",
     ):
         _check_reduction(loss_reduction, type(self).__name__)
-        module_reduction = getattr(_ghost_module(module), "loss_reduction", None)
+        module_reduction = _ghost_module(module).loss_reduction
         if isinstance(module_reduction, str) and module_reduction != loss_reduction:
             raise ValueError(
                 f"{type(self).__name__}: loss_reduction={loss_reduction!r} differs from the "

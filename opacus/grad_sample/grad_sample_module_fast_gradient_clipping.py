@@ -32,6 +32,7 @@ import torch.nn as nn
 from torch.autograd.graph import GradientEdge
 
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.grad_sample.ghost_loss import ClippedSumHooks
 from opacus.grad_sample.grad_sample_module import (
     GradSampleHooks,
     create_or_accumulate_grad_sample,
@@ -125,7 +126,7 @@ def _shared_params(module: nn.Module) -> set:
     return shared
 
 
-class GradSampleHooksFastGradientClipping(GradSampleHooks):
+class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
     """Hooks that store per-sample gradient norms ``p._norm_sample`` instead of ``p.grad_sample``.
 
     Every trainable parameter has ``grad_sample = None`` from construction on, and keeps it:
@@ -280,6 +281,20 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             return
         self._first_pass_anchors.append(torch.autograd.graph.get_gradient_edge(output))
         self._anchored_calls += 1
+
+    def measures_every_parameter(self) -> bool:
+        """True: a parameter the loss reaches without a norm is refused (``double_backward``)."""
+        return True
+
+    def take_unmeasured_calls(self) -> List[nn.Module]:
+        """Layers whose calls of the last forward got no norm in the norm pass (their output
+        reached the loss but their hook did not fire); their captured inputs are dropped.
+        Calls whose output the loss never used are forgotten first: they contribute 0."""
+        self._prune_orphaned_calls()
+        leftover = [m for m, calls in self._activations.items() if calls]
+        for m in leftover:
+            self._activations[m].clear()
+        return leftover
 
     def first_pass_anchors(self) -> Optional[List[GradientEdge]]:
         """Gradient edges that make every hooked call of the last forward fire its output hook

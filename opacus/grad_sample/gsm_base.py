@@ -56,6 +56,11 @@ class AbstractGradSampleHooks(ABC):
     def _trainable_params(self) -> List[nn.Parameter]:
         return [p for _, p in trainable_parameters(self._module)]
 
+    @property
+    def grad_accumulation_allowed(self) -> bool:
+        """False after ``forbid_grad_accumulation`` (Poisson sampling), True otherwise."""
+        return self._grad_accumulation_allowed
+
     def allow_grad_accumulation(self):
         """Let several backward passes accumulate (the default): each pass adds its own chunk,
         so ``p.grad_sample`` becomes a list with one tensor per pass."""

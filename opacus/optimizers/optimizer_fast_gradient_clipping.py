@@ -9,7 +9,7 @@ as ``DPOptimizer`` does; it never sees per-sample gradients.
 Because ``p.grad`` is trusted to be already clipped, a plain ``loss.backward()`` of an ordinary
 criterion would silently release *unclipped* gradients with noise calibrated to
 ``max_grad_norm``.  The double backward therefore records itself on the optimizer
-(``_record_clipped_backward``) and ``accumulate`` refuses gradients that no clipped backward
+(``record_clipped_backward``) and ``accumulate`` refuses gradients that no clipped backward
 produced since the last step / ``zero_grad``.
 
 Release once (``opacus.optimizers.consumed``): the clipped ``p.grad`` this optimizer adds to
@@ -56,9 +56,23 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
         # Clipped (double) backward passes since the gradients were last consumed or zeroed.
         self._clipped_backward_count = 0
 
-    def _record_clipped_backward(self) -> None:
+    def prepare_clipped_backward(self, params) -> None:
+        """Called by the double backward before its passes (``ClippedSumOptimizer``).
+
+        A ``p.grad`` that a step consumed but that was zeroed in place since (e.g.
+        ``model.zero_grad(set_to_none=False)``) holds no sample's data: the pass gets a fresh
+        one, so that it is not taken for a stale sum.  A consumed, non-zero ``p.grad`` stays as
+        it is and is refused at ``step()``."""
+        for p in params:
+            if is_consumed(p.grad) and not p.grad.any():
+                p.grad = torch.zeros_like(p.grad)
+
+    def record_clipped_backward(self) -> None:
         """Called by the double backward once ``p.grad`` holds a clipped sum."""
         self._clipped_backward_count = getattr(self, "_clipped_backward_count", 0) + 1
+
+    # Old private name, kept while callers (opacus.integrations) move to the public one.
+    _record_clipped_backward = record_clipped_backward
 
     def _consume_clipped_backward(self) -> None:
         """Refuse gradients that did not come from a clipped backward; reset the record."""

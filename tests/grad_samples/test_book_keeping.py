@@ -2,7 +2,6 @@
 backprops, with no second backward pass, against the brute-force per-sample oracle."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from opacus.grad_sample.embedding_norm_sample import compute_embedding_clipped_s
 from opacus.grad_sample.linear import compute_linear_clipped_sum
 from opacus.grad_sample.registry import CLIPPED_SUM_SAMPLERS
 from opacus.utils.fast_gradient_clipping_utils import double_backward
+from tests.grad_samples.ghost_stubs import BoundOnly
 from tests.oracle import brute_force_grad_samples
 
 
@@ -118,7 +118,7 @@ def _run(model, x, loss_reduction, batch_first=True, max_grad_norm=0.05, plan=No
     for p in model.parameters():
         p.register_hook(lambda g: param_grads_in_autograd.append(g))
     loss = _sample_loss(gsm(x))
-    double_backward(gsm, SimpleNamespace(max_grad_norm=max_grad_norm), loss)
+    double_backward(gsm, BoundOnly(max_grad_norm), loss)
     gsm.remove_hooks()  # the model can be wrapped again
     return gsm, len(param_grads_in_autograd)
 
@@ -255,7 +255,7 @@ def test_book_keeping_stays_within_the_memory_budget():
     x = torch.randint(0, 9, (4, 6))
     expected, _ = _expected(seq_model, x)
     gsm = GradSampleModuleFastGradientClipping(seq_model, loss_reduction="sum")
-    double_backward(gsm, SimpleNamespace(max_grad_norm=0.05), _sample_loss(gsm(x)))
+    double_backward(gsm, BoundOnly(0.05), _sample_loss(gsm(x)))
     for n, p in seq_model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-8, atol=1e-10)
 
@@ -281,7 +281,7 @@ def test_scale_grad_by_freq_is_book_kept_whatever_the_memory_budget():
     assert (coef < 1).all()
     gsm = GradSampleModuleFastGradientClipping(model, loss_reduction="mean")
     assert gsm.batch_coupled_layers() == ["emb"]
-    double_backward(gsm, SimpleNamespace(max_grad_norm=0.05), _sample_loss(gsm(x)))
+    double_backward(gsm, BoundOnly(0.05), _sample_loss(gsm(x)))
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-8, atol=1e-10)
 
@@ -291,7 +291,7 @@ def test_scale_grad_by_freq_without_book_keeping_is_refused():
     gsm = GradSampleModuleFastGradientClipping(model)
     loss = _sample_loss(gsm(torch.randint(0, 5, (3, 4))))
     with pytest.raises(NotImplementedError, match="'emb'.*scale_grad_by_freq"):
-        double_backward(gsm, SimpleNamespace(max_grad_norm=1.0), loss)
+        double_backward(gsm, BoundOnly(1.0), loss)
     assert all(p.grad is None for p in model.parameters())
     model.emb.weight.requires_grad_(False)  # a frozen embedding couples nothing
     assert gsm.batch_coupled_layers() == []
@@ -316,7 +316,7 @@ def test_fsdp_wrapper_never_book_keeps_and_tp_wrapper_does():
 
 def test_torch_ddp_anywhere_around_the_ghost_module_disables_book_keeping(monkeypatch):
     """DDP's all-reduce runs in the backward pass; detection is by type (no process group)."""
-    from opacus.utils import fast_gradient_clipping_utils as fgc
+    from opacus.grad_sample import ghost_loss as fgc
 
     class FakeDDP(nn.Module):
         def __init__(self, module):
@@ -340,5 +340,5 @@ def test_torch_ddp_anywhere_around_the_ghost_module_disables_book_keeping(monkey
     for p in wrapped_ddp.parameters():
         p.register_hook(lambda g: hits.append(g))
     loss = _sample_loss(wrapped_ddp(torch.randn(3, 4)))
-    double_backward(wrapped_ddp, SimpleNamespace(max_grad_norm=1.0), loss)
+    double_backward(wrapped_ddp, BoundOnly(1.0), loss)
     assert len(hits) == 2

@@ -1,8 +1,6 @@
 """Ghost clipping's norm pass asks autograd only for gradients below the hooked layers' hook nodes
 (no weight gradient): norms and the clipped sum must still equal the brute-force oracle."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn as nn
@@ -10,6 +8,7 @@ import torch.nn as nn
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.layers import DPLSTM, DPMultiheadAttention
 from opacus.utils.fast_gradient_clipping_utils import double_backward
+from tests.grad_samples.ghost_stubs import BoundOnly
 from tests.oracle import brute_force_grad_samples
 
 MAX_GRAD_NORM = 0.05  # small enough that every sample is clipped
@@ -117,7 +116,7 @@ def test_norms_and_clipped_sum_match_oracle(name, loss_reduction):
             lambda g, n=n: first_pass_grads.append(n) if gsm.hooks_enabled else None
         )
     loss = _sample_loss(gsm(x), batch_dim)
-    double_backward(gsm, SimpleNamespace(max_grad_norm=MAX_GRAD_NORM), loss)
+    double_backward(gsm, BoundOnly(MAX_GRAD_NORM), loss)
 
     # The norm pass computed no parameter gradient: the weight branches were pruned.
     assert first_pass_grads == []

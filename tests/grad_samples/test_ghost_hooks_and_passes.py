@@ -16,6 +16,7 @@ from opacus.grad_sample import (
 )
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, double_backward
+from tests.grad_samples.ghost_stubs import BoundOnly
 from tests.optimizers.dp_reference import batch, reference_dp_step, small_model
 from tests.oracle import brute_force_grad_samples
 
@@ -110,14 +111,9 @@ def test_a_layer_used_twice_is_clipped_correctly_not_refused():
     per_sample = brute_force_grad_samples(model, x)
     gsm = GradSampleModuleFastGradientClipping(model, loss_reduction="sum")
     loss = gsm(x).sum(dim=1)
-    double_backward(gsm, _Bound(0.1), loss)
+    double_backward(gsm, BoundOnly(0.1), loss)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, _clipped_sum(per_sample, 0.1)[n])
-
-
-class _Bound:
-    def __init__(self, max_grad_norm):
-        self.max_grad_norm = max_grad_norm
 
 
 # ------------------------------------------------------------------ activation checkpointing
@@ -247,11 +243,11 @@ def test_a_trainable_parameter_without_hooks_is_refused_not_counted_as_norm_zero
     assert gsm.unhooked_parameters() == [model[1].w]
     loss = gsm(torch.randn(5, 3)).sum(dim=1)
     with pytest.raises(RuntimeError, match="no per-sample norm.*'1.w'"):
-        double_backward(gsm, _Bound(0.1), loss)
+        double_backward(gsm, BoundOnly(0.1), loss)
     # Frozen, the layer needs no norm: the rest is clipped as usual.
     frozen = nn.Sequential(nn.Linear(3, 4), WithBuffer(), nn.Linear(4, 2))
     frozen[1].w.requires_grad_(False)
     gsm2 = GradSampleModuleFastGradientClipping(frozen, loss_reduction="sum")
     assert gsm2.unhooked_parameters() == []
-    double_backward(gsm2, _Bound(0.1), gsm2(torch.randn(5, 3)).sum(dim=1))
+    double_backward(gsm2, BoundOnly(0.1), gsm2(torch.randn(5, 3)).sum(dim=1))
     assert frozen[0].weight.grad is not None

@@ -15,6 +15,7 @@ from opacus.optimizers import (
     FSDPOptimizerFastGradientClipping,
 )
 from opacus.utils.fast_gradient_clipping_utils import (
+    ClippedSumHooks,
     DPLossFastGradientClipping,
     DPTensorFastGradientClipping,
     double_backward,
@@ -59,7 +60,7 @@ def test_optimizer_treats_grad_as_clipped_sum(loss_reduction):
     opt = _fgc(model, loss_reduction=loss_reduction)
     for p, s in zip(model.parameters(), _oracle_clipped_sums(model, x, y, 0.2)):
         p.grad = s.clone()
-    opt._record_clipped_backward()  # stands in for the double backward
+    opt.record_clipped_backward()  # stands in for the double backward
     assert opt.accumulated_iterations == 1
     opt.step()
     reference_dp_step(ref, x, y, 6, loss_reduction)
@@ -76,13 +77,13 @@ def test_optimizer_virtual_steps_and_noise_once():
             opt.signal_skip_step(True)
         for p, s in zip(model.parameters(), _oracle_clipped_sums(model, x[sl], y[sl], 0.2)):
             p.grad = s.clone()
-        opt._record_clipped_backward()  # stands in for the double backward
+        opt.record_clipped_backward()  # stands in for the double backward
         opt.step()
         opt.zero_grad()
     opt_u = _fgc(union, noise_multiplier=1.0, generator=torch.Generator().manual_seed(2))
     for p, s in zip(union.parameters(), _oracle_clipped_sums(union, x, y, 0.2)):
         p.grad = s.clone()
-    opt_u._record_clipped_backward()  # stands in for the double backward
+    opt_u.record_clipped_backward()  # stands in for the double backward
     opt_u.step()
     for p, q in zip(model.parameters(), union.parameters()):
         torch.testing.assert_close(p, q, atol=1e-10, rtol=1e-8)
@@ -98,7 +99,7 @@ def test_optimizer_noise_std():
         expected_batch_size=10,
         generator=torch.Generator().manual_seed(0),
     )
-    opt._record_clipped_backward()
+    opt.record_clipped_backward()
     assert opt.pre_step()
     assert abs(p.grad.std().item() / (1.5 * 2.0 / 10) - 1) < 0.03
 
@@ -111,8 +112,9 @@ def test_optimizer_error_without_grad():
 
 
 # ---------------------------------------------------------------- double backward (stub module)
-class GhostStub(nn.Module):
-    """Implements contract 3's interface with oracle norms: isolates double_backward's logic."""
+class GhostStub(nn.Module, ClippedSumHooks):
+    """Implements contract 3's interface (``ClippedSumHooks``) with oracle norms: isolates
+    double_backward's logic."""
 
     def __init__(self, model, x, y, loss_reduction="mean"):
         super().__init__()
@@ -282,7 +284,7 @@ def _fsdp_worker(rank, world_size, init_file):
             # what the ghost double backward produces on this rank: FSDP then averages it
             losses = F.cross_entropy(model(x[shard]), y[shard], reduction="none")
             (coefs * losses).sum().backward()
-            opt._record_clipped_backward()
+            opt.record_clipped_backward()
             opt.step()
             full = [p.full_tensor() for p in model.parameters()]
             ref = small_model()
@@ -301,7 +303,7 @@ def _fsdp_worker(rank, world_size, init_file):
             generator=torch.Generator().manual_seed(rank),
         )
         (big(torch.zeros(4, 200)) * 0).sum().backward()
-        opt._record_clipped_backward()
+        opt.record_clipped_backward()
         opt.pre_step()
         full = big.weight.grad.full_tensor()
         assert abs(full.std().item() / (2.0 * 0.5 / 8) - 1) < 0.05
@@ -338,7 +340,7 @@ def _ddp_fgc_worker(rank, world_size, init_file):
                 model.parameters(), _oracle_clipped_sums(model, x[shard], y[shard], 0.2)
             ):
                 p.grad = s.clone()
-            opt._record_clipped_backward()  # stands in for the double backward
+            opt.record_clipped_backward()  # stands in for the double backward
             opt.step()
             ref_opt = DPOptimizer(
                 torch.optim.SGD(ref.parameters(), lr=0.1),
@@ -372,7 +374,7 @@ def test_fsdp_optimizer_without_process_group_is_the_plain_one():
     assert opt.world_size == 1
     for p, s in zip(model.parameters(), _oracle_clipped_sums(model, x, y, 0.2)):
         p.grad = s.clone()
-    opt._record_clipped_backward()  # stands in for the double backward
+    opt.record_clipped_backward()  # stands in for the double backward
     opt.step()
     grads = dp_grads(ref, x, y, max_grad_norm=0.2, expected_batch_size=6)
     for p, q, g in zip(model.parameters(), ref.parameters(), grads):
