@@ -592,6 +592,51 @@ class PrivacyEngine:
         except for ``DistributedPerLayerOptimizer``, which hands DDP already private gradients.
         With Poisson sampling the model refuses gradient accumulation across batches (use
         ``BatchMemoryManager``). Extra ``kwargs`` go to the optimizer.
+
+        Args:
+            module: the model to train (an ``nn.Module``, or a model already wrapped for the same
+                ``grad_sample_mode``, ``batch_first`` and ``loss_reduction``). It is checked with
+                ``ModuleValidator``; fix it first with ``get_compatible_module``.
+            optimizer: the optimizer built on ``module``'s parameters (every one of its parameters must
+                belong to ``module``); it is wrapped in a DP optimizer that clips, noises and then
+                calls its ``step``.
+            criterion: the loss function; used only by the ghost clipping modes, where the returned
+                ``DPLossFastGradientClipping`` wraps it (``nn.CrossEntropyLoss()`` by default).
+            data_loader: the training data loader; with ``poisson_sampling`` it is replaced by a
+                ``DPDataLoader`` with the same dataset and expected batch size ``batch_size``.
+            noise_multiplier: sigma: the standard deviation of the Gaussian noise added to the sum of clipped
+                per-sample gradients, divided by ``max_grad_norm``. Larger means more privacy
+                (smaller ε) and less accuracy.
+            max_grad_norm: C: the L2 norm every example's gradient is clipped to (a list with one norm per
+                parameter for ``clipping="per_layer"``).
+            batch_first: True if the batch is dimension 0 of every layer's input and output tensors, False if
+                it is dimension 1 (sequence-first models).
+            loss_reduction: ``"mean"`` if the loss averages over the batch (as ``nn.CrossEntropyLoss()`` does by
+                default), ``"sum"`` if it sums; per-sample gradients are rescaled accordingly.
+            poisson_sampling: draw every batch by Poisson sampling (each example joins with probability
+                ``batch_size / len(dataset)``), the sampling the accountant assumes. False keeps the
+                loader's own batches, and the reported ε is then not a proven guarantee.
+            clipping: ``"flat"`` (one norm over all parameters), ``"per_layer"`` (one ``max_grad_norm``
+                per parameter) or ``"adaptive"`` (the clipping norm follows a private quantile of
+                the gradient norms; needs the ``AdaClipDPOptimizer`` keyword arguments).
+            noise_generator: a ``torch.Generator`` for the noise (reproducible runs); not allowed with
+                ``secure_mode``.
+            grad_sample_mode: how per-sample gradients are obtained: ``"hooks"`` (default), ``"functorch"``,
+                ``"ew"`` (expanded weights), ``"no_op"``, or a ghost clipping mode (``"ghost"``,
+                ``"ghost_fsdp"``, ``"ghost_tp"``) that computes only their norms.
+            wrap_model: wrap the model in a ``GradSampleModule`` (True) or attach the hooks to the model
+                itself and return it unchanged in type (False).
+            rand_on_empty: an empty Poisson batch becomes one data-independent random example instead of a
+                batch of size 0, for models that cannot run on an empty batch.
+
+        Returns:
+            ``(module, optimizer, data_loader)``, or ``(module, optimizer, criterion,
+                data_loader)`` for the ghost clipping modes.
+
+        Raises:
+            ValueError: an argument is invalid or inconsistent (for example a ``noise_generator`` in secure
+                mode, optimizer parameters outside ``module``, a model already hooked, or a model
+                that ``ModuleValidator`` rejects).
         """
         where = f"{type(self).__name__}.make_private"
         banded = _BandedMF.parse(kwargs, where)
@@ -644,6 +689,9 @@ class PrivacyEngine:
         self.dataset = data_loader.dataset
         sample_rate = _sample_rate_of(data_loader, where)
         expected_batch_size = _dataset_size(data_loader, where) * sample_rate
+        if isinstance(getattr(data_loader, "batch_sampler", None), CyclicPoissonSampler):
+            # Cyclic Poisson: the rate applies within one of the `bands` groups.
+            expected_batch_size /= data_loader.batch_sampler.bands
         if distributed:
             # Each rank divides its share of the noisy sum by its own expected batch size; the
             # distributed optimizer then averages over ranks.
@@ -713,6 +761,45 @@ class PrivacyEngine:
         as ``get_noise_multiplier(epochs=...)``: after that many steps
         ``get_epsilon(target_delta) <= target_epsilon`` (and within ``epsilon_tolerance``, a
         keyword argument, of it).
+
+        Args:
+            module: the model to train (an ``nn.Module``, or a model already wrapped for the same
+                ``grad_sample_mode``, ``batch_first`` and ``loss_reduction``). It is checked with
+                ``ModuleValidator``; fix it first with ``get_compatible_module``.
+            optimizer: the optimizer built on ``module``'s parameters (every one of its parameters must
+                belong to ``module``); it is wrapped in a DP optimizer that clips, noises and then
+                calls its ``step``.
+            criterion: the loss function; used only by the ghost clipping modes, where the returned
+                ``DPLossFastGradientClipping`` wraps it (``nn.CrossEntropyLoss()`` by default).
+            data_loader: the training data loader; with ``poisson_sampling`` it is replaced by a
+                ``DPDataLoader`` with the same dataset and expected batch size ``batch_size``.
+            target_epsilon: the ε to spend over the whole run.
+            target_delta: the δ at which ``target_epsilon`` is reached (below ``1 / len(dataset)``).
+            epochs: the number of epochs the run will train for; the noise multiplier is chosen so that
+                ε after ``int(epochs / sample_rate)`` steps stays at or below ``target_epsilon``.
+            max_grad_norm: C: the L2 norm every example's gradient is clipped to (a list with one norm per
+                parameter for ``clipping="per_layer"``).
+            batch_first: True if the batch is dimension 0 of every layer's input and output tensors, False if
+                it is dimension 1 (sequence-first models).
+            loss_reduction: ``"mean"`` if the loss averages over the batch (as ``nn.CrossEntropyLoss()`` does by
+                default), ``"sum"`` if it sums; per-sample gradients are rescaled accordingly.
+            poisson_sampling: draw every batch by Poisson sampling (each example joins with probability
+                ``batch_size / len(dataset)``), the sampling the accountant assumes. False keeps the
+                loader's own batches, and the reported ε is then not a proven guarantee.
+            clipping: ``"flat"`` (one norm over all parameters), ``"per_layer"`` (one ``max_grad_norm``
+                per parameter) or ``"adaptive"`` (the clipping norm follows a private quantile of
+                the gradient norms; needs the ``AdaClipDPOptimizer`` keyword arguments).
+            noise_generator: a ``torch.Generator`` for the noise (reproducible runs); not allowed with
+                ``secure_mode``.
+            grad_sample_mode: how per-sample gradients are obtained: ``"hooks"`` (default), ``"functorch"``,
+                ``"ew"`` (expanded weights), ``"no_op"``, or a ghost clipping mode (``"ghost"``,
+                ``"ghost_fsdp"``, ``"ghost_tp"``) that computes only their norms.
+            wrap_model: wrap the model in a ``GradSampleModule`` (True) or attach the hooks to the model
+                itself and return it unchanged in type (False).
+
+        Returns:
+            what ``make_private`` returns; the chosen noise multiplier is
+                ``optimizer.noise_multiplier``.
         """
         where = f"{type(self).__name__}.make_private_with_epsilon"
         banded = _BandedMF.parse({k: kwargs[k] for k in _BANDED_MF_KWARGS if k in kwargs}, where)
@@ -759,7 +846,14 @@ class PrivacyEngine:
         )
 
     def get_epsilon(self, delta):
-        """ε spent so far at the given δ, according to this engine's accountant."""
+        """ε spent so far at the given δ, according to this engine's accountant.
+
+        Args:
+            delta: the δ of the (ε, δ) guarantee; pick it below ``1 / len(dataset)``.
+
+        Returns:
+            ε spent by the steps recorded so far (``inf`` if a step had no noise).
+        """
         return self.accountant.get_epsilon(delta=delta)
 
     def is_compatible(
@@ -769,7 +863,16 @@ class PrivacyEngine:
         optimizer: Optional[Optimizer],
         data_loader: Optional[DataLoader],
     ) -> bool:
-        """True if ``module`` can be trained with DP-SGD as is (see ``ModuleValidator``)."""
+        """True if ``module`` can be trained with DP-SGD as is (see ``ModuleValidator``).
+
+        Args:
+            module: the model to check.
+            optimizer: accepted for compatibility with Opacus 1.6; not checked.
+            data_loader: accepted for compatibility with Opacus 1.6; not checked.
+
+        Returns:
+            True if ``ModuleValidator`` finds no problem in ``module``.
+        """
         return ModuleValidator.is_valid(module)
 
     def validate(
@@ -779,12 +882,28 @@ class PrivacyEngine:
         optimizer: Optional[Optimizer],
         data_loader: Optional[DataLoader],
     ):
-        """Raise the validator's error if ``module`` cannot be trained with DP-SGD as is."""
+        """Raise the validator's error if ``module`` cannot be trained with DP-SGD as is.
+
+        Args:
+            module: the model to check.
+            optimizer: accepted for compatibility with Opacus 1.6; not checked.
+            data_loader: accepted for compatibility with Opacus 1.6; not checked.
+
+        Raises:
+            UnsupportedModuleError: ``module`` has layers DP-SGD cannot train as they are.
+        """
         ModuleValidator.validate(module, strict=True)
 
     @classmethod
     def get_compatible_module(cls, module: nn.Module) -> nn.Module:
-        """A copy of ``module`` with unsupported layers replaced (``ModuleValidator.fix``)."""
+        """A copy of ``module`` with unsupported layers replaced (``ModuleValidator.fix``).
+
+        Args:
+            module: the model to fix (it is not modified).
+
+        Returns:
+            the fixed copy.
+        """
         module = ModuleValidator.fix(module)
         ModuleValidator.validate(module, strict=True)
         return module
@@ -805,6 +924,16 @@ class PrivacyEngine:
         """Save module, accountant and (optionally) optimizer and scheduler states to ``path``.
 
         Entries of ``checkpoint_dict`` are saved alongside and returned by ``load_checkpoint``.
+
+        Args:
+            path: a file path or a writable binary file object.
+            module: the model whose ``state_dict`` is saved.
+            optimizer: the DP optimizer whose state is saved, if given.
+            noise_scheduler: a noise multiplier scheduler whose state is saved, if given.
+            grad_clip_scheduler: a clipping norm scheduler whose state is saved, if given.
+            checkpoint_dict: extra entries saved alongside (returned by ``load_checkpoint``).
+            module_state_dict_kwargs: keyword arguments for ``module.state_dict``.
+            torch_save_kwargs: keyword arguments for ``torch.save``.
         """
         checkpoint = dict(checkpoint_dict or {})
         checkpoint[_MODULE_KEY] = module.state_dict(**(module_state_dict_kwargs or {}))
@@ -838,6 +967,18 @@ class PrivacyEngine:
         restored; the user's ``checkpoint_dict`` entries are in the returned dict. A state
         missing from the checkpoint for an object that was given, or saved for one that was
         not, is reported with a ``UserWarning`` and skipped.
+
+        Args:
+            path: a file path or a readable binary file object written by ``save_checkpoint``.
+            module: the model to load the saved state into.
+            optimizer: the DP optimizer to restore the wrapped optimizer's state into, if given.
+            noise_scheduler: the noise multiplier scheduler to restore, if given.
+            grad_clip_scheduler: the clipping norm scheduler to restore, if given.
+            module_load_dict_kwargs: keyword arguments for ``module.load_state_dict``.
+            torch_load_kwargs: keyword arguments for ``torch.load``.
+
+        Returns:
+            the whole loaded checkpoint dict, ``checkpoint_dict`` entries included.
         """
         checkpoint = torch.load(path, **(torch_load_kwargs or {}))
         module.load_state_dict(checkpoint[_MODULE_KEY], **(module_load_dict_kwargs or {}))

@@ -342,6 +342,8 @@ def test_accountant_records_the_reduced_dp_sgd():
     engine, _, opt, dl, grads = _train(4, epochs=3)
     T, q = len(grads), dl.sample_rate
     assert T == 18 and q == pytest.approx(4 / 6)
+    # the rate applies within a group of 48 / 4: the loader's batch size 8 is kept
+    assert opt.expected_batch_size == 8
     assert engine.accountant.history == [(1.0, q, math.ceil(T / 4))]
     oracle = RDPAccountant()
     oracle.history = [(1.0, q, math.ceil(T / 4))]
