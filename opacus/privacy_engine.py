@@ -597,46 +597,49 @@ class PrivacyEngine:
             module: the model to train (an ``nn.Module``, or a model already wrapped for the same
                 ``grad_sample_mode``, ``batch_first`` and ``loss_reduction``). It is checked with
                 ``ModuleValidator``; fix it first with ``get_compatible_module``.
-            optimizer: the optimizer built on ``module``'s parameters (every one of its parameters must
-                belong to ``module``); it is wrapped in a DP optimizer that clips, noises and then
-                calls its ``step``.
+            optimizer: the optimizer built on ``module``'s parameters (every one of its parameters
+                must belong to ``module``); it is wrapped in a DP optimizer that clips, noises and
+                then calls its ``step``.
             criterion: the loss function; used only by the ghost clipping modes, where the returned
                 ``DPLossFastGradientClipping`` wraps it (``nn.CrossEntropyLoss()`` by default).
             data_loader: the training data loader; with ``poisson_sampling`` it is replaced by a
                 ``DPDataLoader`` with the same dataset and expected batch size ``batch_size``.
-            noise_multiplier: sigma: the standard deviation of the Gaussian noise added to the sum of clipped
-                per-sample gradients, divided by ``max_grad_norm``. Larger means more privacy
-                (smaller ε) and less accuracy.
-            max_grad_norm: C: the L2 norm every example's gradient is clipped to (a list with one norm per
-                parameter for ``clipping="per_layer"``).
-            batch_first: True if the batch is dimension 0 of every layer's input and output tensors, False if
-                it is dimension 1 (sequence-first models).
-            loss_reduction: ``"mean"`` if the loss averages over the batch (as ``nn.CrossEntropyLoss()`` does by
-                default), ``"sum"`` if it sums; per-sample gradients are rescaled accordingly.
-            poisson_sampling: draw every batch by Poisson sampling (each example joins with probability
-                ``batch_size / len(dataset)``), the sampling the accountant assumes. False keeps the
-                loader's own batches, and the reported ε is then not a proven guarantee.
-            clipping: ``"flat"`` (one norm over all parameters), ``"per_layer"`` (one ``max_grad_norm``
-                per parameter) or ``"adaptive"`` (the clipping norm follows a private quantile of
-                the gradient norms; needs the ``AdaClipDPOptimizer`` keyword arguments).
-            noise_generator: a ``torch.Generator`` for the noise (reproducible runs); not allowed with
-                ``secure_mode``.
-            grad_sample_mode: how per-sample gradients are obtained: ``"hooks"`` (default), ``"functorch"``,
-                ``"ew"`` (expanded weights), ``"no_op"``, or a ghost clipping mode (``"ghost"``,
-                ``"ghost_fsdp"``, ``"ghost_tp"``) that computes only their norms.
-            wrap_model: wrap the model in a ``GradSampleModule`` (True) or attach the hooks to the model
-                itself and return it unchanged in type (False).
-            rand_on_empty: an empty Poisson batch becomes one data-independent random example instead of a
-                batch of size 0, for models that cannot run on an empty batch.
+            noise_multiplier: sigma: the standard deviation of the Gaussian noise added to the sum
+                of clipped per-sample gradients, divided by ``max_grad_norm``. Larger means more
+                privacy (smaller ε) and less accuracy.
+            max_grad_norm: C: the L2 norm every example's gradient is clipped to (a list with one
+                norm per parameter for ``clipping="per_layer"``).
+            batch_first: True if the batch is dimension 0 of every layer's input and output tensors,
+                False if it is dimension 1 (sequence-first models).
+            loss_reduction: ``"mean"`` if the loss averages over the batch (as
+                ``nn.CrossEntropyLoss()`` does by default), ``"sum"`` if it sums; per-sample
+                gradients are rescaled accordingly.
+            poisson_sampling: draw every batch by Poisson sampling (each example joins with
+                probability ``batch_size / len(dataset)``), the sampling the accountant assumes.
+                False keeps the loader's own batches, and the reported ε is then not a proven
+                guarantee.
+            clipping: ``"flat"`` (one norm over all parameters), ``"per_layer"`` (one
+                ``max_grad_norm`` per parameter) or ``"adaptive"`` (the clipping norm follows a
+                private quantile of the gradient norms; needs the ``AdaClipDPOptimizer`` keyword
+                arguments).
+            noise_generator: a ``torch.Generator`` for the noise (reproducible runs); not allowed
+                with ``secure_mode``.
+            grad_sample_mode: how per-sample gradients are obtained: ``"hooks"`` (default),
+                ``"functorch"``, ``"ew"`` (expanded weights), ``"no_op"``, or a ghost clipping mode
+                (``"ghost"``, ``"ghost_fsdp"``, ``"ghost_tp"``) that computes only their norms.
+            wrap_model: wrap the model in a ``GradSampleModule`` (True) or attach the hooks to the
+                model itself and return it unchanged in type (False).
+            rand_on_empty: an empty Poisson batch becomes one data-independent random example
+                instead of a batch of size 0, for models that cannot run on an empty batch.
 
         Returns:
             ``(module, optimizer, data_loader)``, or ``(module, optimizer, criterion,
                 data_loader)`` for the ghost clipping modes.
 
         Raises:
-            ValueError: an argument is invalid or inconsistent (for example a ``noise_generator`` in secure
-                mode, optimizer parameters outside ``module``, a model already hooked, or a model
-                that ``ModuleValidator`` rejects).
+            ValueError: an argument is invalid or inconsistent (for example a ``noise_generator`` in
+                secure mode, optimizer parameters outside ``module``, a model already hooked, or a
+                model that ``ModuleValidator`` rejects).
         """
         where = f"{type(self).__name__}.make_private"
         banded = _BandedMF.parse(kwargs, where)
@@ -766,36 +769,40 @@ class PrivacyEngine:
             module: the model to train (an ``nn.Module``, or a model already wrapped for the same
                 ``grad_sample_mode``, ``batch_first`` and ``loss_reduction``). It is checked with
                 ``ModuleValidator``; fix it first with ``get_compatible_module``.
-            optimizer: the optimizer built on ``module``'s parameters (every one of its parameters must
-                belong to ``module``); it is wrapped in a DP optimizer that clips, noises and then
-                calls its ``step``.
+            optimizer: the optimizer built on ``module``'s parameters (every one of its parameters
+                must belong to ``module``); it is wrapped in a DP optimizer that clips, noises and
+                then calls its ``step``.
             criterion: the loss function; used only by the ghost clipping modes, where the returned
                 ``DPLossFastGradientClipping`` wraps it (``nn.CrossEntropyLoss()`` by default).
             data_loader: the training data loader; with ``poisson_sampling`` it is replaced by a
                 ``DPDataLoader`` with the same dataset and expected batch size ``batch_size``.
             target_epsilon: the ε to spend over the whole run.
             target_delta: the δ at which ``target_epsilon`` is reached (below ``1 / len(dataset)``).
-            epochs: the number of epochs the run will train for; the noise multiplier is chosen so that
-                ε after ``int(epochs / sample_rate)`` steps stays at or below ``target_epsilon``.
-            max_grad_norm: C: the L2 norm every example's gradient is clipped to (a list with one norm per
-                parameter for ``clipping="per_layer"``).
-            batch_first: True if the batch is dimension 0 of every layer's input and output tensors, False if
-                it is dimension 1 (sequence-first models).
-            loss_reduction: ``"mean"`` if the loss averages over the batch (as ``nn.CrossEntropyLoss()`` does by
-                default), ``"sum"`` if it sums; per-sample gradients are rescaled accordingly.
-            poisson_sampling: draw every batch by Poisson sampling (each example joins with probability
-                ``batch_size / len(dataset)``), the sampling the accountant assumes. False keeps the
-                loader's own batches, and the reported ε is then not a proven guarantee.
-            clipping: ``"flat"`` (one norm over all parameters), ``"per_layer"`` (one ``max_grad_norm``
-                per parameter) or ``"adaptive"`` (the clipping norm follows a private quantile of
-                the gradient norms; needs the ``AdaClipDPOptimizer`` keyword arguments).
-            noise_generator: a ``torch.Generator`` for the noise (reproducible runs); not allowed with
-                ``secure_mode``.
-            grad_sample_mode: how per-sample gradients are obtained: ``"hooks"`` (default), ``"functorch"``,
-                ``"ew"`` (expanded weights), ``"no_op"``, or a ghost clipping mode (``"ghost"``,
-                ``"ghost_fsdp"``, ``"ghost_tp"``) that computes only their norms.
-            wrap_model: wrap the model in a ``GradSampleModule`` (True) or attach the hooks to the model
-                itself and return it unchanged in type (False).
+            epochs: the number of epochs the run will train for; the noise multiplier is chosen so
+                that ε after ``int(epochs / sample_rate)`` steps stays at or below
+                ``target_epsilon``.
+            max_grad_norm: C: the L2 norm every example's gradient is clipped to (a list with one
+                norm per parameter for ``clipping="per_layer"``).
+            batch_first: True if the batch is dimension 0 of every layer's input and output tensors,
+                False if it is dimension 1 (sequence-first models).
+            loss_reduction: ``"mean"`` if the loss averages over the batch (as
+                ``nn.CrossEntropyLoss()`` does by default), ``"sum"`` if it sums; per-sample
+                gradients are rescaled accordingly.
+            poisson_sampling: draw every batch by Poisson sampling (each example joins with
+                probability ``batch_size / len(dataset)``), the sampling the accountant assumes.
+                False keeps the loader's own batches, and the reported ε is then not a proven
+                guarantee.
+            clipping: ``"flat"`` (one norm over all parameters), ``"per_layer"`` (one
+                ``max_grad_norm`` per parameter) or ``"adaptive"`` (the clipping norm follows a
+                private quantile of the gradient norms; needs the ``AdaClipDPOptimizer`` keyword
+                arguments).
+            noise_generator: a ``torch.Generator`` for the noise (reproducible runs); not allowed
+                with ``secure_mode``.
+            grad_sample_mode: how per-sample gradients are obtained: ``"hooks"`` (default),
+                ``"functorch"``, ``"ew"`` (expanded weights), ``"no_op"``, or a ghost clipping mode
+                (``"ghost"``, ``"ghost_fsdp"``, ``"ghost_tp"``) that computes only their norms.
+            wrap_model: wrap the model in a ``GradSampleModule`` (True) or attach the hooks to the
+                model itself and return it unchanged in type (False).
 
         Returns:
             what ``make_private`` returns; the chosen noise multiplier is
