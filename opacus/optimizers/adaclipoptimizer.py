@@ -64,6 +64,36 @@ def unclipped_fraction(noisy_centred_sum: float, expected_batch_size: float) -> 
     return noisy_centred_sum / expected_batch_size + 0.5
 
 
+def updated_clip_bound(
+    clip_bound: float,
+    unclipped_frac: float,
+    *,
+    target_unclipped_quantile: float,
+    clipbound_learning_rate: float,
+    min_clipbound: float,
+    max_clipbound: float,
+) -> float:
+    """``clamp(C * exp(-eta * (b~ - gamma)), min, max)`` (Andrew et al. 2021, geometric update).
+
+    The one clip-bound update of both adaptive clippings (this optimizer and ghost clipping's
+    ``opacus.utils.adaptive_clipping``).
+    """
+    new_bound = clip_bound * math.exp(
+        -clipbound_learning_rate * (unclipped_frac - target_unclipped_quantile)
+    )
+    return min(max_clipbound, max(min_clipbound, new_bound))
+
+
+def cpu_generator(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
+    """``generator`` if it can draw the unclipped count's noise (a CPU scalar), else None.
+
+    A user generator on another device cannot draw it; the default generator then does.
+    """
+    if generator is not None and generator.device.type == "cpu":
+        return generator
+    return None
+
+
 class AdaClipDPOptimizer(DPOptimizer):
     """``DPOptimizer`` whose ``max_grad_norm`` adapts toward a quantile of the gradient norms."""
 
@@ -152,26 +182,24 @@ class AdaClipDPOptimizer(DPOptimizer):
         count_noise = _generate_noise(
             self.unclipped_num_std,
             centred,
-            self._count_generator(),
+            cpu_generator(self.generator),
             self.secure_mode,
         )
         n = self.expected_batch_size * self.accumulated_iterations
         self.unclipped_frac = unclipped_fraction(float(centred + count_noise), n)
 
-    def _count_generator(self):
-        # The count is a CPU scalar: a user generator on another device cannot draw it.
-        if self.generator is not None and self.generator.device.type == "cpu":
-            return self.generator
-        return None
-
     def update_max_grad_norm(self):
         """``C <- clamp(C * exp(-eta * (b~ - gamma)), min_clipbound, max_clipbound)``."""
         if self.unclipped_frac is None:
             raise ValueError("update_max_grad_norm() needs the noisy fraction: call add_noise()")
-        self.max_grad_norm = self.max_grad_norm * math.exp(
-            -self.clipbound_learning_rate * (self.unclipped_frac - self.target_unclipped_quantile)
+        self.max_grad_norm = updated_clip_bound(
+            self.max_grad_norm,
+            self.unclipped_frac,
+            target_unclipped_quantile=self.target_unclipped_quantile,
+            clipbound_learning_rate=self.clipbound_learning_rate,
+            min_clipbound=self.min_clipbound,
+            max_clipbound=self.max_clipbound,
         )
-        self.max_grad_norm = min(self.max_clipbound, max(self.min_clipbound, self.max_grad_norm))
 
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """As ``DPOptimizer.pre_step``; after a real step the clip bound is updated."""
@@ -182,7 +210,7 @@ class AdaClipDPOptimizer(DPOptimizer):
 
     def zero_grad(self, set_to_none: bool = False):
         """As ``DPOptimizer.zero_grad``; also resets the counts unless the last step was skipped."""
-        if not self._is_last_step_skipped:
+        if not self.last_step_skipped:
             self.sample_size = 0
             self.unclipped_num = 0.0
         super().zero_grad(set_to_none)

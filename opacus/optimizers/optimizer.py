@@ -405,6 +405,15 @@ class DPOptimizer(Optimizer):
         """Queue whether the next ``step()`` is virtual (accumulate only, no noise, no update)."""
         self._step_skip_queue.append(do_skip)
 
+    @property
+    def last_step_skipped(self) -> bool:
+        """True if the last ``step()`` was virtual (``signal_skip_step``): it kept the sum."""
+        return self._is_last_step_skipped
+
+    def next_step_skipped(self) -> bool:
+        """True if the next ``step()`` will be virtual (``signal_skip_step(True)`` queued)."""
+        return self._check_skip_next_step(pop_next=False)
+
     def _check_skip_next_step(self, pop_next: bool = True) -> bool:
         if self._step_skip_queue:
             return self._step_skip_queue.pop(0) if pop_next else self._step_skip_queue[0]

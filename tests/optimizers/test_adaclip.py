@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from opacus.optimizers import AdaClipDPOptimizer
+from opacus.optimizers import AdaClipDPOptimizer, DPOptimizer
 from opacus.optimizers.adaclipoptimizer import gradient_noise_multiplier
 from tests.optimizers.dp_reference import (
     batch,
@@ -284,3 +284,49 @@ def test_unclipped_count_noise_goes_through_generate_noise(monkeypatch):
     assert calls == [(3.0, torch.Size([]), False)]
     # 3 of 8 unclipped at C = 2: (3 - 4 + 0.25) / 8 + 1/2
     assert opt.unclipped_frac == pytest.approx((3 - 4 + 0.25) / 8 + 0.5)
+
+
+def test_clip_bound_update_and_count_generator_are_written_once():
+    """Both adaptive clippings (per-sample gradients and ghost) use adaclipoptimizer's."""
+    from opacus.optimizers import adaclipoptimizer
+    from opacus.utils.adaptive_clipping import adaptive_clipping_utils
+
+    assert adaptive_clipping_utils.updated_clip_bound is adaclipoptimizer.updated_clip_bound
+    assert adaptive_clipping_utils.cpu_generator is adaclipoptimizer.cpu_generator
+    # closed form: C * exp(-eta (b - gamma)), clamped
+    assert adaclipoptimizer.updated_clip_bound(
+        2.0,
+        0.75,
+        target_unclipped_quantile=0.5,
+        clipbound_learning_rate=0.2,
+        min_clipbound=0.1,
+        max_clipbound=10.0,
+    ) == pytest.approx(2.0 * math.exp(-0.2 * 0.25))
+    assert (
+        adaclipoptimizer.updated_clip_bound(
+            2.0,
+            0.0,
+            target_unclipped_quantile=0.5,
+            clipbound_learning_rate=100.0,
+            min_clipbound=0.1,
+            max_clipbound=10.0,
+        )
+        == 10.0
+    )
+    g = torch.Generator()
+    assert adaclipoptimizer.cpu_generator(g) is g
+    assert adaclipoptimizer.cpu_generator(None) is None
+
+
+def test_skip_step_state_is_public():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = DPOptimizer(
+        torch.optim.SGD([p], lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=1
+    )
+    assert not opt.last_step_skipped and not opt.next_step_skipped()
+    opt.signal_skip_step(True)
+    assert opt.next_step_skipped() and opt.next_step_skipped()  # peeking does not consume it
+    p.grad_sample = torch.ones(1, 2)
+    p.grad = torch.ones(2)
+    opt.step()
+    assert opt.last_step_skipped and not opt.next_step_skipped()

@@ -44,8 +44,10 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
 )
 from opacus.optimizers.adaclipoptimizer import (
     centred_unclipped_sum,
+    cpu_generator,
     gradient_noise_multiplier,
     unclipped_fraction,
+    updated_clip_bound,
 )
 from opacus.optimizers.noise import gaussian_noise
 from opacus.optimizers.optimizer import DPOptimizer
@@ -105,22 +107,6 @@ def noisy_unclipped_fraction(
     centred = torch.tensor(centred_unclipped_sum(norms, clip_bound), dtype=torch.float64)
     noise = gaussian_noise(unclipped_num_std, centred, generator=generator, secure_mode=secure_mode)
     return unclipped_fraction(float(centred + noise), expected_batch_size)
-
-
-def updated_clip_bound(
-    clip_bound: float,
-    unclipped_frac: float,
-    *,
-    target_unclipped_quantile: float,
-    clipbound_learning_rate: float,
-    min_clipbound: float,
-    max_clipbound: float,
-) -> float:
-    """``clamp(C * exp(-eta * (b~ - gamma)), min, max)`` (Andrew et al. 2021, geometric update)."""
-    new_bound = clip_bound * math.exp(
-        -clipbound_learning_rate * (unclipped_frac - target_unclipped_quantile)
-    )
-    return min(max_clipbound, max(min_clipbound, new_bound))
 
 
 def _validate_knobs(
@@ -200,14 +186,6 @@ def _set_adaptive_knobs(
     owner.initial_noise_multiplier = initial_noise_multiplier
 
 
-def _cpu_generator(optimizer) -> Optional[torch.Generator]:
-    # The count is a CPU scalar: a user generator on another device cannot draw it.
-    generator = getattr(optimizer, "generator", None)
-    if generator is not None and generator.device.type == "cpu":
-        return generator
-    return None
-
-
 class DPTensorFastGradientAdaptiveClipping(DPTensorFastGradientClipping):
     """A per-sample loss whose ``backward()`` adapts the clip bound, then clips (module docstring).
 
@@ -241,7 +219,7 @@ class DPTensorFastGradientAdaptiveClipping(DPTensorFastGradientClipping):
 
     def _check_step_is_real(self) -> None:
         optimizer = self.optimizer
-        if optimizer._is_last_step_skipped or optimizer._check_skip_next_step(pop_next=False):
+        if optimizer.last_step_skipped or optimizer.next_step_skipped():
             raise NotImplementedError(
                 "adaptive clipping with virtual steps (signal_skip_step / BatchMemoryManager) is "
                 "not supported: each physical batch would move the clip bound while the noise "
@@ -280,7 +258,7 @@ class DPTensorFastGradientAdaptiveClipping(DPTensorFastGradientClipping):
             optimizer.max_grad_norm,
             unclipped_num_std=self.unclipped_num_std,
             expected_batch_size=optimizer.expected_batch_size,
-            generator=_cpu_generator(optimizer),
+            generator=cpu_generator(optimizer.generator),
             secure_mode=optimizer.secure_mode,
         )
         new_bound = updated_clip_bound(
