@@ -47,6 +47,8 @@ setup(
             "pytorch-lightning>=2.6",
         ],
         "examples": ["scikit-learn", "tqdm", "matplotlib"],
+        # opacus.integrations.transformers (DPTrainer), examples/finetune_lm.py
+        "transformers": ["transformers>=5.0", "peft>=0.15"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
