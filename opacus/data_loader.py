@@ -528,6 +528,7 @@ class CyclicPoissonDataLoader(DataLoader):
 
     @property
     def bands(self) -> int:
+        """The number of groups (the ``b`` of banded MF)."""
         return self.batch_sampler.bands
 
     @classmethod

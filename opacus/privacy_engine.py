@@ -631,6 +631,23 @@ class PrivacyEngine:
                 model itself and return it unchanged in type (False).
             rand_on_empty: an empty Poisson batch becomes one data-independent random example
                 instead of a batch of size 0, for models that cannot run on an empty batch.
+            **kwargs: go to the optimizer, except the correlated-noise settings
+                (``opacus.optimizers.correlated_noise``): ``noise_mechanism="banded_mf"`` with
+                ``bands=b`` adds banded matrix-factorization noise (``b - 1`` model-sized
+                buffers) instead of independent noise; ``noise_coefficients`` is ``"sqrt"``
+                (default), ``"optimized"`` (needs ``noise_horizon=T`` steps) or a sequence
+                ``c_0 = 1, ...``; a ``BandedMatrixFactorizationNoise`` may be passed as
+                ``noise_mechanism``. For ``b > 1`` the loader becomes a
+                ``CyclicPoissonDataLoader`` (same expected batch size and epoch length,
+                ``group_seed`` seeds the split into ``b`` groups; a ``CyclicPoissonDataLoader``
+                is kept) and the accountant records one DP-SGD event per ``b`` steps
+                (``ceil(T / b)`` steps at the per-group rate). A plain Poisson loader or
+                ``poisson_sampling=False`` with ``b > 1`` raises ``ValueError`` unless
+                ``unsafe_banded_mf_without_cyclic_sampling=True``; then every step is accounted
+                as a full-batch Gaussian mechanism (``sample_rate=1``) at noise multiplier
+                ``sigma ||c||_2 / sum_{j <= min(t, b-1)} |c_j|``, without amplification.
+                Adaptive clipping, FSDP and per-layer clipping in backward under DDP are refused.
+                ``b = 1`` is DP-SGD, bit for bit.
 
         Returns:
             ``(module, optimizer, data_loader)``, or ``(module, optimizer, criterion,
@@ -764,6 +781,12 @@ class PrivacyEngine:
         as ``get_noise_multiplier(epochs=...)``: after that many steps
         ``get_epsilon(target_delta) <= target_epsilon`` (and within ``epsilon_tolerance``, a
         keyword argument, of it).
+
+        With ``noise_mechanism="banded_mf"`` and ``bands=b > 1`` (see ``make_private``) the
+        search runs through the amplification reduction instead: ``T = int(epochs *
+        len(data_loader))`` steps, ``ceil(T / b)`` DP-SGD steps at the cyclic loader's per-group
+        rate (``b / len(data_loader)`` for a plain loader); ``noise_coefficients="optimized"``
+        is optimised for ``T`` unless ``noise_horizon`` is given.
 
         Args:
             module: the model to train (an ``nn.Module``, or a model already wrapped for the same

@@ -189,6 +189,7 @@ class BandedMatrixFactorizationNoise:
 
     @property
     def bands(self) -> int:
+        """``b``: the number of coefficients (bands of ``C``)."""
         return len(self.coefficients)
 
     @property

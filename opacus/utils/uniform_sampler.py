@@ -245,4 +245,5 @@ class CyclicPoissonSampler(Sampler[List[int]]):
         return {"step": self.step}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Continue the cycle where :meth:`state_dict` left it."""
         self.step = int(state_dict["step"])
