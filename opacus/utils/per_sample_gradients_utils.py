@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
-from opacus.utils.module_utils import clone_module, trainable_parameters
-from opacus.utils.packed_sequences import (
+from opacus.grad_sample.module_utils import clone_module, trainable_parameters
+from opacus.grad_sample.utils import get_gsm_class, wrap_model
+from opacus.layers.packed_sequences import (
     compute_seq_lengths,
     packed_sequence_to_list,
     unpack_packedsequences,
@@ -35,13 +36,6 @@ __all__ = [
     "unpack_packedsequences",
     "wrap_model",
 ]
-
-
-def wrap_model(model: nn.Module, grad_sample_mode: str, wrap_model: bool = True, *args, **kwargs):
-    """Alias of :func:`opacus.grad_sample.utils.wrap_model` (imported lazily: no import cycle)."""
-    from opacus.grad_sample.utils import wrap_model as _wrap
-
-    return _wrap(model, grad_sample_mode, wrap_model, *args, **kwargs)
 
 
 def check_torch_version_for_ew_sample() -> bool:
@@ -198,8 +192,6 @@ def compute_opacus_grad_sample(
     grad_sample_mode: str = "hooks",
 ) -> Dict[str, torch.Tensor]:
     """Per-sample gradients from one batched pass through a grad-sample module of the given mode."""
-    from opacus.grad_sample.utils import get_gsm_class
-
     gsm_class = get_gsm_class(grad_sample_mode)
     model = ModelWithLoss(clone_module(module), loss_reduction)
     kwargs = dict(batch_first=batch_first, loss_reduction=loss_reduction)
