@@ -98,16 +98,33 @@ class IAccountant(abc.ABC):
 
     @abc.abstractmethod
     def step(self, *, noise_multiplier: float, sample_rate: float):
-        """Record one step of the (subsampled) Gaussian mechanism."""
+        """Record one step of the (subsampled) Gaussian mechanism.
+
+        Args:
+            noise_multiplier: sigma of the step: noise standard deviation divided by the clipping
+                norm.
+            sample_rate: the probability with which each example was sampled into the step's batch.
+        """
 
     @abc.abstractmethod
     def get_epsilon(self, delta: float, *args, **kwargs) -> float:
-        """Epsilon spent so far at the given delta."""
+        """Epsilon spent so far at the given delta.
+
+        Args:
+            delta: the δ of the (ε, δ) guarantee.
+
+        Returns:
+            ε spent by the recorded history at ``delta``.
+        """
 
     @classmethod
     @abc.abstractmethod
     def mechanism(cls) -> str:
-        """Name under which the accountant is registered (e.g. ``"rdp"``)."""
+        """Name under which the accountant is registered (e.g. ``"rdp"``).
+
+        Returns:
+            the registry name of the accountant.
+        """
 
     def __len__(self) -> int:
         """Total number of recorded steps."""
@@ -130,6 +147,12 @@ class IAccountant(abc.ABC):
 
         With gradient accumulation over ``optim.accumulated_iterations`` Poisson batches, one
         optimizer step samples each example with probability ``sample_rate * accumulated``.
+
+        Args:
+            sample_rate: the sampling probability of one batch (one backward pass).
+
+        Returns:
+            a function of the optimizer that records one step of this accountant.
         """
 
         def hook_fn(optim: "DPOptimizer") -> None:
@@ -141,7 +164,14 @@ class IAccountant(abc.ABC):
         return hook_fn
 
     def state_dict(self, destination: Optional[T_state_dict] = None) -> T_state_dict:
-        """``{"history": [...], "mechanism": name}``, written into ``destination`` if given."""
+        """``{"history": [...], "mechanism": name}``, written into ``destination`` if given.
+
+        Args:
+            destination: a dict to write the entries into (a new dict if None).
+
+        Returns:
+            ``destination`` (or the new dict) holding ``history`` and ``mechanism``.
+        """
         if destination is None:
             destination = {}
         destination["history"] = copy.deepcopy(self.history)
@@ -154,6 +184,9 @@ class IAccountant(abc.ABC):
         Raises:
             ValueError: ``state_dict`` is None or empty, lacks ``history`` or ``mechanism``, was
                 saved by another mechanism, or holds an invalid history entry.
+
+        Args:
+            state_dict: the dict returned by :meth:`state_dict`.
         """
         owner = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state_dict, Mapping) or not state_dict:

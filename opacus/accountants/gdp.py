@@ -21,16 +21,38 @@ class GaussianAccountant(IAccountant):
         super().__init__()
 
     def step(self, *, noise_multiplier: float, sample_rate: float):
-        """Record one step (noise_multiplier must be > 0 when epsilon is asked for)."""
+        """Record one step (noise_multiplier must be > 0 when epsilon is asked for).
+
+        Args:
+            noise_multiplier: sigma of the step: noise standard deviation divided by the clipping
+                norm.
+            sample_rate: the probability with which each example was sampled into the step's batch.
+        """
         self._record(noise_multiplier, sample_rate)
 
     @classmethod
     def mechanism(cls) -> str:
-        """Registry name of the Gaussian-DP (CLT) accountant: ``"gdp"`` (``create_accountant``)."""
+        """Registry name of the Gaussian-DP (CLT) accountant: ``"gdp"`` (``create_accountant``).
+
+        Returns:
+            ``"gdp"``.
+        """
         return "gdp"
 
     def get_epsilon(self, delta: float, poisson: bool = True, **kwargs) -> float:
-        """Epsilon at ``delta``; ``poisson=False`` uses the uniform (without replacement) CLT."""
+        """Epsilon at ``delta``; ``poisson=False`` uses the uniform (without replacement) CLT.
+
+        Args:
+            delta: the δ of the (ε, δ) guarantee.
+            poisson: True for Poisson sampling, False for uniform sampling without replacement.
+
+        Returns:
+            ε at ``delta`` (0 for an empty history).
+
+        Raises:
+            ValueError: the history mixes several (noise_multiplier, sample_rate) settings, or
+                ``delta`` is not in (0, 1).
+        """
         check_delta("GaussianAccountant.get_epsilon", delta)
         if not self.history:
             return 0.0

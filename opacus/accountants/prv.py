@@ -54,12 +54,22 @@ class PRVAccountant(IAccountant):
         super().__init__()
 
     def step(self, *, noise_multiplier: float, sample_rate: float):
-        """Record one step; sample_rate 0 is a no-op step, noise_multiplier 0 gives inf."""
+        """Record one step; sample_rate 0 is a no-op step, noise_multiplier 0 gives inf.
+
+        Args:
+            noise_multiplier: sigma of the step: noise standard deviation divided by the clipping
+                norm.
+            sample_rate: the probability with which each example was sampled into the step's batch.
+        """
         self._record(noise_multiplier, sample_rate)
 
     @classmethod
     def mechanism(cls) -> str:
-        """Registry name of the PRV accountant: ``"prv"`` (see ``create_accountant``)."""
+        """Registry name of the PRV accountant: ``"prv"`` (see ``create_accountant``).
+
+        Returns:
+            ``"prv"``.
+        """
         return "prv"
 
     def _entries(self) -> List[Tuple[float, float, int]]:
@@ -126,6 +136,15 @@ class PRVAccountant(IAccountant):
         delta_error: Optional[float] = None,
         **kwargs,
     ) -> float:
-        """Certified upper bound on epsilon at ``delta`` (within ~2 * eps_error of the truth)."""
+        """Certified upper bound on epsilon at ``delta`` (within ~2 * eps_error of the truth).
+
+        Args:
+            delta: the δ of the (ε, δ) guarantee.
+            eps_error: the ε error allowed to the numerical composition.
+            delta_error: the δ error allowed (``delta / 1000`` if None).
+
+        Returns:
+            the certified upper bound on ε at ``delta``.
+        """
         _, _, upper = self.compute_epsilon(delta, eps_error, delta_error)
         return upper

@@ -23,19 +23,37 @@ class RDPAccountant(IAccountant):
         super().__init__()
 
     def step(self, *, noise_multiplier: float, sample_rate: float):
-        """Record one step; sample_rate 0 is a no-op step (RDP 0), noise_multiplier 0 gives inf."""
+        """Record one step; sample_rate 0 is a no-op step (RDP 0), noise_multiplier 0 gives inf.
+
+        Args:
+            noise_multiplier: sigma of the step: noise standard deviation divided by the clipping
+                norm.
+            sample_rate: the probability with which each example was sampled into the step's batch.
+        """
         self._record(noise_multiplier, sample_rate)
 
     @classmethod
     def mechanism(cls) -> str:
-        """Registry name of the Renyi-DP accountant: ``"rdp"`` (see ``create_accountant``)."""
+        """Registry name of the Renyi-DP accountant: ``"rdp"`` (see ``create_accountant``).
+
+        Returns:
+            ``"rdp"``.
+        """
         return "rdp"
 
     def get_privacy_spent(
         self, *, delta: float, alphas: Optional[List[Union[float, int]]] = None
     ) -> Tuple[float, float]:
         """``(eps, best_alpha)`` at ``delta``; a history that releases nothing (empty, or only
-        sample_rate 0 / infinite noise) spends nothing: ``(0.0, nan)``."""
+        sample_rate 0 / infinite noise) spends nothing: ``(0.0, nan)``.
+
+        Args:
+            delta: the δ of the (ε, δ) guarantee.
+            alphas: the Rényi orders to optimise over (``DEFAULT_ALPHAS`` if None).
+
+        Returns:
+            ``(eps, best_alpha)``.
+        """
         check_delta("RDPAccountant.get_privacy_spent", delta)
         if alphas is None:
             alphas = self.DEFAULT_ALPHAS
@@ -62,6 +80,11 @@ class RDPAccountant(IAccountant):
     def get_epsilon(
         self, delta: float, alphas: Optional[List[Union[float, int]]] = None, **kwargs
     ) -> float:
-        """Epsilon spent so far at ``delta`` (minimised over ``alphas``, default DEFAULT_ALPHAS)."""
+        """Epsilon spent so far at ``delta`` (minimised over ``alphas``, default DEFAULT_ALPHAS).
+
+        Args:
+            delta: the δ of the (ε, δ) guarantee.
+            alphas: the Rényi orders to optimise over (``DEFAULT_ALPHAS`` if None).
+        """
         eps, _ = self.get_privacy_spent(delta=delta, alphas=alphas)
         return eps

@@ -24,7 +24,17 @@ _ACCOUNTANTS: Dict[str, Type[IAccountant]] = {
 
 
 def register_accountant(mechanism: str, accountant: Type[IAccountant], force: bool = False):
-    """Make ``create_accountant(mechanism)`` build ``accountant`` (``force`` to replace one)."""
+    """Make ``create_accountant(mechanism)`` build ``accountant`` (``force`` to replace one).
+
+    Args:
+        mechanism: the registry name.
+        accountant: a subclass of ``IAccountant``.
+        force: replace an accountant already registered under that name.
+
+    Raises:
+        ValueError: ``accountant`` is not an ``IAccountant`` subclass, or the name is taken and
+            ``force`` is False.
+    """
     if not (isinstance(accountant, type) and issubclass(accountant, IAccountant)):
         raise ValueError(
             "opacus.accountants.register_accountant: accountant must be a subclass of "
@@ -39,7 +49,17 @@ def register_accountant(mechanism: str, accountant: Type[IAccountant], force: bo
 
 
 def create_accountant(mechanism: str) -> IAccountant:
-    """A fresh accountant for ``mechanism`` ("rdp", "prv", "gdp" or a registered name)."""
+    """A fresh accountant for ``mechanism`` ("rdp", "prv", "gdp" or a registered name).
+
+    Args:
+        mechanism: the registry name.
+
+    Returns:
+        a new accountant with an empty history.
+
+    Raises:
+        ValueError: no accountant is registered under ``mechanism``.
+    """
     if mechanism not in _ACCOUNTANTS:
         raise ValueError(
             f"opacus.accountants.create_accountant: unknown accountant {mechanism!r}; choose "

@@ -139,6 +139,18 @@ def get_noise_multiplier(
 
     Raises:
         ValueError: invalid arguments, or a target that even ``MAX_SIGMA`` cannot reach.
+
+    Args:
+        target_epsilon: the ε to spend over the run.
+        target_delta: the δ of the guarantee.
+        sample_rate: the sampling probability of each step.
+        epochs: the number of epochs (give this or ``steps``).
+        steps: the number of steps (give this or ``epochs``).
+        accountant: the accountant's registry name (``"rdp"``, ``"prv"``, ``"gdp"``).
+        epsilon_tolerance: how far below the target ε the result may stay.
+
+    Returns:
+        the noise multiplier.
     """
     steps = _resolve_steps(epochs, steps, sample_rate)
     _check_targets(target_epsilon, target_delta, epsilon_tolerance)

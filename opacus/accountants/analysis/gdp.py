@@ -41,13 +41,31 @@ def _check_delta(delta: float) -> None:
 
 
 def compute_mu_poisson(*, steps: int, noise_multiplier: float, sample_rate: float) -> float:
-    """CLT mu of ``steps`` Poisson-subsampled Gaussian steps: p sqrt(T (e^{1/sigma^2} - 1))."""
+    """CLT mu of ``steps`` Poisson-subsampled Gaussian steps: p sqrt(T (e^{1/sigma^2} - 1)).
+
+    Args:
+        steps: number of steps.
+        noise_multiplier: sigma (> 0).
+        sample_rate: Poisson sampling probability in [0, 1].
+
+    Returns:
+        the mu of the mu-GDP guarantee.
+    """
     _check(steps, noise_multiplier, sample_rate)
     return sample_rate * math.sqrt(steps * math.expm1(noise_multiplier**-2))
 
 
 def compute_mu_uniform(*, steps: int, noise_multiplier: float, sample_rate: float) -> float:
-    """CLT mu of ``steps`` uniformly subsampled Gaussian steps (DRS Cor 5.4)."""
+    """CLT mu of ``steps`` uniformly subsampled Gaussian steps (DRS Cor 5.4).
+
+    Args:
+        steps: number of steps.
+        noise_multiplier: sigma (> 0).
+        sample_rate: batch size divided by the dataset size, in [0, 1].
+
+    Returns:
+        the mu of the mu-GDP guarantee.
+    """
     _check(steps, noise_multiplier, sample_rate)
     x = 1.0 / noise_multiplier
     # e^{x^2} Phi(1.5x) + 3 Phi(-0.5x) - 2 written without the O(1) cancellation:
@@ -59,7 +77,18 @@ def compute_mu_uniform(*, steps: int, noise_multiplier: float, sample_rate: floa
 
 
 def delta_eps_mu(*, eps: float, mu: float) -> float:
-    """delta(eps) of a mu-GDP mechanism (DRS Cor 2.13)."""
+    """delta(eps) of a mu-GDP mechanism (DRS Cor 2.13).
+
+    Args:
+        eps: the ε at which δ is wanted.
+        mu: the mu of the mechanism (>= 0).
+
+    Returns:
+        δ(ε) of a mu-GDP mechanism.
+
+    Raises:
+        ValueError: ``mu`` is negative.
+    """
     if not mu >= 0:
         raise ValueError(f"opacus.accountants.analysis.gdp: mu must be >= 0, got {mu!r}.")
     if mu == 0:
@@ -72,7 +101,18 @@ def delta_eps_mu(*, eps: float, mu: float) -> float:
 
 
 def eps_from_mu(*, mu: float, delta: float) -> float:
-    """Smallest eps >= 0 with delta_eps_mu(eps, mu) <= delta (delta(eps) decreases in eps)."""
+    """Smallest eps >= 0 with delta_eps_mu(eps, mu) <= delta (delta(eps) decreases in eps).
+
+    Args:
+        mu: the mu of the mechanism (>= 0).
+        delta: the δ in (0, 1).
+
+    Returns:
+        the smallest ε >= 0 whose δ(ε) is at most ``delta``.
+
+    Raises:
+        ValueError: ``mu`` is negative or ``delta`` is not in (0, 1).
+    """
     _check_delta(delta)
     if not mu >= 0:
         raise ValueError(f"opacus.accountants.analysis.gdp: mu must be >= 0, got {mu!r}.")
@@ -93,7 +133,17 @@ def eps_from_mu(*, mu: float, delta: float) -> float:
 def compute_eps_poisson(
     *, steps: int, noise_multiplier: float, sample_rate: float, delta: float
 ) -> float:
-    """eps at ``delta`` of the CLT mu for Poisson subsampling."""
+    """eps at ``delta`` of the CLT mu for Poisson subsampling.
+
+    Args:
+        steps: number of steps.
+        noise_multiplier: sigma (> 0).
+        sample_rate: Poisson sampling probability in [0, 1].
+        delta: δ in (0, 1).
+
+    Returns:
+        ε at ``delta`` of the CLT approximation (not a certified bound).
+    """
     mu = compute_mu_poisson(steps=steps, noise_multiplier=noise_multiplier, sample_rate=sample_rate)
     return eps_from_mu(mu=mu, delta=delta)
 
@@ -101,6 +151,16 @@ def compute_eps_poisson(
 def compute_eps_uniform(
     *, steps: int, noise_multiplier: float, sample_rate: float, delta: float
 ) -> float:
-    """eps at ``delta`` of the CLT mu for uniform subsampling without replacement."""
+    """eps at ``delta`` of the CLT mu for uniform subsampling without replacement.
+
+    Args:
+        steps: number of steps.
+        noise_multiplier: sigma (> 0).
+        sample_rate: batch size divided by the dataset size, in [0, 1].
+        delta: δ in (0, 1).
+
+    Returns:
+        ε at ``delta`` of the CLT approximation (not a certified bound).
+    """
     mu = compute_mu_uniform(steps=steps, noise_multiplier=noise_multiplier, sample_rate=sample_rate)
     return eps_from_mu(mu=mu, delta=delta)

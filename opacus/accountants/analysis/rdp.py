@@ -202,6 +202,10 @@ def compute_rdp(
 
     Returns:
         RDP at each order (a numpy array for a list of orders, a float for a scalar order).
+
+    Raises:
+        ValueError: ``steps`` is negative, ``q`` is not in [0, 1], ``noise_multiplier`` is negative
+            or an order is not above 1.
     """
     _check_q_sigma(q, noise_multiplier)
     if steps < 0:
@@ -224,6 +228,14 @@ def get_privacy_spent(
 
     Returns:
         ``(eps, best_alpha)``; eps is clipped at 0 and is ``inf`` if every order is infinite.
+
+    Args:
+        orders: the Rényi orders of the curve.
+        rdp: the RDP at each order.
+        delta: the target δ in (0, 1).
+
+    Raises:
+        ValueError: ``delta`` is not in (0, 1), or ``orders`` and ``rdp`` differ in length.
     """
     if not 0 < delta < 1:
         raise ValueError(

@@ -115,6 +115,13 @@ def compose_heterogeneous(
 
     Raises:
         ValueError: mismatched lengths, counts below 1, odd or different grid sizes.
+
+    Args:
+        dprvs: the discrete PRVs, on aligned grids of the same even size and step.
+        num_self_compositions: how many times each PRV is composed with itself (>= 1).
+
+    Returns:
+        the discrete PRV of the whole composition.
     """
     counts = [int(k) for k in num_self_compositions]
     _check_compatible(dprvs, counts)

@@ -41,6 +41,16 @@ class Domain:
     ``shifts`` is the total non-grid offset applied with :meth:`shift_right` (the mean-preserving
     shift of GLW discretisation); for domains made by :meth:`create_aligned`, ``t_min - shifts``
     is a multiple of ``dt``, which is what lets FFT composition re-index results exactly.
+
+    Args:
+        t_min: the first grid point.
+        t_max: the last grid point (> ``t_min``).
+        size: the number of points (an even int >= 2).
+        shifts: the total offset already applied by :meth:`shift_right`.
+
+    Raises:
+        TypeError: ``size`` is not an int.
+        ValueError: ``size`` is odd or below 2, or ``t_min >= t_max``.
     """
 
     def __init__(self, t_min: float, t_max: float, size: int, shifts: float = 0.0) -> None:
@@ -71,6 +81,14 @@ class Domain:
         Raises:
             ValueError: ``dt`` is not positive.
             RuntimeError: the resulting grid step differs from ``dt`` (relative 1e-8 or more).
+
+        Args:
+            t_min: the grid must reach down to this value.
+            t_max: the grid must reach up to this value.
+            dt: the grid step (> 0).
+
+        Returns:
+            the aligned grid.
         """
         if not dt > 0:
             raise ValueError(f"Domain.create_aligned: dt must be > 0, got {dt!r}.")
@@ -103,7 +121,14 @@ class Domain:
         return int(round((self.t_min - self.shifts) / self.dt))
 
     def shift_right(self, dt: float) -> "Domain":
-        """The same grid moved right by ``dt`` (accumulated in ``shifts``)."""
+        """The same grid moved right by ``dt`` (accumulated in ``shifts``).
+
+        Args:
+            dt: the offset to move the grid by.
+
+        Returns:
+            a new grid; this one is unchanged.
+        """
         return Domain(self.t_min + dt, self.t_max + dt, self.size, self.shifts + dt)
 
     def __len__(self) -> int:
@@ -130,6 +155,19 @@ def compute_safe_domain_size(
 
     ``prvs[i]`` is composed ``max_self_compositions[i]`` times and must have an ``rdp(orders)``
     method (its Rényi divergence per step). The RDP orders are ``RDPAccountant.DEFAULT_ALPHAS``.
+
+    Args:
+        prvs: the PRVs of the composed mechanisms (each with an ``rdp(alpha)`` method).
+        max_self_compositions: how many times each PRV is composed.
+        eps_error: the ε error allowed to the PRV accountant (> 0).
+        delta_error: the δ error allowed to the PRV accountant, in (0, 1).
+
+    Returns:
+        the half-width L of the domain [-L, L].
+
+    Raises:
+        ValueError: the counts do not match the PRVs, are negative or sum to 0, or the errors are
+            out of range.
     """
     if len(prvs) != len(max_self_compositions) or not prvs:
         raise ValueError(

@@ -34,7 +34,15 @@ _SQRT_2PI = math.sqrt(2.0 * math.pi)
 
 
 class PoissonSubsampledGaussianPRV:
-    """PRV of one step of the Poisson-subsampled Gaussian mechanism."""
+    """PRV of one step of the Poisson-subsampled Gaussian mechanism.
+
+    Args:
+        sample_rate: the Poisson sampling probability q, in (0, 1].
+        noise_multiplier: sigma (> 0).
+
+    Raises:
+        ValueError: ``sample_rate`` is not in (0, 1] or ``noise_multiplier`` is not positive.
+    """
 
     def __init__(self, sample_rate: float, noise_multiplier: float) -> None:
         if not 0 < sample_rate <= 1:
@@ -81,7 +89,11 @@ class PoissonSubsampledGaussianPRV:
         ) / (s * _SQRT_2PI)
 
     def cdf(self, t):
-        """P(Y <= t)."""
+        """P(Y <= t).
+
+        Args:
+            t: a privacy loss value, or an array of them.
+        """
         q, s = self.sample_rate, self.noise_multiplier
         w = self._w(t)
         return (1.0 - q) * ndtr(w / s) + q * ndtr((w - 1.0) / s)
@@ -122,7 +134,11 @@ class PoissonSubsampledGaussianPRV:
         return np.maximum(masses, 0.0)
 
     def pdf(self, t):
-        """Density of Y: the mixture density at w(t) times dw/dt = sigma^2 / (1 - (1-q) e^{-t})."""
+        """Density of Y: the mixture density at w(t) times dw/dt = sigma^2 / (1 - (1-q) e^{-t}).
+
+        Args:
+            t: a privacy loss value, or an array of them.
+        """
         q, s = self.sample_rate, self.noise_multiplier
         t = np.asarray(t, dtype=np.float64)
         w = self._w(t)
@@ -132,7 +148,14 @@ class PoissonSubsampledGaussianPRV:
         return np.where(t > self.support_min, density, 0.0)
 
     def rdp(self, alpha):
-        """RDP D_alpha(Q || P) of one step (Mironov, Talwar, Zhang 2019)."""
+        """RDP D_alpha(Q || P) of one step (Mironov, Talwar, Zhang 2019).
+
+        Args:
+            alpha: the Rényi order (> 1), or an array of orders.
+
+        Returns:
+            the Rényi divergence of one step at each order.
+        """
         return rdp_analysis.compute_rdp(
             q=self.sample_rate, noise_multiplier=self.noise_multiplier, steps=1, orders=alpha
         )
@@ -183,7 +206,16 @@ class PoissonSubsampledGaussianPRV:
 
 
 class TruncatedPrivacyRandomVariable:
-    """A PRV conditioned on t_min <= Y <= t_max (GLW truncation)."""
+    """A PRV conditioned on t_min <= Y <= t_max (GLW truncation).
+
+    Args:
+        prv: the untruncated PRV.
+        t_min: the lower end of the window.
+        t_max: the upper end of the window (> ``t_min``).
+
+    Raises:
+        ValueError: ``t_min >= t_max`` or the window holds no probability mass.
+    """
 
     def __init__(self, prv: PoissonSubsampledGaussianPRV, t_min: float, t_max: float) -> None:
         if not t_max > t_min:
@@ -205,13 +237,20 @@ class TruncatedPrivacyRandomVariable:
         """Density of the truncated PRV at ``t`` (scalar or array; same shape returned).
 
         The untruncated density divided by the mass kept in ``[t_min, t_max]``; 0 outside it.
+
+        Args:
+            t: a privacy loss value, or an array of them.
         """
         t = np.asarray(t, dtype=np.float64)
         inside = (t >= self.t_min) & (t <= self.t_max)
         return np.where(inside, self.prv.pdf(t) / self.remaining_mass, 0.0)
 
     def cdf(self, t):
-        """P(Y <= t | t_min <= Y <= t_max): 0 below ``t_min``, 1 from ``t_max`` on (elementwise)."""
+        """P(Y <= t | t_min <= Y <= t_max): 0 below ``t_min``, 1 from ``t_max`` on (elementwise).
+
+        Args:
+            t: a privacy loss value, or an array of them.
+        """
         t = np.asarray(t, dtype=np.float64)
         value = (self.prv.cdf(t) - self._cdf_min) / self.remaining_mass
         return np.where(t < self.t_min, 0.0, np.where(t >= self.t_max, 1.0, value))
@@ -239,7 +278,11 @@ class TruncatedPrivacyRandomVariable:
         return masses / self.remaining_mass
 
     def mean(self) -> float:
-        """E[Y | t_min <= Y <= t_max]."""
+        """E[Y | t_min <= Y <= t_max].
+
+        Returns:
+            the mean of the truncated PRV.
+        """
         if hasattr(self.prv, "expectation_between"):
             inner = self.prv.expectation_between(self.t_min, self.t_max)
         else:
@@ -260,6 +303,13 @@ def discretize(prv, domain: Domain) -> "DiscretePRV":
 
     Raises:
         RuntimeError: the shift is dt/2 or more (``prv`` has mass far outside ``domain``).
+
+    Args:
+        prv: the PRV to discretise (normally truncated to the domain).
+        domain: the grid to put its mass on.
+
+    Returns:
+        the discrete PRV.
     """
     ts = domain.ts
     dt = domain.dt
@@ -278,7 +328,15 @@ def discretize(prv, domain: Domain) -> "DiscretePRV":
 
 
 class DiscretePRV:
-    """A PRV supported on the points of ``domain`` with probabilities ``pmf``."""
+    """A PRV supported on the points of ``domain`` with probabilities ``pmf``.
+
+    Args:
+        pmf: the probability of each grid point (non-negative, same length as ``domain``).
+        domain: the grid the PRV lives on.
+
+    Raises:
+        ValueError: ``pmf`` is not 1-d with one entry per point of ``domain``.
+    """
 
     def __init__(self, pmf: np.ndarray, domain: Domain) -> None:
         pmf = np.asarray(pmf, dtype=np.float64)
@@ -295,7 +353,14 @@ class DiscretePRV:
         return len(self.pmf)
 
     def compute_delta_estimate(self, eps: float) -> float:
-        """delta(eps) = E[(1 - e^{eps - Y})_+] of the discrete PRV."""
+        """delta(eps) = E[(1 - e^{eps - Y})_+] of the discrete PRV.
+
+        Args:
+            eps: the ε at which δ is estimated.
+
+        Returns:
+            the δ of the discrete PRV at ``eps``.
+        """
         ts = self.domain.ts
         above = ts > eps
         return float(np.sum(self.pmf[above] * -np.expm1(eps - ts[above])))
@@ -356,6 +421,14 @@ class DiscretePRV:
             ValueError: ``delta_error`` is not in (0, delta), or the floating point error of the
                 ``len(pmf)`` masses (long double machine epsilon times the size) exceeds
                 ``delta - delta_error``.
+
+        Args:
+            delta: the target δ.
+            delta_error: the δ error of the discretisation, in (0, delta).
+            eps_error: the ε error of the discretisation.
+
+        Returns:
+            ``(lower, estimate, upper)`` bounds on ε.
         """
         if delta <= 0:
             return math.inf, math.inf, math.inf
