@@ -38,6 +38,12 @@ from opacus.grad_sample.functorch import (
 )
 from opacus.grad_sample.gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule
 from opacus.grad_sample.linear import compute_linear_grad_sample
+from opacus.grad_sample.module_utils import (
+    has_trainable_params,
+    requires_grad,
+    trainable_modules,
+    trainable_parameters,
+)
 from opacus.grad_sample.registry import SUMS_OVER_SEQUENCE_ATTR
 from opacus.grad_sample.safety_checks import (
     SKIP_BATCH_MIXING_CHECK_ATTR,
@@ -45,12 +51,6 @@ from opacus.grad_sample.safety_checks import (
     batch_mixing_mismatch,
 )
 from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN, DPRNNBase, RNNLinear
-from opacus.utils.module_utils import (
-    has_trainable_params,
-    requires_grad,
-    trainable_modules,
-    trainable_parameters,
-)
 
 __all__ = [
     "AbstractGradSampleHooks",

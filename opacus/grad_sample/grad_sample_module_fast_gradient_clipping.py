@@ -40,9 +40,9 @@ from opacus.grad_sample.grad_sample_module import (
     promote_current_grad_sample,
 )
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.grad_sample.module_utils import requires_grad, trainable_modules, trainable_parameters
 from opacus.grad_sample.registry import CLIPPED_SUM_SAMPLERS
 from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
-from opacus.utils.module_utils import requires_grad, trainable_modules, trainable_parameters
 
 __all__ = [
     "AbstractGradSampleModule",

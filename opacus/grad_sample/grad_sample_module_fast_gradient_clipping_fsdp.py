@@ -33,7 +33,7 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     _in_backward,
 )
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
-from opacus.utils.module_utils import requires_grad, trainable_parameters
+from opacus.grad_sample.module_utils import requires_grad, trainable_parameters
 
 __all__ = [
     "AbstractGradSampleModule",

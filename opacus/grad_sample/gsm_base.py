@@ -14,7 +14,7 @@ from typing import List
 
 import torch.nn as nn
 
-from opacus.utils.module_utils import trainable_parameters
+from opacus.grad_sample.module_utils import trainable_parameters
 
 __all__ = ["AbstractGradSampleHooks", "AbstractGradSampleModule", "trainable_parameters"]
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping_fsdp import (
     GradSampleModuleFastGradientClippingFSDP,
 )
-from opacus.utils.module_utils import has_trainable_params, requires_grad
+from opacus.grad_sample.module_utils import has_trainable_params, requires_grad
 
 __all__ = [
     "FSDP2Wrapper",
