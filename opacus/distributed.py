@@ -18,7 +18,11 @@ def _is_distributed() -> bool:
 
 
 def average_gradients(model: nn.Module) -> None:
-    """All-reduce ``p.grad`` of every trainable parameter and divide by the world size."""
+    """All-reduce ``p.grad`` of every trainable parameter and divide by the world size.
+
+    Args:
+        model: the model whose parameters' ``grad`` are averaged over the processes.
+    """
     if not _is_distributed():
         return
     world_size = dist.get_world_size()
@@ -33,6 +37,9 @@ class DifferentiallyPrivateDistributedDataParallel(nn.Module):
 
     At construction every parameter and buffer is broadcast from rank 0, so all replicas start
     equal; ``forward`` is ``model.forward``. Gradient synchronisation is left to the DP optimizer.
+
+    Args:
+        model: the model, identical on every process (its parameters are broadcast from rank 0).
     """
 
     def __init__(self, model: nn.Module):

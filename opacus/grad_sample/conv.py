@@ -358,6 +358,17 @@ def convolution2d_backward_as_a_convolution(
 
     Always the ``"convolution"`` strategy of :func:`compute_conv_grad_sample` (no im2col
     buffer), whatever :func:`set_conv_strategy` says.
+
+    Args:
+        layer: the ``nn.Conv2d``.
+        activations: the layer's input ``(B, C_in, H, W)``.
+        backprops: the gradient of the loss with respect to the layer's output.
+
+    Returns:
+        ``{parameter: per-sample gradients}`` of the layer.
+
+    Raises:
+        ValueError: ``layer`` is not an ``nn.Conv2d``.
     """
     x = activations[0]
     if _check_input(layer, x) != 2:

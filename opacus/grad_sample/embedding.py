@@ -104,6 +104,15 @@ def compute_embeddingbag_gradsampler(layer, inputs, backprops):
 
     Returns:
         ``{weight: (B, num_embeddings, embedding_dim)}`` if the weight requires grad.
+
+    Args:
+        layer: the ``nn.EmbeddingBag``.
+        inputs: the layer's positional inputs: indices, and offsets for a 1-D input.
+        backprops: the gradient of the loss with respect to the layer's output, one row per bag.
+
+    Raises:
+        NotImplementedError: the layer's mode is ``"max"``.
+        ValueError: the input shape or offsets are not one bag per sample.
     """
     if layer.mode not in ("sum", "mean"):
         raise NotImplementedError(

@@ -41,6 +41,10 @@ def make_functional(mod: nn.Module, disable_autograd_tracking: bool = False):
     ``params`` is a tuple in ``mod.named_parameters()`` order; ``fmodel`` runs ``mod``'s forward
     with those tensors in place of its parameters (``torch.func.functional_call``), leaving ``mod``
     untouched. ``disable_autograd_tracking`` returns detached parameters.
+
+    Args:
+        mod: the module to split.
+        disable_autograd_tracking: return the parameters detached.
     """
     names = [name for name, _ in mod.named_parameters()]
     params = tuple(
@@ -178,6 +182,10 @@ def prepare_layer(layer: nn.Module, batch_first=True) -> None:
 
     Raises:
         NotImplementedError: ``layer`` (or a submodule) has buffers, or is an ``nn.EmbeddingBag``.
+
+    Args:
+        layer: the layer to prepare.
+        batch_first: True if the batch is on dim 0 of the layer's input, False for dim 1.
     """
     _check_preparable(layer)
     setattr(layer, FT_COMPUTE_SAMPLE_GRAD_ATTR, _ComputeSampleGrad(layer, batch_first))
@@ -190,6 +198,11 @@ def ft_compute_per_sample_gradient(layer, activations, backprops):
     carry the batch on dim 0, as the hooks provide them.  The layer is prepared first
     (``prepare_layer(layer)``, batch first) if it has no ``ft_compute_sample_grad`` yet.
     Floating-point activations are cast to the backprops' dtype.
+
+    Args:
+        layer: the layer.
+        activations: its input (or list of positional inputs), batch on dim 0.
+        backprops: the gradient of the loss with respect to its output, batch on dim 0.
     """
     compute = getattr(layer, FT_COMPUTE_SAMPLE_GRAD_ATTR, None)
     if compute is None:

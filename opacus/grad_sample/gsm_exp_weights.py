@@ -30,6 +30,9 @@ class GradSampleModuleExpandedWeights(AbstractGradSampleModule):
         m: the model.
         batch_first: must be True (the batch on dim 0 of every layer input).
         loss_reduction: ``"mean"`` or ``"sum"``.
+
+    Raises:
+        NotImplementedError: this torch lacks expanded weights, or ``batch_first`` is False.
     """
 
     def __init__(self, m: nn.Module, *, batch_first=True, loss_reduction="mean"):
@@ -53,7 +56,15 @@ class GradSampleModuleExpandedWeights(AbstractGradSampleModule):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         """Run the wrapped module through torch's per-sample-gradient context (batch on dim 0 of
-        ``x``), so that the next backward fills ``p.grad_sample``."""
+        ``x``), so that the next backward fills ``p.grad_sample``.
+
+        Args:
+            x: the input batch, batch on dim 0.
+
+        Raises:
+            ValueError: a parameter still holds the per-sample gradients of an earlier pass
+                (gradient accumulation is not supported in this mode).
+        """
         held = [
             name
             for name, p in self._module.named_parameters()

@@ -18,7 +18,13 @@ __all__ = [
 
 
 class GradSampleHooksNoOp(AbstractGradSampleHooks):
-    """Installs nothing; ``p.grad_sample`` is left to the caller."""
+    """Installs nothing; ``p.grad_sample`` is left to the caller.
+
+    Args:
+        m: the model.
+        batch_first: recorded only.
+        loss_reduction: recorded only.
+    """
 
     def __init__(self, m: nn.Module, *, batch_first=True, loss_reduction="mean"):
         AbstractGradSampleHooks.__init__(
@@ -30,7 +36,13 @@ class GradSampleHooksNoOp(AbstractGradSampleHooks):
 
 
 class GradSampleModuleNoOp(GradSampleHooksNoOp, AbstractGradSampleModule):
-    """``nn.Module`` wrapper that forwards to ``m`` and computes no per-sample gradients."""
+    """``nn.Module`` wrapper that forwards to ``m`` and computes no per-sample gradients.
+
+    Args:
+        m: the model to wrap.
+        batch_first: recorded only.
+        loss_reduction: recorded only.
+    """
 
     def __init__(self, m: nn.Module, *, batch_first=True, loss_reduction="mean"):
         AbstractGradSampleModule.__init__(
@@ -38,5 +50,9 @@ class GradSampleModuleNoOp(GradSampleHooksNoOp, AbstractGradSampleModule):
         )
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        """Run the wrapped module unchanged (no hooks: per-sample gradients come from elsewhere)."""
+        """Run the wrapped module unchanged (no hooks: per-sample gradients come from elsewhere).
+
+        Args:
+            x: the input, passed to the wrapped model.
+        """
         return self._module(x, *args, **kwargs)

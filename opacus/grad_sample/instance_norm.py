@@ -48,6 +48,9 @@ def compute_instance_norm_grad_sample(
 
     Returns:
         ``{weight: (B, C), bias: (B, C)}`` for the parameters that exist and require grad.
+
+    Raises:
+        ValueError: the input is not batched (too few dimensions for the layer).
     """
     x = activations[0]
     expected = _BATCHED_DIMS[type(layer)] if type(layer) in _BATCHED_DIMS else x.dim()

@@ -46,14 +46,24 @@ def _registrar(table: Dict[Type[nn.Module], Callable], target_class_or_classes):
 def register_grad_sampler(
     target_class_or_classes: Union[Type[nn.Module], Sequence[Type[nn.Module]]],
 ):
-    """Decorator: register ``f`` as the per-sample gradient function of the given layer type(s)."""
+    """Decorator: register ``f`` as the per-sample gradient function of the given layer type(s).
+
+    Args:
+        target_class_or_classes: the layer class, or a sequence of classes, the decorated function
+            computes per-sample gradients for.
+    """
     return _registrar(GRAD_SAMPLERS, target_class_or_classes)
 
 
 def register_norm_sampler(
     target_class_or_classes: Union[Type[nn.Module], Sequence[Type[nn.Module]]],
 ):
-    """Decorator: register ``f`` as the per-sample gradient *norm* function (ghost clipping)."""
+    """Decorator: register ``f`` as the per-sample gradient *norm* function (ghost clipping).
+
+    Args:
+        target_class_or_classes: the layer class, or a sequence of classes, the decorated function
+            computes per-sample gradient norms for (ghost clipping).
+    """
     return _registrar(NORM_SAMPLERS, target_class_or_classes)
 
 

@@ -55,12 +55,26 @@ def get_gsm_class(grad_sample_mode: str) -> Type[AbstractGradSampleModule]:
     "hooks" and "functorch" share ``GradSampleModule`` ("functorch" sets ``force_functorch``);
     "ghost*" are fast gradient clipping; "ew" uses PyTorch's expanded weights; "no_op" does
     nothing.
+
+    Args:
+        grad_sample_mode: a mode name: ``"hooks"``, ``"functorch"``, ``"ew"``, ``"no_op"`` or a
+            ghost mode.
+
+    Returns:
+        the wrapper class.
     """
     return grad_sample_mode_info(grad_sample_mode).module_class
 
 
 def get_hooks_class(grad_sample_mode: str):
-    """The hooks-only class (model not wrapped) for ``grad_sample_mode`` ("ew" has none)."""
+    """The hooks-only class (model not wrapped) for ``grad_sample_mode`` ("ew" has none).
+
+    Args:
+        grad_sample_mode: a mode name (see ``get_gsm_class``).
+
+    Raises:
+        ValueError: the mode has no hooks-only variant (``"ew"``).
+    """
     mode = grad_sample_mode_info(grad_sample_mode)
     if mode.hooks_class is None:
         raise ValueError(
@@ -77,6 +91,11 @@ def prepare_module(
 
     Returns the wrapper module if ``wrap_model`` (the default), else the hooks object (the model
     keeps its identity and gets hooks directly). Extra arguments go to the class constructor.
+
+    Args:
+        model: the model.
+        grad_sample_mode: a mode name (see ``get_gsm_class``).
+        wrap_model: wrap the model (True) or hook it in place (False).
     """
     mode = grad_sample_mode_info(grad_sample_mode)
     cls = mode.module_class if wrap_model else get_hooks_class(grad_sample_mode)
@@ -86,5 +105,11 @@ def prepare_module(
 
 
 def wrap_model(model: nn.Module, grad_sample_mode: str, wrap_model: bool = True, *args, **kwargs):
-    """Same as ``prepare_module``: the model wrapped (or hooked) for ``grad_sample_mode``."""
+    """Same as ``prepare_module``: the model wrapped (or hooked) for ``grad_sample_mode``.
+
+    Args:
+        model: the model.
+        grad_sample_mode: a mode name (see ``get_gsm_class``).
+        wrap_model: wrap the model (True) or hook it in place (False).
+    """
     return prepare_module(model, grad_sample_mode, wrap_model, *args, **kwargs)

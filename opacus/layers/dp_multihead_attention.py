@@ -26,6 +26,10 @@ class SequenceBias(nn.Module):
 
     ``(L, N, E) -> (L + 1, N, E)``, or ``(N, L, E) -> (N, L + 1, E)`` with ``batch_first``.
     This is the ``bias_k`` / ``bias_v`` of ``nn.MultiheadAttention(add_bias_kv=True)``.
+
+    Args:
+        embed_dim: the feature size E.
+        batch_first: True for ``(batch, seq, E)`` inputs, False for ``(seq, batch, E)``.
     """
 
     def __init__(self, embed_dim: int, batch_first: bool = False):
@@ -53,6 +57,9 @@ class SequenceBias(nn.Module):
             >>> sb = SequenceBias(4, batch_first=True)
             >>> sb(torch.zeros(2, 3, 4)).shape
             torch.Size([2, 4, 4])
+
+        Raises:
+            ValueError: the input is not 3-d with ``embed_dim`` features.
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             layout = "(N, L, E)" if self.batch_first else "(L, N, E)"
@@ -91,6 +98,24 @@ class DPMultiheadAttention(nn.Module):
     the same weights. Its state dict has ``nn.MultiheadAttention``'s format (``in_proj_weight``
     or ``q/k/v_proj_weight``, ``in_proj_bias``, ``bias_k``, ``bias_v``, ``out_proj.*``) and it
     loads that format as well as its internal one, directly or nested in a bigger model.
+
+    Args:
+        embed_dim: the model dimension E.
+        num_heads: the number of heads (must divide ``embed_dim``).
+        dropout: dropout probability on the attention weights.
+        bias: whether the input and output projections have biases.
+        add_bias_kv: append a learned bias to the key and value sequences.
+        add_zero_attn: append a zero step to the key and value sequences.
+        kdim: the number of key features (``embed_dim`` if None).
+        vdim: the number of value features (``embed_dim`` if None).
+        batch_first: True for ``(batch, seq, feature)`` inputs and outputs, False for ``(seq, batch,
+            feature)``.
+        device: the device of the parameters.
+        dtype: the dtype of the parameters.
+
+    Raises:
+        ValueError: ``embed_dim`` or ``num_heads`` is not positive, or ``num_heads`` does not divide
+            ``embed_dim``.
     """
 
     # Read by nn.TransformerEncoder(Layer): False keeps them off their fused fast path, which
@@ -178,6 +203,11 @@ class DPMultiheadAttention(nn.Module):
         format. The stacked ``in_proj_weight``/``in_proj_bias`` are new tensors (with
         ``keep_vars=True``, functions of the parameters rather than parameters);
         ``named_parameters()`` reports the projections ``qlinear``, ``klinear``, ``vlinear``.
+
+        Args:
+            destination: a dict to write into (a new ordered dict if None).
+            prefix: a prefix for every key.
+            keep_vars: keep the tensors attached to autograd.
         """
         return super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
 
@@ -189,6 +219,9 @@ class DPMultiheadAttention(nn.Module):
         ``bias_k``/``bias_v`` of shape ``(1, 1, E)`` onto ``seq_bias_k/v.bias``; internal keys
         (``qlinear.weight``...) load unchanged. The conversion is a load pre-hook, so it also
         applies when a parent module loads a checkpoint.
+
+        Args:
+            state_dict: a state dict with ``nn.MultiheadAttention``'s keys or this layer's own.
         """
         return super().load_state_dict(state_dict)
 
@@ -196,6 +229,9 @@ class DPMultiheadAttention(nn.Module):
         """``t`` with singleton dims inserted at positions 0 and 2: ``(a, b) -> (1, a, 1, b)``.
 
         Broadcasts a per-(query, key) table over batch and heads in a ``(N, L, H, S)`` layout.
+
+        Args:
+            t: a tensor.
         """
         return t.unsqueeze(0).unsqueeze(2)
 
@@ -218,6 +254,20 @@ class DPMultiheadAttention(nn.Module):
         torch, requires it. Weights are ``(N, L, S)`` averaged over heads, or
         ``(N, num_heads, L, S)`` with ``average_attn_weights=False``; ``None`` unless
         ``need_weights``. Unbatched 2-D inputs ``(L, E)`` are accepted too.
+
+        Args:
+            query: the queries, in the ``batch_first`` layout.
+            key: the keys.
+            value: the values.
+            key_padding_mask: ``(batch, source length)``: True (or -inf) marks keys to ignore.
+            need_weights: also return the attention weights.
+            attn_mask: a ``(L, S)`` or ``(batch * num_heads, L, S)`` mask added to (or masking) the
+                scores.
+            is_causal: a hint that ``attn_mask`` is the causal mask (it must still be given).
+            average_attn_weights: average the returned weights over the heads.
+
+        Raises:
+            RuntimeError: ``is_causal`` is True without ``attn_mask``.
         """
         is_batched = self._check_shapes(query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is None:

@@ -45,7 +45,13 @@ State = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
 def apply_permutation(tensor: torch.Tensor, dim: int, permutation: Optional[torch.Tensor]):
-    """``tensor`` reordered along ``dim`` by ``permutation`` (unchanged when it is ``None``)."""
+    """``tensor`` reordered along ``dim`` by ``permutation`` (unchanged when it is ``None``).
+
+    Args:
+        tensor: the tensor to reorder.
+        dim: the dimension to reorder.
+        permutation: the new order of the indices (None: unchanged).
+    """
     if permutation is None:
         return tensor
     return tensor.index_select(dim, permutation)
@@ -57,6 +63,11 @@ class RNNLinear(nn.Linear):
     It is applied at every time step on ``(batch, features)`` tensors (or once on
     ``(batch, time, features)``), whatever layout the recurrent layer's user chose, hence
     ``_batch_dim_always_first`` (read by the per-sample-gradient hooks).
+
+    Args:
+        in_features: input size.
+        out_features: output size.
+        bias: whether there is a bias.
     """
 
     _batch_dim_always_first = True
@@ -67,7 +78,14 @@ class RNNLinear(nn.Linear):
 
 
 class DPRNNCellBase(nn.Module):
-    """A recurrent cell: ``ih`` (input to ``num_chunks`` gates) and ``hh`` (hidden to gates)."""
+    """A recurrent cell: ``ih`` (input to ``num_chunks`` gates) and ``hh`` (hidden to gates).
+
+    Args:
+        input_size: the number of features of each input step.
+        hidden_size: the number of features of the hidden state.
+        bias: whether the linear maps have biases.
+        num_chunks: the number of gates (the linear maps output ``num_chunks * hidden_size``).
+    """
 
     has_cell_state = False
 
@@ -92,7 +110,11 @@ class DPRNNCellBase(nn.Module):
             nn.init.uniform_(weight, -stdv, stdv)
 
     def set_max_batch_length(self, max_batch_length: int) -> None:
-        """Record the full batch size on the cell's linear maps (for the hooks' bookkeeping)."""
+        """Record the full batch size on the cell's linear maps (for the hooks' bookkeeping).
+
+        Args:
+            max_batch_length: the batch size of the whole sequence.
+        """
         for module in self.modules():
             if isinstance(module, RNNLinear):
                 module.max_batch_len = max_batch_length
@@ -121,7 +143,17 @@ class DPRNNCellBase(nn.Module):
 
 
 class DPRNNCell(DPRNNCellBase):
-    """Elman cell ``h' = act(W_ih x + b_ih + W_hh h + b_hh)`` with ``act`` tanh or relu."""
+    """Elman cell ``h' = act(W_ih x + b_ih + W_hh h + b_hh)`` with ``act`` tanh or relu.
+
+    Args:
+        input_size: the number of features of each input step.
+        hidden_size: the number of features of the hidden state.
+        bias: whether the linear maps have biases.
+        nonlinearity: ``"tanh"`` or ``"relu"``.
+
+    Raises:
+        ValueError: ``nonlinearity`` is neither.
+    """
 
     def __init__(
         self, input_size: int, hidden_size: int, bias: bool, nonlinearity: str = "tanh"
@@ -162,7 +194,13 @@ class DPRNNCell(DPRNNCellBase):
 
 
 class DPGRUCell(DPRNNCellBase):
-    """GRU cell (gate order r, z, n as in ``torch.nn.GRUCell``)."""
+    """GRU cell (gate order r, z, n as in ``torch.nn.GRUCell``).
+
+    Args:
+        input_size: the number of features of each input step.
+        hidden_size: the number of features of the hidden state.
+        bias: whether the linear maps have biases.
+    """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=3)
@@ -201,7 +239,13 @@ class DPGRUCell(DPRNNCellBase):
 
 
 class DPLSTMCell(DPRNNCellBase):
-    """LSTM cell (gate order i, f, g, o as in ``torch.nn.LSTMCell``)."""
+    """LSTM cell (gate order i, f, g, o as in ``torch.nn.LSTMCell``).
+
+    Args:
+        input_size: the number of features of each input step.
+        hidden_size: the number of features of the hidden state.
+        bias: whether the linear maps have biases.
+    """
 
     has_cell_state = True
     proj_size = 0
@@ -296,6 +340,23 @@ class DPRNNBase(RenameParamsMixin, nn.Module):
     (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, ``weight_hr_l0``...,
     gate order as in torch), also when nested in a bigger model; ``load_state_dict`` accepts
     those names and the internal ones, and torch's names resolve as attributes.
+
+    Args:
+        mode: ``"RNN_TANH"``, ``"RNN_RELU"``, ``"GRU"``, ``"LSTM"`` or a cell class.
+        input_size: the number of features of each input step.
+        hidden_size: the number of features of the hidden state.
+        num_layers: the number of stacked recurrent layers.
+        bias: whether the linear maps have biases.
+        batch_first: True if inputs and outputs are ``(batch, seq, feature)``, False for ``(seq,
+            batch, feature)``.
+        dropout: dropout probability on the outputs of every layer except the last.
+        bidirectional: run a second, reversed direction in every layer.
+        proj_size: project the hidden state to this size (0: no projection).
+        cell_params: extra keyword arguments for every cell.
+
+    Raises:
+        ValueError: an unknown ``mode``, or ``num_layers``, ``dropout`` or ``proj_size`` out of
+            range.
     """
 
     def __init__(
@@ -485,6 +546,20 @@ class DPRNNBase(RenameParamsMixin, nn.Module):
         otherwise): steps past a sequence's end leave its state unchanged. ``reverse_layer``
         runs from the last step to the first (each sequence starts at its own end).
         Returns the ``(T, N, H_out)`` outputs (zero past each end) and the final ``h`` and ``c``.
+
+        Args:
+            x: the layer input, time-major ``(T, N, *)``.
+            h_0: the initial hidden state ``(N, H_out)``.
+            c_0: the initial cell state (LSTM only, else None).
+            batch_sizes: for packed input, each sequence's length; None otherwise.
+            cell: the cell of this layer and direction.
+            max_batch_size: N.
+            seq_length: T.
+            is_packed: whether the input came from a ``PackedSequence``.
+            reverse_layer: run from the last step to the first.
+
+        Returns:
+            ``(outputs, h, c)``: the outputs ``(T, N, H_out)`` and the final states.
         """
         # One call of ih for all steps, batch on dim 0: (N, T, H_in) -> (N, T, gates).
         input_gates = cell.ih(x.transpose(0, 1))
@@ -570,7 +645,23 @@ def _repack_like(output: torch.Tensor, lengths: torch.Tensor, like: PackedSequen
 
 
 class DPRNN(DPRNNBase):
-    """DP version of ``torch.nn.RNN`` (Elman RNN, tanh or relu)."""
+    """DP version of ``torch.nn.RNN`` (Elman RNN, tanh or relu).
+
+    Args:
+        input_size: the number of features of each input step.
+        hidden_size: the number of features of the hidden state.
+        num_layers: the number of stacked recurrent layers.
+        bias: whether the linear maps have biases.
+        batch_first: True if inputs and outputs are ``(batch, seq, feature)``, False for ``(seq,
+            batch, feature)``.
+        dropout: dropout probability on the outputs of every layer except the last.
+        bidirectional: run a second, reversed direction in every layer.
+        proj_size: project the hidden state to this size (0: no projection).
+        nonlinearity: ``"tanh"`` or ``"relu"``.
+
+    Raises:
+        ValueError: an argument is out of range.
+    """
 
     def __init__(
         self,
@@ -601,7 +692,22 @@ class DPRNN(DPRNNBase):
 
 
 class DPGRU(DPRNNBase):
-    """DP version of ``torch.nn.GRU``."""
+    """DP version of ``torch.nn.GRU``.
+
+    Args:
+        input_size: the number of features of each input step.
+        hidden_size: the number of features of the hidden state.
+        num_layers: the number of stacked recurrent layers.
+        bias: whether the linear maps have biases.
+        batch_first: True if inputs and outputs are ``(batch, seq, feature)``, False for ``(seq,
+            batch, feature)``.
+        dropout: dropout probability on the outputs of every layer except the last.
+        bidirectional: run a second, reversed direction in every layer.
+        proj_size: project the hidden state to this size (0: no projection).
+
+    Raises:
+        ValueError: an argument is out of range.
+    """
 
     def __init__(
         self,
@@ -629,7 +735,19 @@ class DPGRU(DPRNNBase):
 
 
 class DPLSTM(DPRNNBase):
-    """DP version of ``torch.nn.LSTM`` (``proj_size`` supported)."""
+    """DP version of ``torch.nn.LSTM`` (``proj_size`` supported).
+
+    Args:
+        input_size: the number of features of each input step.
+        hidden_size: the number of features of the hidden state.
+        num_layers: the number of stacked recurrent layers.
+        bias: whether the linear maps have biases.
+        batch_first: True if inputs and outputs are ``(batch, seq, feature)``, False for ``(seq,
+            batch, feature)``.
+        dropout: dropout probability on the outputs of every layer except the last.
+        bidirectional: run a second, reversed direction in every layer.
+        proj_size: project the hidden state to this size (0: no projection).
+    """
 
     def __init__(
         self,

@@ -22,6 +22,11 @@ def filter_out_old_keys(self, state_dict, prefix, local_metadata):
     their value is stored under ``prefix + new_name`` unless that key is already present. Register
     it (``module.register_state_dict_post_hook``) after the mixin's own hook to save the internal
     format instead of the ``torch.nn`` one.
+
+    Args:
+        state_dict: the state dict being built.
+        prefix: the module's key prefix.
+        local_metadata: unused (the hook signature).
     """
     for old_name, new_name in getattr(self, "_rename_map", {}).items():
         if prefix + old_name in state_dict:
@@ -38,7 +43,11 @@ class RenameParamsMixin:
 
     def set_rename_map(self, rename_map: Dict[str, str]):
         """Register ``{old_name: new_name}``: state dicts then use the old names (in this order),
-        loading accepts both, and the old names resolve as attributes."""
+        loading accepts both, and the old names resolve as attributes.
+
+        Args:
+            rename_map: ``{old_name: new_name}``.
+        """
         self._rename_map = dict(rename_map)
         if not getattr(self, "_rename_hooks_registered", False):
             self.register_state_dict_post_hook(_save_old_names)
@@ -58,7 +67,12 @@ class RenameParamsMixin:
         return out
 
     def load_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True):
-        """``nn.Module.load_state_dict`` accepting the old (``torch.nn``) and the new names."""
+        """``nn.Module.load_state_dict`` accepting the old (``torch.nn``) and the new names.
+
+        Args:
+            state_dict: a state dict using the old or the new names.
+            strict: require the keys to match exactly, as ``nn.Module.load_state_dict``.
+        """
         return nn.Module.load_state_dict(self, self._renamed(state_dict), strict=strict)
 
     def __getattr__(self, name):

@@ -63,7 +63,22 @@ def _clip_and_accumulate_parameter(p: nn.Parameter, max_grad_norm: float) -> Non
 
 
 class SimpleDistributedPerLayerOptimizer(DPPerLayerOptimizer, DistributedDPOptimizer):
-    """Per-layer clipping (``DPPerLayerOptimizer``) + noise on rank 0 and all-reduce at ``step``."""
+    """Per-layer clipping (``DPPerLayerOptimizer``) + noise on rank 0 and all-reduce at ``step``.
+
+    Args:
+        optimizer: the optimizer to wrap; its ``step`` runs on the private (clipped and noised)
+            gradients.
+        noise_multiplier: sigma: the noise standard deviation divided by ``max_grad_norm``.
+        max_grad_norm: a list with the clipping norm of each parameter, in the order of the
+            optimizer's parameters.
+        expected_batch_size: the expected number of examples per logical batch (``sample_rate *
+            len(dataset)``); the noised sum is divided by it when ``loss_reduction="mean"``. May be
+            None only with ``loss_reduction="sum"``.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the examples of a batch.
+        generator: a ``torch.Generator`` for the noise (reproducible runs); None uses torch's
+            default.
+        secure_mode: draw the noise from a cryptographically secure source (no ``generator`` then).
+    """
 
     def __init__(
         self,
@@ -98,6 +113,20 @@ class DistributedPerLayerOptimizer(DPOptimizer):
     bounds), the result is divided by ``expected_batch_size`` ("mean") or multiplied by the world
     size ("sum", undoing DDP's average) and returned as the gradient DDP then averages.
     On a virtual (skipped) step the hook returns zeros and only accumulates.
+
+    Args:
+        optimizer: the optimizer to wrap; its ``step`` runs on the private (clipped and noised)
+            gradients.
+        noise_multiplier: sigma: the noise standard deviation divided by ``max_grad_norm``.
+        max_grad_norm: a list with the clipping norm of each parameter, in the order of the
+            optimizer's parameters.
+        expected_batch_size: the expected number of examples per logical batch (``sample_rate *
+            len(dataset)``); the noised sum is divided by it when ``loss_reduction="mean"``. May be
+            None only with ``loss_reduction="sum"``.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the examples of a batch.
+        generator: a ``torch.Generator`` for the noise (reproducible runs); None uses torch's
+            default.
+        secure_mode: draw the noise from a cryptographically secure source (no ``generator`` then).
     """
 
     max_grad_norm = per_layer_max_grad_norm
@@ -171,6 +200,15 @@ class DistributedPerLayerOptimizer(DPOptimizer):
 
         A real step needs a backward pass whose hooks released the gradients since the last
         step: a second ``step()`` would apply (and account) the same release twice.
+
+        Args:
+            closure: unused; accepted for the ``Optimizer.step`` interface.
+
+        Returns:
+            True if the wrapped optimizer should step (False while accumulating virtual steps).
+
+        Raises:
+            ValueError: no gradients were released since the last step.
         """
         if self._check_skip_next_step():
             self._is_last_step_skipped = True

@@ -16,7 +16,21 @@ from opacus.optimizers.reduction import DataParallelSteps
 
 
 class DistributedDPOptimizer(DataParallelSteps, DPOptimizer):
-    """``DPOptimizer`` for ``torch.distributed`` data parallelism (model wrapped in ``DPDDP``)."""
+    """``DPOptimizer`` for ``torch.distributed`` data parallelism (model wrapped in ``DPDDP``).
+
+    Args:
+        optimizer: the optimizer to wrap; its ``step`` runs on the private (clipped and noised)
+            gradients.
+        noise_multiplier: sigma: the noise standard deviation divided by ``max_grad_norm``.
+        max_grad_norm: the L2 norm each per-sample gradient is clipped to.
+        expected_batch_size: the expected number of examples per logical batch (``sample_rate *
+            len(dataset)``); the noised sum is divided by it when ``loss_reduction="mean"``. May be
+            None only with ``loss_reduction="sum"``.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the examples of a batch.
+        generator: a ``torch.Generator`` for the noise (reproducible runs); None uses torch's
+            default.
+        secure_mode: draw the noise from a cryptographically secure source (no ``generator`` then).
+    """
 
     def __init__(
         self,

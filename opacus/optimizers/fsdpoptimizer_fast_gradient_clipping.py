@@ -30,7 +30,21 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
 
 
 class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
-    """``DPOptimizerFastGradientClipping`` for FSDP-sharded parameters (module docstring)."""
+    """``DPOptimizerFastGradientClipping`` for FSDP-sharded parameters (module docstring).
+
+    Args:
+        optimizer: the optimizer to wrap; its ``step`` runs on the private (clipped and noised)
+            gradients.
+        noise_multiplier: sigma: the noise standard deviation divided by ``max_grad_norm``.
+        max_grad_norm: the L2 norm each per-sample gradient is clipped to.
+        expected_batch_size: the expected number of examples per logical batch (``sample_rate *
+            len(dataset)``); the noised sum is divided by it when ``loss_reduction="mean"``. May be
+            None only with ``loss_reduction="sum"``.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the examples of a batch.
+        generator: a ``torch.Generator`` for the noise (reproducible runs); None uses torch's
+            default.
+        secure_mode: draw the noise from a cryptographically secure source (no ``generator`` then).
+    """
 
     def __init__(
         self,
@@ -86,9 +100,20 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
                     local_shard(p.grad).div_(denominator)
 
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """Accumulate the shard; unless skipped, noise, scale and run the step hook."""
+        """Accumulate the shard; unless skipped, noise, scale and run the step hook.
+
+        Args:
+            closure: unused; accepted for the ``Optimizer.step`` interface.
+
+        Returns:
+            True if the wrapped optimizer should step (False while accumulating virtual steps).
+        """
         return super().pre_step(closure)
 
     def zero_grad(self, set_to_none: bool = False):
-        """Clear ``grad`` (and ``summed_grad`` unless the last step was skipped)."""
+        """Clear ``grad`` (and ``summed_grad`` unless the last step was skipped).
+
+        Args:
+            set_to_none: set the gradients to None instead of zeroing them.
+        """
         super().zero_grad(set_to_none)

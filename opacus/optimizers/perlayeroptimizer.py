@@ -65,6 +65,20 @@ class DPPerLayerOptimizer(DPOptimizer):
     """``DPOptimizer`` with one clip bound per trainable parameter (``max_grad_norm`` is a list).
 
     ``max_grad_norms`` holds the per-parameter bounds; ``max_grad_norm`` is their L2 norm.
+
+    Args:
+        optimizer: the optimizer to wrap; its ``step`` runs on the private (clipped and noised)
+            gradients.
+        noise_multiplier: sigma: the noise standard deviation divided by ``max_grad_norm``.
+        max_grad_norm: a list with the clipping norm of each parameter, in the order of the
+            optimizer's parameters.
+        expected_batch_size: the expected number of examples per logical batch (``sample_rate *
+            len(dataset)``); the noised sum is divided by it when ``loss_reduction="mean"``. May be
+            None only with ``loss_reduction="sum"``.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the examples of a batch.
+        generator: a ``torch.Generator`` for the noise (reproducible runs); None uses torch's
+            default.
+        secure_mode: draw the noise from a cryptographically secure source (no ``generator`` then).
     """
 
     max_grad_norm = per_layer_max_grad_norm

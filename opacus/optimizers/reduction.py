@@ -72,7 +72,14 @@ class DataParallelSteps:
         reduce_gradients(self.params, self.loss_reduction, self.world_size)
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[torch.Tensor]:
-        """Clip or accumulate, noise (rank 0), scale, all-reduce, then the wrapped step."""
+        """Clip or accumulate, noise (rank 0), scale, all-reduce, then the wrapped step.
+
+        Args:
+            closure: recomputes the loss (run with gradients enabled), as in ``Optimizer.step``.
+
+        Returns:
+            the closure's loss, or None.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -28,7 +28,13 @@ class _GradClipScheduler(_OptimizerAttributeScheduler):
 
 
 class ExponentialGradClip(_GradClipScheduler):
-    """``max_grad_norm *= gamma`` every step: ``C_k = C_0 * gamma^k``."""
+    """``max_grad_norm *= gamma`` every step: ``C_k = C_0 * gamma^k``.
+
+    Args:
+        optimizer: the DP optimizer whose attribute is scheduled.
+        last_epoch: the index of the last step taken (-1: none yet).
+        gamma: the factor applied to ``max_grad_norm`` at every step.
+    """
 
     def __init__(self, optimizer: DPOptimizer, *, gamma: float, last_epoch: int = -1):
         self.gamma = gamma
@@ -44,7 +50,14 @@ class ExponentialGradClip(_GradClipScheduler):
 
 
 class LambdaGradClip(_GradClipScheduler):
-    """``C_k = C_0 * scheduler_function(k)``; ``C_0`` is the value at construction."""
+    """``C_k = C_0 * scheduler_function(k)``; ``C_0`` is the value at construction.
+
+    Args:
+        optimizer: the DP optimizer whose attribute is scheduled.
+        last_epoch: the index of the last step taken (-1: none yet).
+        scheduler_function: ``k -> factor``: ``max_grad_norm`` at step k is the initial value times
+            it.
+    """
 
     def __init__(
         self,
@@ -66,7 +79,14 @@ class LambdaGradClip(_GradClipScheduler):
 
 
 class StepGradClip(_GradClipScheduler):
-    """``max_grad_norm *= gamma`` every ``step_size`` steps: ``C_0 * gamma^(k // step_size)``."""
+    """``max_grad_norm *= gamma`` every ``step_size`` steps: ``C_0 * gamma^(k // step_size)``.
+
+    Args:
+        optimizer: the DP optimizer whose attribute is scheduled.
+        last_epoch: the index of the last step taken (-1: none yet).
+        step_size: the number of steps between two decays.
+        gamma: the decay factor.
+    """
 
     def __init__(
         self, optimizer: DPOptimizer, *, step_size: int, gamma: float, last_epoch: int = -1

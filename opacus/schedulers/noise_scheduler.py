@@ -26,7 +26,13 @@ class _NoiseScheduler(_OptimizerAttributeScheduler):
 
 
 class ExponentialNoise(_NoiseScheduler):
-    """``noise_multiplier *= gamma`` every step: ``sigma_k = sigma_0 * gamma^k``."""
+    """``noise_multiplier *= gamma`` every step: ``sigma_k = sigma_0 * gamma^k``.
+
+    Args:
+        optimizer: the DP optimizer whose attribute is scheduled.
+        last_epoch: the index of the last step taken (-1: none yet).
+        gamma: the factor applied to ``noise_multiplier`` at every step.
+    """
 
     def __init__(self, optimizer: DPOptimizer, *, gamma: float, last_epoch: int = -1):
         self.gamma = gamma
@@ -42,7 +48,13 @@ class ExponentialNoise(_NoiseScheduler):
 
 
 class LambdaNoise(_NoiseScheduler):
-    """``sigma_k = sigma_0 * noise_lambda(k)``; ``sigma_0`` is the value at construction."""
+    """``sigma_k = sigma_0 * noise_lambda(k)``; ``sigma_0`` is the value at construction.
+
+    Args:
+        optimizer: the DP optimizer whose attribute is scheduled.
+        last_epoch: the index of the last step taken (-1: none yet).
+        noise_lambda: ``k -> factor``: ``noise_multiplier`` at step k is the initial value times it.
+    """
 
     def __init__(
         self,
@@ -64,7 +76,14 @@ class LambdaNoise(_NoiseScheduler):
 
 
 class StepNoise(_NoiseScheduler):
-    """``noise_multiplier *= gamma`` every step_size steps: ``sigma_0 gamma^(k // step_size)``."""
+    """``noise_multiplier *= gamma`` every step_size steps: ``sigma_0 gamma^(k // step_size)``.
+
+    Args:
+        optimizer: the DP optimizer whose attribute is scheduled.
+        last_epoch: the index of the last step taken (-1: none yet).
+        step_size: the number of steps between two decays.
+        gamma: the decay factor.
+    """
 
     def __init__(
         self, optimizer: DPOptimizer, *, step_size: int, gamma: float, last_epoch: int = -1

@@ -64,7 +64,14 @@ def _register_hint(cls: type) -> str:
 
 @register_module_validator(_BATCH_NORMS)
 def validate(module: BATCHNORM) -> List[UnsupportedModuleError]:
-    """A trainable BatchNorm is not DP-compatible: report it with its replacements."""
+    """A trainable BatchNorm is not DP-compatible: report it with its replacements.
+
+    Args:
+        module: the module to check.
+
+    Returns:
+        the problems found (empty if none).
+    """
     extended = _extended_forward_class(module)
     if extended is not None:
         return [
@@ -117,6 +124,18 @@ def fix(module: BATCHNORM, **kwargs) -> Union[nn.GroupNorm, INSTANCENORM]:
     pretrained scale/shift survives; the running statistics have no counterpart and are
     dropped. Subclasses that override ``forward`` are refused (``UnsupportableModuleError``):
     a bare GroupNorm would drop what their forward adds (e.g. timm's ``BatchNormAct2d``).
+
+    Args:
+        module: the module to replace.
+
+    Returns:
+        a ``GroupNorm`` (or ``InstanceNorm`` with ``replace_bn_with_in=True``) with the same number
+            of channels.
+
+    Raises:
+        UnsupportableModuleError: the BatchNorm subclass overrides ``forward``, or its
+            dimensionality is unknown for ``replace_bn_with_in``.
+        ValueError: ``num_groups`` is invalid or combined with ``replace_bn_with_in``.
     """
     logger.info(
         "The default batch_norm fixer replaces BatchNorm with GroupNorm. To replace it with "

@@ -16,11 +16,25 @@ from opacus.validators.utils import register_module_fixer, register_module_valid
 
 @register_module_validator(nn.GRU)
 def validate(module: nn.GRU) -> List[UnsupportedModuleError]:
-    """``nn.GRU`` should be replaced by ``DPGRU``."""
+    """``nn.GRU`` should be replaced by ``DPGRU``.
+
+    Args:
+        module: the module to check.
+
+    Returns:
+        the problems found (empty if none).
+    """
     return replacement_error(module, "DPGRU")
 
 
 @register_module_fixer(nn.GRU)
 def fix(module: nn.GRU) -> DPGRU:
-    """A ``DPGRU`` with the same configuration and weights."""
+    """A ``DPGRU`` with the same configuration and weights.
+
+    Args:
+        module: the module to replace.
+
+    Returns:
+        a ``DPGRU`` with the same configuration and weights.
+    """
     return convert(module, DPGRU(module.input_size, module.hidden_size, **_common_kwargs(module)))

@@ -22,7 +22,14 @@ _INSTANCE_NORMS = [nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d]
 
 @register_module_validator(_INSTANCE_NORMS)
 def validate(module: INSTANCENORM) -> List[UnsupportedModuleError]:
-    """Report ``track_running_stats=True``."""
+    """Report ``track_running_stats=True``.
+
+    Args:
+        module: the module to check.
+
+    Returns:
+        the problems found (empty if none).
+    """
     if not module.track_running_stats:
         return []
     return [
@@ -51,7 +58,14 @@ FROZEN_MODULE_NOTICES.update({cls: _frozen_notice for cls in _INSTANCE_NORMS})
 
 @register_module_fixer(_INSTANCE_NORMS)
 def fix(module: INSTANCENORM) -> INSTANCENORM:
-    """A copy with ``track_running_stats=False`` (no running statistics), same affine params."""
+    """A copy with ``track_running_stats=False`` (no running statistics), same affine params.
+
+    Args:
+        module: the module to replace.
+
+    Returns:
+        the replacement module.
+    """
     if not module.track_running_stats:
         return module
     new = clone_module(module)

@@ -16,13 +16,27 @@ from opacus.validators.utils import register_module_fixer, register_module_valid
 
 @register_module_validator(nn.LSTM)
 def validate(module: nn.LSTM) -> List[UnsupportedModuleError]:
-    """``nn.LSTM`` should be replaced by ``DPLSTM``."""
+    """``nn.LSTM`` should be replaced by ``DPLSTM``.
+
+    Args:
+        module: the module to check.
+
+    Returns:
+        the problems found (empty if none).
+    """
     return replacement_error(module, "DPLSTM")
 
 
 @register_module_fixer(nn.LSTM)
 def fix(module: nn.LSTM) -> DPLSTM:
-    """A ``DPLSTM`` with the same configuration (``proj_size`` included) and weights."""
+    """A ``DPLSTM`` with the same configuration (``proj_size`` included) and weights.
+
+    Args:
+        module: the module to replace.
+
+    Returns:
+        a ``DPLSTM`` with the same configuration and weights.
+    """
     return convert(
         module,
         DPLSTM(

@@ -87,6 +87,16 @@ class ModuleValidator:
         not reported (a WARNING is logged for those that still mix samples, see
         ``FROZEN_MODULE_NOTICES``). With ``strict=True`` they are raised instead (the error
         itself if there is one, else an ``UnsupportedModuleError`` listing them all).
+
+        Args:
+            module: the model to check.
+            strict: raise the first problem instead of returning the list.
+
+        Returns:
+            the problems found (empty if none).
+
+        Raises:
+            UnsupportedModuleError: ``strict`` is True and a problem was found.
         """
         errors = []
         if not module.training:
@@ -152,7 +162,14 @@ class ModuleValidator:
 
     @classmethod
     def is_valid(cls, module: nn.Module) -> bool:
-        """True if ``validate`` finds no problem."""
+        """True if ``validate`` finds no problem.
+
+        Args:
+            module: the model to check.
+
+        Returns:
+            True if ``validate`` finds no problem.
+        """
         return len(cls.validate(module, strict=False)) == 0
 
     @classmethod
@@ -165,6 +182,12 @@ class ModuleValidator:
         {new}"). ``kwargs`` go to the fixers that accept them (e.g. ``replace_bn_with_in=True``
         or ``num_groups`` for BatchNorm). A fixer's ``UnsupportedModuleError`` is raised with
         the submodule's path.
+
+        Args:
+            module: the model (not modified).
+
+        Returns:
+            the fixed copy.
         """
         fixed = clone_module(module)
         return cls._fix_tree(fixed, "", kwargs, {})
@@ -191,7 +214,14 @@ class ModuleValidator:
 
     @classmethod
     def fix_and_validate(cls, module: nn.Module, **kwargs) -> nn.Module:
-        """``fix`` then ``validate(strict=True)``; returns the fixed copy."""
+        """``fix`` then ``validate(strict=True)``; returns the fixed copy.
+
+        Args:
+            module: the model (not modified).
+
+        Returns:
+            the fixed copy, validated.
+        """
         fixed = cls.fix(module, **kwargs)
         cls.validate(fixed, strict=True)
         return fixed

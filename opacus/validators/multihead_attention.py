@@ -17,7 +17,14 @@ from opacus.validators.utils import register_module_fixer, register_module_valid
 
 @register_module_validator(nn.MultiheadAttention)
 def validate(module: nn.MultiheadAttention) -> List[UnsupportedModuleError]:
-    """``nn.MultiheadAttention`` should be replaced by ``DPMultiheadAttention``."""
+    """``nn.MultiheadAttention`` should be replaced by ``DPMultiheadAttention``.
+
+    Args:
+        module: the module to check.
+
+    Returns:
+        the problems found (empty if none).
+    """
     return [
         ShouldReplaceModuleError(
             "nn.MultiheadAttention is not supported by DP-SGD's per-sample gradients (fused "
@@ -29,7 +36,14 @@ def validate(module: nn.MultiheadAttention) -> List[UnsupportedModuleError]:
 
 @register_module_fixer(nn.MultiheadAttention)
 def fix(module: nn.MultiheadAttention) -> DPMultiheadAttention:
-    """A ``DPMultiheadAttention`` with the same options (``batch_first`` too) and weights."""
+    """A ``DPMultiheadAttention`` with the same options (``batch_first`` too) and weights.
+
+    Args:
+        module: the module to replace.
+
+    Returns:
+        a ``DPMultiheadAttention`` with the same configuration and weights.
+    """
     param = module.out_proj.weight
     dp = DPMultiheadAttention(
         module.embed_dim,

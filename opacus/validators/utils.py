@@ -17,7 +17,13 @@ def register_module_validator(
     target_class_or_classes: Union[type, Sequence[type]],
     validator_class: type = DEFAULT_MODULE_VALIDATOR,
 ):
-    """Decorator: ``f(module) -> List[UnsupportedModuleError]`` validates the given type(s)."""
+    """Decorator: ``f(module) -> List[UnsupportedModuleError]`` validates the given type(s).
+
+    Args:
+        target_class_or_classes: the module class, or a sequence of classes, the decorated function
+            checks.
+        validator_class: the validator to register with (``ModuleValidator`` by default).
+    """
 
     def decorator(f):
         for cls in _as_classes(target_class_or_classes):
@@ -31,7 +37,13 @@ def register_module_fixer(
     target_class_or_classes: Union[type, Sequence[type]],
     validator_class: type = DEFAULT_MODULE_VALIDATOR,
 ):
-    """Decorator: ``f(module, **kwargs) -> nn.Module`` returns a DP-compatible replacement."""
+    """Decorator: ``f(module, **kwargs) -> nn.Module`` returns a DP-compatible replacement.
+
+    Args:
+        target_class_or_classes: the module class, or a sequence of classes, the decorated function
+            fixes.
+        validator_class: the validator to register with (``ModuleValidator`` by default).
+    """
 
     def decorator(f):
         for cls in _as_classes(target_class_or_classes):
