@@ -46,6 +46,7 @@ from opacus.auditing.bounds import (
     one_run_eps_lower_from_scores,
 )
 from opacus.auditing.canary import CanaryModule, dirac_canary_gradients, insert_canary_gradients
+from opacus.privacy_engine import PrivacyEngine
 
 __all__ = [
     "AuditResult",
@@ -135,8 +136,6 @@ def _check_engine_kwargs(privacy_engine_kwargs: Dict[str, Any]) -> Dict[str, Any
 
 
 def _default_engine_factory(accountant: str) -> Callable[[], Any]:
-    from opacus.privacy_engine import PrivacyEngine  # late: auditing must not drag it in
-
     return lambda: PrivacyEngine(accountant=accountant)
 
 
