@@ -47,13 +47,27 @@ _PY_TO_TORCH_DTYPE = {bool: torch.bool, int: torch.int64, float: torch.float64}
 
 
 def shape_safe(x: Any) -> Tuple:
-    """Shape of a sample field: ``x.shape`` for tensors/arrays, ``()`` for scalars."""
+    """Shape of a sample field: ``x.shape`` for tensors/arrays, ``()`` for scalars.
+
+    Args:
+        x: a field of one sample.
+
+    Returns:
+        its shape (``()`` for a scalar).
+    """
     shape = getattr(x, "shape", None)
     return tuple(shape) if shape is not None else ()
 
 
 def dtype_safe(x: Any) -> Union[torch.dtype, Type]:
-    """dtype of a sample field: ``x.dtype`` for tensors, the Python type for scalars."""
+    """dtype of a sample field: ``x.dtype`` for tensors, the Python type for scalars.
+
+    Args:
+        x: a field of one sample.
+
+    Returns:
+        its dtype or Python type.
+    """
     dtype = getattr(x, "dtype", None)
     return dtype if dtype is not None else type(x)
 
@@ -152,6 +166,16 @@ class CollateFnWithEmpty:
     list with one ``torch.zeros(shape, dtype)`` per entry of ``sample_empty_shapes``/``dtypes``,
     which are full batch shapes including the 0 (e.g. ``[(0, 3), (0,)]``), or ``[]`` if they
     were not given.
+
+    Args:
+        collator_fn: the collate function for non-empty batches (None: the list of samples).
+        batch_first: True if the batch is dimension 0 of the collated tensors, False for dimension
+            1.
+        rand_on_empty: an empty batch becomes one data-independent random example (batch size 1)
+            instead of tensors with batch size 0.
+        sample_empty_shapes: the shape of each field of one sample, to build empty batches before
+            any non-empty batch was seen.
+        dtypes: the dtype of each field of one sample (with ``sample_empty_shapes``).
     """
 
     def __init__(
@@ -216,7 +240,21 @@ def wrap_collate_with_empty(
     sample_empty_shapes: Optional[Sequence[Tuple]] = None,
     dtypes: Optional[Sequence[Union[torch.dtype, Type]]] = None,
 ) -> CollateFnWithEmpty:
-    """Wrap ``collate_fn`` in a :class:`CollateFnWithEmpty` with these arguments."""
+    """Wrap ``collate_fn`` in a :class:`CollateFnWithEmpty` with these arguments.
+
+    Args:
+        collate_fn: the collate function for non-empty batches (None: PyTorch's default).
+        batch_first: True if the batch is dimension 0 of the collated tensors, False for dimension
+            1.
+        rand_on_empty: an empty batch becomes one data-independent random example (batch size 1)
+            instead of tensors with batch size 0.
+        sample_empty_shapes: the shape of each field of one sample, to build empty batches before
+            any non-empty batch was seen.
+        dtypes: the dtype of each field of one sample (with ``sample_empty_shapes``).
+
+    Returns:
+        the wrapped collate function.
+    """
     return CollateFnWithEmpty(
         collate_fn,
         batch_first=batch_first,
@@ -290,6 +328,24 @@ class DPDataLoader(DataLoader):
     one ``(0, *field shape)`` tensor per field of ``dataset[0]``.
 
     ``generator`` drives the sampler only: batches are exactly the sampler's draws from it.
+
+    Args:
+        dataset: a map-style dataset (with ``__len__`` and ``__getitem__``).
+        sample_rate: the probability with which each example joins each batch.
+        collate_fn: the collate function (PyTorch's default if None), wrapped to handle empty
+            batches.
+        drop_last: ignored, with a warning: dropping a Poisson batch would change the privacy
+            analysis.
+        generator: the ``torch.Generator`` of the Poisson sampler.
+        distributed: each process samples its own shard of the dataset.
+        batch_first: True if the batch is dimension 0 of the collated tensors, False for dimension
+            1.
+        rand_on_empty: an empty batch becomes one data-independent random example (batch size 1)
+            instead of tensors with batch size 0.
+
+    Raises:
+        ValueError: the dataset is an ``IterableDataset``, or ``batch_size``, ``shuffle``,
+            ``sampler`` or ``batch_sampler`` is passed.
     """
 
     def __init__(
@@ -362,6 +418,23 @@ class DPDataLoader(DataLoader):
         ``len(data_loader)`` batches. A loader that already Poisson-samples keeps its rate.
         Dataset, collate_fn and the worker settings (num_workers, pin_memory, timeout,
         worker_init_fn, ...) are kept; ``generator`` defaults to the loader's sampling generator.
+
+        Args:
+            data_loader: the loader to convert; its dataset, collate function and worker settings
+                are kept, and the sample rate is ``1 / len(data_loader)``.
+            distributed: each process samples its own shard of the dataset.
+            generator: the ``torch.Generator`` of the Poisson sampler.
+            batch_first: True if the batch is dimension 0 of the collated tensors, False for
+                dimension 1.
+            rand_on_empty: an empty batch becomes one data-independent random example (batch size 1)
+                instead of tensors with batch size 0.
+
+        Returns:
+            the new ``DPDataLoader``.
+
+        Raises:
+            ValueError: the loader wraps an ``IterableDataset``, yields no batches, or uses a custom
+                batch sampler.
         """
         if isinstance(data_loader.dataset, IterableDataset):
             raise ValueError(
@@ -434,6 +507,16 @@ def switch_generator(*, data_loader: DataLoader, generator):
     dataset, batch sampler, collate_fn and worker settings, and ``generator=generator`` too:
     PyTorch draws each iteration's base seed from the loader's generator before the sampler
     draws, so both must share the stream. Used by secure mode to swap in its generator.
+
+    Args:
+        data_loader: the loader to copy.
+        generator: the ``torch.Generator`` to draw from.
+
+    Returns:
+        the new ``DataLoader``.
+
+    Raises:
+        ValueError: the loader's sampler draws no random numbers or is not supported.
     """
     batch_sampler = data_loader.batch_sampler
     if isinstance(batch_sampler, _POISSON_SAMPLERS):
