@@ -6,6 +6,7 @@ puts its own folder on ``sys.path`` and imports this module from there. The DP-s
 """
 
 import argparse
+import time
 
 import numpy as np
 import torch
@@ -65,8 +66,19 @@ def progress(iterable, desc: str, enabled: bool):
 
 
 def show_batch(bar, loss, out, y, eps) -> None:
-    """Put one batch's loss and accuracy (nan for an empty batch) and the eps on ``bar``."""
+    """Put one batch's loss and accuracy (nan for an empty batch) and the eps on ``bar``.
+
+    ``eps`` is a number or a function returning the ε spent so far; a function is asked at
+    most twice a second (and on the bar's last batch), so the bar shows the current ε.
+    """
     acc = (out.argmax(-1) == y).float().mean().item() if len(y) else float("nan")
+    if callable(eps):
+        now, (value, asked) = time.monotonic(), getattr(bar, "_live_eps", (None, 0.0))
+        last = bar.total is not None and bar.n + 1 >= bar.total
+        if value is None or last or now - asked > 0.5:
+            value, asked = eps(), now
+        bar._live_eps = (value, asked)
+        eps = value
     bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", eps=f"{eps:.2f}")
 
 
@@ -123,20 +135,28 @@ def train_epoch(
 ):
     """One pass over ``loader`` with :func:`sgd_step`, stopping at ``max_steps`` in total.
 
-    ``prepare`` maps each input batch before the model (e.g. a layout change). Returns
-    ``(EpochStats, steps)`` with ``steps`` the running total.
+    ``prepare`` maps each input batch before the model (e.g. a layout change). ``eps`` is the ε
+    to show on the bar: a number, or a function returning the ε spent so far, which is then
+    asked at most twice a second and after the last batch, so that the bar never shows the
+    previous epoch's ε. Returns ``(EpochStats, steps)`` with ``steps`` the running total.
     """
     stats = EpochStats()
     bar = progress(loader, desc, show_bar)
-    for x, y in bar:
+    current = eps() if callable(eps) else eps
+    asked = time.monotonic()
+    total = len(loader) if hasattr(loader, "__len__") else None
+    for i, (x, y) in enumerate(bar):
         out, loss = sgd_step(model, optimizer, criterion, x if prepare is None else prepare(x), y)
         stats.add(loss, out, y)
         steps += 1
+        last = out_of_steps(steps, max_steps) or (total is not None and i + 1 >= total)
         if show_bar:
+            if callable(eps) and (last or time.monotonic() - asked > 0.5):
+                current, asked = eps(), time.monotonic()
             bar.set_postfix(
                 loss=f"{stats.loss(per_batch_loss):.3f}",
                 acc=f"{stats.accuracy:.3f}",
-                eps=f"{eps:.2f}",
+                eps=f"{current:.2f}",
             )
         if out_of_steps(steps, max_steps):
             break

@@ -158,6 +158,12 @@ def main(argv=None):
     eps = float("nan")
     steps = 0
     show_bar = common.bars_enabled(args)
+    # the bar shows the ε spent so far (not the previous epoch's)
+    live_eps = (
+        (lambda: privacy_engine.get_epsilon(args.delta))
+        if privacy_engine is not None
+        else float("nan")
+    )
     for epoch in range(1, args.epochs + 1):
         if privacy_engine is not None:
             from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -177,7 +183,7 @@ def main(argv=None):
                 loader,
                 desc=f"epoch {epoch}/{args.epochs}",
                 show_bar=show_bar,
-                eps=eps,
+                eps=live_eps,
                 steps=steps,
                 max_steps=args.max_steps,
                 per_batch_loss=True,

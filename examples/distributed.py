@@ -84,7 +84,7 @@ def train(rank, world_size, args):
             out, loss = common.sgd_step(model, optimizer, criterion, x, y)
             steps += 1
             if show_bar:
-                common.show_batch(bar, loss, out, y, eps)
+                common.show_batch(bar, loss, out, y, lambda: privacy_engine.get_epsilon(args.delta))
             if common.out_of_steps(steps, args.max_steps):
                 break
         eps = privacy_engine.get_epsilon(args.delta)

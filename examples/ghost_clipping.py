@@ -118,7 +118,7 @@ def train_one_mode(args):
             optimizer.step()
             steps += 1
             if show_bar:
-                common.show_batch(bar, loss, out, y, eps)
+                common.show_batch(bar, loss, out, y, lambda: privacy_engine.get_epsilon(args.delta))
             if common.out_of_steps(steps, args.max_steps):
                 break
         eps = privacy_engine.get_epsilon(args.delta)

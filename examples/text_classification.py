@@ -138,6 +138,12 @@ def main(argv=None):
 
     start, steps, eps = time.time(), 0, float("nan")
     show_bar = common.bars_enabled(args)
+    # the bar shows the ε spent so far (not the previous epoch's)
+    live_eps = (
+        (lambda: privacy_engine.get_epsilon(args.delta))
+        if privacy_engine is not None
+        else float("nan")
+    )
     # the loaders yield (N, L) word ids; the seq-first model takes (L, N)
     prepare = None if batch_first else torch.t
     for epoch in range(1, args.epochs + 1):
@@ -148,7 +154,7 @@ def main(argv=None):
             train_loader,
             desc=f"epoch {epoch}/{args.epochs}",
             show_bar=show_bar,
-            eps=eps,
+            eps=live_eps,
             steps=steps,
             max_steps=args.max_steps,
             prepare=prepare,
