@@ -44,6 +44,7 @@ from opacus.grad_sample.module_utils import (
     trainable_modules,
     trainable_parameters,
 )
+from opacus.grad_sample.pass_state import DeferredContractions, NormBook, ReductionScale
 from opacus.grad_sample.registry import SUMS_OVER_SEQUENCE_ATTR
 from opacus.grad_sample.safety_checks import (
     SKIP_BATCH_MIXING_CHECK_ATTR,
@@ -449,11 +450,10 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._samplers: Dict[nn.Module, Optional[Callable]] = {}
         self._module_names: Dict[nn.Module, str] = {}
         self._pending: Dict[int, nn.Parameter] = {}
-        # Exact per-sample norms of params whose only contribution this pass came with them.
-        self._pending_norms: Dict[int, tuple] = {}
-        # Repeated calls of a layer whose sampler sums over the sequence dim (RNN time steps):
-        # (activations, backprops, max_batch_len) per call, contracted once per backward.
-        self._deferred: Dict[nn.Module, List[tuple]] = {}
+        # The per-pass concerns (opacus.grad_sample.pass_state): book-kept exact norms, and the
+        # repeated calls of sequence-summing layers contracted once per backward.
+        self._norm_book = NormBook()
+        self._deferred = DeferredContractions()
         self._consumed_this_pass: set = set()
         self._finish_queued = False
         self._first_layer: Optional[Tuple[str, int]] = None
@@ -886,7 +886,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
             return per_sample_gradient(module, activations, backprops, batch_first=self.batch_first)
         return sampler(module, activations, backprops)
 
-    def _take_call(self, module: nn.Module, grad_output, loss_reduction, batch_first):
+    def _take_call(self, module: nn.Module, grad_output, batch_first):
         """Activations and backprops of the call whose output gradient just arrived, or None."""
         if not self.hooks_enabled or not self._activations.get(module):
             return None
@@ -903,10 +903,11 @@ class GradSampleHooks(AbstractGradSampleHooks):
         first_of_pass = module not in self._consumed_this_pass
         only_call = first_of_pass and len(self._activations[module]) == 1
         self._consumed_this_pass.add(module)
+        # The "mean" factor is applied by the caller (ReductionScale), where it is cheapest.
         activations, backprops = self.rearrange_grad_samples(
             module=module,
             backprops=backprops,
-            loss_reduction=loss_reduction,
+            loss_reduction="sum",
             batch_first=batch_first,
         )
         max_batch_len = self._max_batch_len[module]
@@ -929,19 +930,16 @@ class GradSampleHooks(AbstractGradSampleHooks):
         ``forward_output`` is the tuple of output gradients (``(grad,)``), as a full backward
         hook receives it.
         """
-        # Per-sample gradients are linear in the backprops, so "mean"'s factor B can go on
-        # whichever is smaller: the backprops (e.g. a wide Linear) or the sampler's output (e.g.
-        # a convolution on a large image, whose backprops dwarf its kernel).
-        call = self._take_call(module, forward_output, "sum", batch_first)
+        call = self._take_call(module, forward_output, batch_first)
         if call is None:
             return
         activations, backprops, max_batch_len, only_call = call
         sampler = self._samplers[module]
-        scale = max_batch_len if loss_reduction == "mean" else None
+        scale = ReductionScale(loss_reduction).factor(max_batch_len)
         if scale is not None:
-            params = self.hooked_parameters(module)
-            out_numel = backprops.shape[0] * sum(p.numel() for p in params if p.requires_grad)
-            if only_call and out_numel < backprops.numel():
+            if ReductionScale.scale_output_instead(
+                backprops, self.hooked_parameters(module), only_call
+            ):
                 grad_samples = self._per_sample_grads(module, activations, backprops)
                 # (Never a 2-D-input Linear, whose gradient outgrows its backprops: no
                 # book-keeping here.)
@@ -953,9 +951,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
             and backprops.shape[0] > 0
             and getattr(sampler, SUMS_OVER_SEQUENCE_ATTR, False)
         ):
-            # One (B, d_out, sum_t T_t) @ (B, sum_t T_t, d_in) product at the end of the pass
-            # replaces one product and one (B, d_out, d_in) accumulation per call.
-            self._deferred.setdefault(module, []).append((activations, backprops, max_batch_len))
+            self._deferred.defer(module, activations, backprops, max_batch_len)
             return
         grad_samples = self._per_sample_grads(module, activations, backprops)
         norms = None
@@ -964,8 +960,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._accumulate(grad_samples, max_batch_len, norms)
 
     def _flush_deferred(self) -> None:
-        deferred, self._deferred = self._deferred, {}
-        for module, calls in deferred.items():
+        for module, calls in self._deferred.take():
             max_batch_len = max(c[2] for c in calls)
             activations, backprops = _concat_calls(
                 [c[0][0] for c in calls], [c[1] for c in calls], max_batch_len
@@ -984,11 +979,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
             first = getattr(p, "_current_grad_sample", None) is None
             create_or_accumulate_grad_sample(param=p, grad_sample=gs, max_batch_len=max_batch_len)
             self._pending[id(p)] = p
-            # A second contribution (shared parameter) makes any norm computed so far stale.
-            if first and norms is not None and p in norms:
-                self._pending_norms[id(p)] = norms[p]
-            else:
-                self._pending_norms.pop(id(p), None)
+            self._norm_book.record(p, None if norms is None else norms.get(p), first)
 
     # ------------------------------------------------------- end of a backward
     def _queue_finish(self) -> None:
@@ -999,8 +990,8 @@ class GradSampleHooks(AbstractGradSampleHooks):
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
 
     def _drop_pending(self) -> None:
-        self._deferred = {}
-        self._pending_norms = {}
+        self._deferred.clear()
+        self._norm_book.clear()
         for p in self._pending.values():
             if hasattr(p, "_current_grad_sample"):
                 del p._current_grad_sample
@@ -1027,7 +1018,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 "use opacus.utils.batch_memory_manager.BatchMemoryManager to process a large "
                 "logical batch in smaller physical ones."
             )
-        pending_norms, self._pending_norms = self._pending_norms, {}
+        pending_norms = self._norm_book.take()
         self._pending = {}
         self._consumed_this_pass = set()
         self._finish_queued = False

@@ -41,6 +41,7 @@ from opacus.grad_sample.grad_sample_module import (
 )
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.grad_sample.module_utils import requires_grad, trainable_modules, trainable_parameters
+from opacus.grad_sample.pass_state import ReductionScale
 from opacus.grad_sample.registry import CLIPPED_SUM_SAMPLERS
 from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
 
@@ -336,11 +337,11 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         """Output hook of one call: ghost norms for single-call layers, else materialised grads."""
         # A per-sample gradient is linear in the backprops, so with "mean" the factor B is
         # applied to the (B,) norms rather than to a copy of the (B, T, d) backprops (memory).
-        call = self._take_call(module, forward_output, "sum", batch_first)
+        call = self._take_call(module, forward_output, batch_first)
         if call is None:
             return
         activations, backprops, max_batch_len, only_call = call
-        scale = max_batch_len if loss_reduction == "mean" else None
+        scale = ReductionScale(loss_reduction).factor(max_batch_len)
         norm_sampler = self._norm_sampler(module)
         if only_call and norm_sampler is not None and backprops.shape[0] > 0:
             for p, norms in self._norms(module, norm_sampler, activations, backprops).items():
