@@ -169,8 +169,8 @@ LM_TINY = dict(n_layer=1, n_embd=8, n_head=2, vocab_size=50)
 
 
 class CausalLM(nn.Module):
-    """``transformers.GPT2LMHeadModel`` from a config; returns the logits as ``(B, V, T)``, the
-    layout ``nn.CrossEntropyLoss`` takes with ``(B, T)`` next-token labels.
+    """``transformers.GPT2LMHeadModel`` from a config; returns the logits ``(B, T, V)``; the
+    runner flattens them to ``(B*T, V)`` for the loss, as Hugging Face models do.
 
     Position ids are passed with the batch dimension (``(B, T)``): GPT-2's default ``(1, T)``
     would show the position embedding a batch of 1, which the per-sample hooks refuse.
@@ -211,7 +211,7 @@ class CausalLM(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        return self.lm(input_ids=ids, position_ids=pos, use_cache=False).logits.transpose(1, 2)
+        return self.lm(input_ids=ids, position_ids=pos, use_cache=False).logits
 
 
 def _lm_batch(seq_len: int):

@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/run.py``
 from benchmarks.models import ALL_MODES, WORKLOADS, Workload  # noqa: E402
 from opacus import PrivacyEngine  # noqa: E402
 from opacus.grad_sample.buffers import release_buffers  # noqa: E402
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping  # noqa: E402
 
 MODES = ALL_MODES
 
@@ -101,11 +102,26 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
     return peak
 
 
+def _flat(out: torch.Tensor, y: torch.Tensor):
+    """Token-level outputs ``(B, T, V)`` with labels ``(B, T)`` -> ``(B*T, V)``, ``(B*T,)``
+    (a language model's loss, as Hugging Face models compute it); others unchanged."""
+    if out.dim() == y.dim() + 1 and out.dim() > 2:
+        return out.reshape(-1, out.shape[-1]), y.reshape(-1)
+    return out, y
+
+
+def _loss(criterion, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    flat_out, flat_y = _flat(out, y)
+    if flat_out is out or not isinstance(criterion, DPLossFastGradientClipping):
+        return criterion(flat_out, flat_y)
+    return criterion(flat_out, flat_y, shape=y.shape)  # per-sample losses: (B, T) -> (B,)
+
+
 def _plain_step(model: nn.Module, x, y) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def step():
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(*_flat(model(x), y))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -119,7 +135,6 @@ def _direct_dp_step(model: nn.Module, x, y, mode: str, batch_first: bool) -> Cal
     from opacus import GradSampleModule
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
     n = x.shape[1] if not batch_first else x.shape[0]
     dp = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=n)
@@ -137,7 +152,7 @@ def _direct_dp_step(model: nn.Module, x, y, mode: str, batch_first: bool) -> Cal
         criterion = nn.CrossEntropyLoss()
 
     def step():
-        loss = criterion(module(x), y)
+        loss = _loss(criterion, module(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -169,7 +184,7 @@ def _dp_step(model: nn.Module, x, y, mode: str, batch_first: bool) -> Callable[[
         (module, optimizer, _), criterion = out, nn.CrossEntropyLoss()
 
     def step():
-        loss = criterion(module(x), y)
+        loss = _loss(criterion, module(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

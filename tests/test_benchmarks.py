@@ -60,7 +60,7 @@ def test_lm_workloads_are_the_issue_sizes():
         x, y = w.make_batch(w.batch_size, "full")
         assert x.shape == y.shape == (8, seq)
     logits = lm(x[:, :128])
-    assert logits.shape == (8, 4096, 128)
+    assert logits.shape == (8, 128, 4096)
 
 
 def test_lora_workload_trains_only_the_adapters():

@@ -63,7 +63,9 @@ def compute_rms_norm_norm_sample(
 ) -> Dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradient norms ``{weight: (B,)}`` of an ``nn.RMSNorm`` (ghost clipping)."""
     return {
-        p: torch.linalg.vector_norm(g.reshape(g.shape[0], -1).to(torch.float32), dim=1)
+        p: torch.linalg.vector_norm(
+            g.reshape(g.shape[0], -1), dim=1, dtype=torch.promote_types(g.dtype, torch.float32)
+        )
         for p, g in compute_rms_norm_grad_sample(layer, activations, backprops).items()
     }
 

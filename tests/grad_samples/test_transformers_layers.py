@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("transformers")
@@ -47,7 +47,7 @@ def by_name(layer, result):
     return {names[p]: v for p, v in result.items()}
 
 
-def check_all_three(layer, x, r, tol):
+def check_all_three(layer, x, r, tol, clipped_sum=None):
     """grad sampler == oracle; norm sampler == oracle norms; clipped sum == sum_i w_i g_i."""
     cls = type(layer)
     expected = oracle(layer, x, r)
@@ -61,7 +61,7 @@ def check_all_three(layer, x, r, tol):
         want = g.reshape(g.shape[0], -1).norm(dim=1)
         torch.testing.assert_close(norms[name].to(want.dtype), want, **tol)
     w = torch.rand(x.shape[0], dtype=x.dtype)
-    sums = by_name(layer, CLIPPED_SUM_SAMPLERS[cls](layer, [x], r, w))
+    sums = by_name(layer, (clipped_sum or CLIPPED_SUM_SAMPLERS[cls])(layer, [x], r, w))
     assert set(sums) == set(expected)
     for name, g in expected.items():
         torch.testing.assert_close(sums[name], torch.einsum("b,b...->...", w, g), **tol)
@@ -136,6 +136,30 @@ def test_rms_norm_style(which, batch, middle, hidden, eps):
     r = torch.randn(batch, *middle, hidden)
     # The layer computes in float32 whatever the input dtype: float32 tolerances.
     check_all_three(layer, x, r, dict(atol=1e-5, rtol=1e-4))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    middle=st.lists(st.integers(1, 3), max_size=2),
+    normalized=st.lists(st.integers(1, 4), min_size=1, max_size=2),
+    bias=st.booleans(),
+    frozen=st.sampled_from([None, "weight", "bias"]),
+)
+def test_layer_norm_norms_and_clipped_sums(batch, middle, normalized, bias, frozen):
+    """nn.LayerNorm's norm sampler and clipped sum (registered here, on its grad sampler)."""
+    torch.manual_seed(0)
+    layer = nn.LayerNorm(normalized, bias=bias).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    if frozen and getattr(layer, frozen) is not None:
+        getattr(layer, frozen).requires_grad_(False)
+    assume(any(p.requires_grad for p in layer.parameters()))
+    x = torch.randn(batch, *middle, *normalized, dtype=torch.float64)
+    r = torch.randn(batch, *middle, *normalized, dtype=torch.float64)
+    assert NORM_SAMPLERS[nn.LayerNorm] is tl.compute_layer_norm_norm_sample
+    check_all_three(layer, x, r, EXACT, clipped_sum=tl.compute_layer_norm_clipped_sum)
 
 
 def test_rms_norm_style_frozen_and_bad_layer():
