@@ -39,7 +39,7 @@ import inspect
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -88,7 +88,9 @@ class PrivacyArguments:
 
     Args:
         per_sample_max_grad_norm: ``C``, the bound each example's (each user's) gradient norm is
-            clipped to. (The Trainer's ``TrainingArguments.max_grad_norm`` must be 0.)
+            clipped to. (The Trainer's ``TrainingArguments.max_grad_norm`` must be 0.) With
+            ``clipping="per_layer"``: a list with one bound per trainable parameter, or one
+            float ``C`` split evenly, ``C / sqrt(K)`` for each of the ``K`` parameters.
         noise_multiplier: ``sigma``; or leave None and give ``target_epsilon``.
         target_epsilon: calibrate ``sigma`` so that the whole run (``max_steps``, or the epochs)
             spends at most this epsilon at ``target_delta``.
@@ -101,7 +103,7 @@ class PrivacyArguments:
         secure_mode: CSPRNG noise and a CSPRNG-seeded sampler (``PrivacyEngine``).
     """
 
-    per_sample_max_grad_norm: float = 1.0
+    per_sample_max_grad_norm: Union[float, List[float]] = 1.0
     noise_multiplier: Optional[float] = None
     target_epsilon: Optional[float] = None
     target_delta: float = 1e-5
@@ -517,6 +519,11 @@ class DPTrainer(Trainer):
                 steps=self._total_steps(),
                 accountant=pa.accountant,
             )
+        max_grad_norm = pa.per_sample_max_grad_norm
+        if pa.clipping == "per_layer" and not isinstance(max_grad_norm, (list, tuple)):
+            # One budget split evenly: the concatenated bound stays C (sqrt(K * (C^2 / K))).
+            count = sum(len(g["params"]) for g in optimizer.param_groups)
+            max_grad_norm = [max_grad_norm / math.sqrt(count)] * count
         engine = PrivacyEngine(accountant=pa.accountant, secure_mode=pa.secure_mode)
         loader = DataLoader(_IndexedDataset(self.train_dataset), batch_sampler=sampler.sampler)
         module = self.model if self._dp_hooks is None else self._dp_hooks
@@ -525,7 +532,7 @@ class DPTrainer(Trainer):
             optimizer=optimizer,
             data_loader=loader,
             noise_multiplier=noise,
-            max_grad_norm=pa.per_sample_max_grad_norm,
+            max_grad_norm=max_grad_norm,
             loss_reduction=pa.loss_reduction,
             poisson_sampling=False,
             clipping=pa.clipping,

@@ -101,7 +101,7 @@ def _example_loss(out, batch):
     return causal_lm_per_sample_loss(out.logits, batch["labels"]).sum()
 
 
-def _oracle_update(model, indices, c, expected, user_of=None):
+def _oracle_update(model, indices, c, expected, user_of=None, per_layer=False):
     """-(sum of clipped per-sample, or per-user, gradients) / expected (SGD, lr 1)."""
     data = _data()
     batch = _collate([data[i] for i in indices])
@@ -127,6 +127,11 @@ def _oracle_update(model, indices, c, expected, user_of=None):
     total = {n: torch.zeros_like(gs[n][0]) for n in names}
     for group in groups:
         g = {n: sum(gs[n][r] for r in group) for n in names}
+        if per_layer:  # each parameter to C / sqrt(K)
+            for n in names:
+                bound = c / len(names) ** 0.5
+                total[n] += min(1.0, bound / (float(g[n].norm()) + 1e-6)) * g[n]
+            continue
         norm = sum(float((g[n] ** 2).sum()) for n in names) ** 0.5
         f = min(1.0, c / (norm + 1e-6))
         for n in names:
@@ -134,14 +139,14 @@ def _oracle_update(model, indices, c, expected, user_of=None):
     return {n.replace("m.", "", 1): -total[n] / expected for n in names}
 
 
-def _check_one_step(model, trainer, c, expected, user_of=None):
+def _check_one_step(model, trainer, c, expected, user_of=None, per_layer=False):
     reference = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer.train()
     indices = [i for chunk in trainer.seen for i in chunk]
     assert len(trainer.seen) == trainer.args.gradient_accumulation_steps
     assert len(indices) > 0
-    oracle = _oracle_update(reference, indices, c, expected, user_of)
+    oracle = _oracle_update(reference, indices, c, expected, user_of, per_layer)
     assert set(oracle) == set(before)
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -162,6 +167,15 @@ def test_one_logical_batch_update_equals_oracle(tmp_path, mode):
     assert type(model) is transformers.GPT2LMHeadModel  # not wrapped
     history = trainer.privacy_engine.accountant.history
     assert history == [(0.0, 8 / N, 1)]
+
+
+def test_per_layer_clipping_splits_the_bound_evenly(tmp_path):
+    model = _lora(_gpt2())
+    privacy = PrivacyArguments(
+        noise_multiplier=0.0, per_sample_max_grad_norm=0.05, clipping="per_layer"
+    )
+    trainer = _trainer(model, tmp_path, privacy)
+    _check_one_step(model, trainer, 0.05, expected=8, per_layer=True)
 
 
 def test_lora_update_equals_oracle_and_frozen_params_get_no_grad_sample(tmp_path):
