@@ -281,9 +281,11 @@ class PoissonMicroBatchSampler(Sampler[List[int]]):
 
     @property
     def sample_rate(self) -> float:
+        """The Poisson rate of the logical batches (examples or users): what is accounted."""
         return self.sampler.sample_rate
 
     def set_epoch(self, epoch: int) -> None:
+        """Reseed the generator with ``seed + epoch`` (no-op without a seed: secure mode)."""
         if self.seed is not None and self.sampler.generator is not None:
             self.sampler.generator.manual_seed(self.seed + int(epoch))
 
