@@ -26,7 +26,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["opacus", "opacus.*"]),
-    install_requires=["numpy>=1.15", "scipy>=1.2", "torch>=2.0"],
+    # torch 2.2: torch.autograd.graph.GradientEdge (see website/docs/installation.md)
+    install_requires=["numpy>=1.15", "scipy>=1.2", "torch>=2.2"],
     extras_require={
         "dev": [
             "pytest",

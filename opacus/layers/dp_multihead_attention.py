@@ -6,11 +6,12 @@
 definition of section 3.2.2) with separate ``nn.Linear`` projections ``qlinear``, ``klinear``,
 ``vlinear``, ``out_proj`` and ``SequenceBias`` layers for ``add_bias_kv``.
 
-Layout promise (the fix this fork ships): every inner layer receives tensors in the layout the
-module was built for, the batch on dim 0 when ``batch_first=True`` and on dim 1 otherwise. The
-per-sample-gradient hooks are told the batch dimension once, for the whole model; an inner layer
-fed a transposed tensor would have its per-sample gradients taken over the sequence instead of
-the batch, mixing samples (and breaking the clipping that the privacy guarantee rests on).
+Layout promise (where this implementation differs from Opacus 1.6): every inner layer receives
+tensors in the layout the module was built for, the batch on dim 0 when ``batch_first=True`` and on
+dim 1 otherwise. The per-sample-gradient hooks are told the batch dimension once, for the whole
+model; an inner layer fed a transposed tensor would have its per-sample gradients taken over the
+sequence instead of the batch, mixing samples (and breaking the clipping that the privacy guarantee
+rests on).
 """
 
 import math
