@@ -169,6 +169,25 @@ def test_one_logical_batch_update_equals_oracle(tmp_path, mode):
     assert history == [(0.0, 8 / N, 1)]
 
 
+def test_sum_reduction_is_not_divided_by_the_batch_size(tmp_path):
+    model = _gpt2()
+    privacy = PrivacyArguments(
+        noise_multiplier=0.0, per_sample_max_grad_norm=0.05, loss_reduction="sum"
+    )
+    trainer = _trainer(model, tmp_path, privacy, learning_rate=0.1)
+    # SGD with lr 0.1 and no division: the oracle's "expected" is 1 / lr.
+    _check_one_step(model, trainer, 0.05, expected=10)
+
+
+def test_evaluation_works_with_the_hooks_and_logs_no_epsilon(tmp_path):
+    trainer = _trainer(_lora(_gpt2()), tmp_path, max_steps=2, learning_rate=0.01)
+    trainer.eval_dataset = _data()[:8]
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and "epsilon" not in metrics
+    assert len(trainer.privacy_engine.accountant) == 2  # evaluation takes no privacy step
+
+
 def test_per_layer_clipping_splits_the_bound_evenly(tmp_path):
     model = _lora(_gpt2())
     privacy = PrivacyArguments(
