@@ -356,7 +356,9 @@ class DPTrainer(Trainer):
             )
         super().__init__(*args, **kwargs)
         self.privacy_args = privacy_args
-        self.user_ids = user_ids
+        if torch.is_tensor(user_ids):
+            user_ids = user_ids.tolist()  # ids by value (tensor elements hash by identity)
+        self.user_ids = None if user_ids is None else list(user_ids)
         self.per_sample_loss = per_sample_loss
         self.privacy_engine: Optional[PrivacyEngine] = None
         self.dp_optimizer: Optional[DPOptimizer] = None

@@ -254,7 +254,7 @@ def test_user_level_update_equals_oracle(tmp_path):
         train_dataset=_data(),
         data_collator=_collate,
         privacy_args=privacy,
-        user_ids=user_of,
+        user_ids=torch.tensor(user_of),  # a tensor: ids compared by value
     )
     trainer.seen = []
     indices = _check_one_step(model, trainer, 0.05, expected=4, user_of=user_of)
