@@ -368,7 +368,7 @@ class DPTrainer(Trainer):
 
     # ------------------------------------------------------------------ refusals
     def _check_guarantee_settings(self) -> None:
-        args, pa = self.args, self.privacy_args
+        args = self.args
         if args.max_grad_norm not in (None, 0, 0.0):
             raise ValueError(
                 f"DPTrainer: TrainingArguments.max_grad_norm={args.max_grad_norm} would clip the "
@@ -389,6 +389,10 @@ class DPTrainer(Trainer):
             )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError("DPTrainer: DeepSpeed and FSDP are not supported; train on one device")
+        self._check_loss_and_data_settings()
+
+    def _check_loss_and_data_settings(self) -> None:
+        args, pa = self.args, self.privacy_args
         if self.compute_loss_func is not None:
             raise ValueError(
                 "DPTrainer: compute_loss_func computes a batch-level loss (mixing the examples "
