@@ -154,8 +154,12 @@ def _bookkept_linear_norms(
     Sequences (``T > 1``) are skipped: their norm needs ``T x T`` Gram matrices; half precision
     is skipped because the stored gradient is rounded after the product.
 
-    Returns ``{param: (norms (B,), (a, b) with grad_sample[i] == outer(b[i], a[i]) or
-    None)}``, or None where the layer does not qualify.
+    The norms and the clipped sum are those of ghost clipping's book-keeping (the layer's
+    ``NORM_SAMPLERS`` and ``CLIPPED_SUM_SAMPLERS`` entries): one implementation for both paths.
+
+    Returns ``{param: (norms (B,), clipped_sum)}`` where ``clipped_sum(factors)`` is
+    ``sum_i factors[i] * grad_sample[i]`` computed without the gradient (None for the bias, whose
+    gradient is as small as the backprops), or None where the layer does not qualify.
     """
     if sampler is not compute_linear_grad_sample or len(activations) != 1:
         return None
@@ -164,6 +168,7 @@ def _bookkept_linear_norms(
     if (
         a.dim() != 2
         or backprops.dim() != 2
+        or max_batch_len == 0  # nothing to spare on an empty batch
         or a.shape[0] != max_batch_len
         or backprops.shape[0] != max_batch_len
         or any(
@@ -173,16 +178,22 @@ def _bookkept_linear_norms(
         )
     ):
         return None
-    b = backprops
     # float32 or float64, the dtype the optimizer would compute these norms in.
-    norm_b = torch.linalg.vector_norm(b, dim=1)
-    norms = {}
-    if module.weight.requires_grad:
-        norm_a = torch.linalg.vector_norm(a, dim=1)
-        norms[module.weight] = (norm_a * norm_b, (a, b))
-    if module.bias is not None and module.bias.requires_grad:
-        norms[module.bias] = (norm_b, None)
-    return norms
+    norms = registry.NORM_SAMPLERS[nn.Linear](module, activations, backprops)
+    out = {}
+    if module.weight in norms:
+        clipped_sum = functools.partial(_linear_clipped_weight_sum, module, activations, backprops)
+        out[module.weight] = (norms[module.weight], clipped_sum)
+    if module.bias is not None and module.bias in norms:
+        out[module.bias] = (norms[module.bias], None)
+    return out
+
+
+def _linear_clipped_weight_sum(module, activations, backprops, factors) -> torch.Tensor:
+    """``sum_i factors[i] * outer(b[i], a[i])``: the book-kept clipped sum of the weight."""
+    return registry.CLIPPED_SUM_SAMPLERS[nn.Linear](module, activations, backprops, factors)[
+        module.weight
+    ]
 
 
 def _concat_calls(

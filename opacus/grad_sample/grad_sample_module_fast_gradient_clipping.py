@@ -44,6 +44,7 @@ from opacus.grad_sample.module_utils import requires_grad, trainable_modules, tr
 from opacus.grad_sample.pass_state import ReductionScale
 from opacus.grad_sample.registry import CLIPPED_SUM_SAMPLERS
 from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
+from opacus.optimizers import clipping
 
 __all__ = [
     "AbstractGradSampleModule",
@@ -63,9 +64,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# Guards the division in the clipping coefficient for samples with a zero gradient.
-_CLIP_EPS = 1e-6
 
 
 def create_norm_sample(
@@ -458,14 +456,13 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
                 "no per-sample gradient norms: run loss.backward() with hooks enabled "
                 "(enable_hooks()) after a forward pass in training mode first"
             )
-        total = torch.stack(norms, dim=0).norm(2, dim=0)
+        total = clipping.stack_norms(norms)
         self._per_sample_gradient_norms = total
         return total
 
     def get_clipping_coef(self) -> torch.Tensor:
         """Per-sample clipping coefficients ``min(1, C / (norm + 1e-6))``, shape ``(batch,)``."""
-        norms = self.get_norm_sample()
-        return (self.max_grad_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
+        return clipping.clip_factors(self.get_norm_sample(), self.max_grad_norm)
 
     @property
     def per_sample_gradient_norms(self) -> torch.Tensor:

@@ -47,10 +47,12 @@ def check_batch_sizes(grad_samples: Sequence[torch.Tensor]) -> int:
     return sizes.pop() if sizes else 0
 
 
-# ``bookkeeping[k]``: None, or ``(norms, factors)`` computed by the hooks for exactly
-# ``grad_samples[k]``: its ``(batch,)`` per-sample norms and, if not None, ``(a, b)`` with
-# ``grad_samples[k][i] == outer(b[i], a[i])`` (Bu et al. 2023, book-keeping).  Both spare a pass
-# over the per-sample gradient; they must be exact, or the clipping bound does not hold.
+# ``bookkeeping[k]``: None, or ``(norms, clipped_sum)`` computed by the hooks for exactly
+# ``grad_samples[k]``: its ``(batch,)`` per-sample norms and, if not None, a function with
+# ``clipped_sum(factors) == sum_i factors[i] * grad_samples[k][i]`` computed from the layer's
+# activations and backprops (Bu et al. 2023, book-keeping; the hooks use ghost clipping's
+# clipped-sum samplers for it).  Both spare a pass over the per-sample gradient; they must be
+# exact, or the clipping bound does not hold.
 Bookkeeping = Optional[Sequence[Optional[tuple]]]
 
 
@@ -72,10 +74,7 @@ def _param_norms(grad_samples: Sequence[torch.Tensor], entries: List) -> List[to
 def _clipped_sum(factors: torch.Tensor, grad_sample: torch.Tensor, entry) -> torch.Tensor:
     if entry is None or entry[1] is None:
         return weighted_sum(factors, grad_sample)
-    a, b = entry[1]
-    # sum_i f_i b_i a_i^T = (f * B)^T A: one (out, B) @ (B, in) matmul.
-    f = factors.to(device=b.device, dtype=b.dtype)
-    return (b * f[:, None]).t().mm(a).reshape(grad_sample.shape[1:])
+    return entry[1](factors).reshape(grad_sample.shape[1:])
 
 
 def per_sample_norms(

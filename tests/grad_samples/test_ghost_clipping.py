@@ -211,3 +211,34 @@ def test_hypothesis_sequence_norms(batch, seq, d, batch_first):
     gsm = GradSampleModuleFastGradientClipping(model, batch_first=batch_first, loss_reduction="sum")
     gsm(x).sum().backward()
     torch.testing.assert_close(gsm.get_norm_sample(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ghost_coefficients_and_norms_come_from_optimizers_clipping(monkeypatch):
+    """Clip factors and whole-gradient norms are computed in one place
+    (opacus.optimizers.clipping), for the optimizer and ghost clipping alike."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import clipping
+
+    calls = []
+    for name in ("clip_factors", "stack_norms"):
+        original = getattr(clipping, name)
+
+        def counting(*args, _original=original, _name=name):
+            calls.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(clipping, name, counting)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=0.5, loss_reduction="sum")
+    x = torch.randn(5, 3)
+    gsm(x).sum().backward()
+    coef = gsm.get_clipping_coef()
+    assert calls == ["stack_norms", "clip_factors"]
+    # closed form against brute-force per-sample gradients
+    norms = []
+    for i in range(5):
+        grads = torch.autograd.grad(model(x[i : i + 1]).sum(), list(model.parameters()))
+        norms.append(torch.sqrt(sum((g**2).sum() for g in grads)))
+    expected = (0.5 / (torch.stack(norms) + 1e-6)).clamp(max=1.0)
+    torch.testing.assert_close(coef, expected)

@@ -277,3 +277,27 @@ def test_remove_hooks_clears_cache():
     assert all(hasattr(p, GRAD_SAMPLE_NORMS_ATTR) for p in gsm.parameters())
     gsm.remove_hooks()
     assert not any(hasattr(p, GRAD_SAMPLE_NORMS_ATTR) for p in gsm.parameters())
+
+
+def test_hooks_book_keeping_uses_ghost_clippings_samplers(monkeypatch):
+    """One book-keeping implementation: the optimizer's cached norms and clipped sums of a
+    Linear come from the same NORM_SAMPLERS / CLIPPED_SUM_SAMPLERS as ghost clipping's."""
+    from opacus.grad_sample import registry
+
+    calls = []
+    for table in (registry.NORM_SAMPLERS, registry.CLIPPED_SUM_SAMPLERS):
+        original = table[nn.Linear]
+
+        def counting(*args, _original=original, _table=table):
+            calls.append(_table is registry.CLIPPED_SUM_SAMPLERS)
+            return _original(*args)
+
+        monkeypatch.setitem(table, nn.Linear, counting)
+    gsm, reference, opt, c = make("mlp", False, "mean")
+    x, y = data("mlp")
+    expected = expected_update(oracle(reference, x, y), c, False, "mean")
+    before = run_step(gsm, opt, x, y, "mean")
+    assert calls and not any(calls)  # the backward pass computed the norms only
+    opt.step()
+    assert any(calls)  # the step formed the weights' clipped sums with the ghost sampler
+    check_update(gsm, before, expected)
