@@ -90,11 +90,20 @@ def accuracy(model, data):
     return correct
 
 
-def train_once(task, bands, eps, seed, *, epochs, batch_size, delta, max_grad_norm):
+def train_once(task, bands, eps, seed, *, epochs, batch_size, delta, max_grad_norm, lr_scale=1.0):
     """Test accuracy of one private run; ``bands=1`` is DP-SGD. Returns a dict."""
     from opacus import PrivacyEngine
 
     train, test, model_fn, optimizer_fn = TASKS[task](seed)
+    if lr_scale != 1.0:
+        base_fn = optimizer_fn
+
+        def optimizer_fn(params):
+            optimizer = base_fn(params)
+            for group in optimizer.param_groups:
+                group["lr"] *= lr_scale
+            return optimizer
+
     torch.manual_seed(seed)
     model = model_fn()
     engine = PrivacyEngine(accountant="rdp")
@@ -239,6 +248,7 @@ def parse_args(argv=None):
         help="expected batch size: one for all tasks, or one per task (in --tasks order)",
     )
     p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every task's lr")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="1 epoch, 1 seed, eps 3, b in {1, 2}")
@@ -273,6 +283,7 @@ def main(argv=None):
                         batch_size=batch_size,
                         delta=args.delta,
                         max_grad_norm=args.max_grad_norm,
+                        lr_scale=args.lr_scale,
                     )
                     runs.append(run)
                     print(
@@ -290,7 +301,7 @@ def main(argv=None):
     elapsed = time.time() - start
     summary = (
         f"{args.epochs} epochs, expected batch {dict(zip(args.tasks, args.batch_size))}, "
-        f"max_grad_norm "
+        f"lr x {args.lr_scale:g}, max_grad_norm "
         f"{args.max_grad_norm}, delta {args.delta:g}, {args.seeds} seeds, RDP accountant; "
         f"{elapsed:.0f} s"
     )
