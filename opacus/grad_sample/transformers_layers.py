@@ -57,6 +57,7 @@ __all__ = [
     "compute_rms_norm_style_norm_sample",
     "install",
     "register_transformers_layers",
+    "tied_embedding_linear_cross_term",
 ]
 
 
@@ -226,6 +227,53 @@ def compute_layer_norm_clipped_sum(
 ) -> Dict[nn.Parameter, torch.Tensor]:
     """``{param: sum_i weights_i * g_i}`` of an ``nn.LayerNorm`` (shapes of the parameters)."""
     return _weighted_sums(compute_layer_norm_grad_sample(layer, activations, backprops), weights)
+
+
+# ------------------------------------------------------- tied input/output embeddings
+def tied_embedding_linear_cross_term(
+    embedding: nn.Embedding,
+    ids: torch.Tensor,
+    embedding_backprops: torch.Tensor,
+    head_activations: torch.Tensor,
+    head_backprops: torch.Tensor,
+) -> torch.Tensor:
+    """``<E_i, H_i>`` per sample, for a weight shared by an ``nn.Embedding`` and an
+    ``nn.Linear`` head (GPT-2's ``wte`` / ``lm_head``), without either per-sample gradient.
+
+    With ``E_i = sum_t onehot(ids_t) b_t^T`` (the embedding's per-sample gradient) and
+    ``H_i = sum_s g_s a_s^T`` (the head's), ``||E_i + H_i||^2 = ||E_i||^2 + ||H_i||^2 +
+    2 <E_i, H_i>`` and ``<E_i, H_i> = sum_{t,s} g_s[ids_t] (b_t . a_s)``: a gather of the head's
+    output gradients at the looked-up ids and a ``(T_head, T_emb)`` product per sample. The
+    shared parameter's norm is then exact from the two ghost norms and this term.
+
+    Args:
+        embedding: the embedding (``padding_idx`` rows get no gradient and are left out).
+        ids: ``(B, T_emb)`` looked-up indices.
+        embedding_backprops: ``(B, T_emb, d)`` gradient w.r.t. the embedding's output.
+        head_activations: ``(B, T_head, d)`` input of the head.
+        head_backprops: ``(B, T_head, V)`` gradient w.r.t. the head's output.
+
+    Returns:
+        ``(B,)`` cross terms.
+
+    Raises:
+        NotImplementedError: ``scale_grad_by_freq`` (rows rescaled by their counts).
+    """
+    if embedding.scale_grad_by_freq:
+        raise NotImplementedError(
+            "tied_embedding_linear_cross_term: scale_grad_by_freq=True is not supported; "
+            "materialise the per-sample gradients instead"
+        )
+    batch = ids.shape[0]
+    ids = ids.reshape(batch, -1)
+    b = embedding_backprops.reshape(batch, ids.shape[1], -1)
+    a, g = _as_sequences(head_activations, head_backprops)
+    dtype = torch.promote_types(torch.promote_types(b.dtype, a.dtype), torch.float32)
+    b, a, g = b.to(dtype), a.to(dtype), g.to(dtype)
+    if embedding.padding_idx is not None:
+        b = b * (ids != embedding.padding_idx).unsqueeze(-1).to(dtype)
+    gathered = g.gather(2, ids.unsqueeze(1).expand(-1, g.shape[1], -1))  # (B, T_head, T_emb)
+    return (gathered * torch.bmm(a, b.transpose(1, 2))).sum(dim=(1, 2))
 
 
 # ------------------------------------------------------------------------ registration

@@ -293,3 +293,59 @@ def test_registration_when_transformers_was_imported_first():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+class _Tied(nn.Module):
+    """Embedding -> tanh(Linear) -> head Linear whose weight is the embedding's."""
+
+    def __init__(self, vocab, dim, padding_idx):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.mid = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        h = torch.tanh(self.mid(e))
+        self.saved = (ids, e, h)
+        e.retain_grad()
+        h.retain_grad()
+        return self.head(h)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 5),
+    vocab=st.integers(2, 7),
+    dim=st.integers(1, 4),
+    pad=st.booleans(),
+)
+def test_tied_embedding_head_norm_from_ghost_norms_and_cross_term(batch, seq, vocab, dim, pad):
+    """||g_emb + g_head|| of the shared weight == sqrt(||E||^2 + ||H||^2 + 2 cross)."""
+    from opacus.grad_sample.embedding import compute_embedding_norm_sample
+    from opacus.grad_sample.linear import compute_linear_norm_sample
+
+    torch.manual_seed(0)
+    model = _Tied(vocab, dim, 0 if pad else None).double()
+    ids = torch.randint(0, vocab, (batch, seq))
+    r = torch.randn(batch, seq, vocab, dtype=torch.float64)
+    expected = oracle(model, ids, r)["emb.weight"].reshape(batch, -1).norm(dim=1)
+    # One batched pass (the loss is a sum of per-sample losses): the layers' output gradients.
+    (model(ids) * r).sum().backward()
+    ids_, e, h = model.saved
+    norm_e = compute_embedding_norm_sample(model.emb, [ids_], e.grad)[model.emb.weight]
+    norm_h = compute_linear_norm_sample(model.head, [h.detach()], r)[model.head.weight]
+    cross = tl.tied_embedding_linear_cross_term(model.emb, ids_, e.grad, h.detach(), r)
+    got = (norm_e**2 + norm_h**2 + 2 * cross).clamp_min(0).sqrt()
+    torch.testing.assert_close(got, expected)
+
+
+def test_tied_cross_term_refuses_scale_grad_by_freq():
+    emb = nn.Embedding(5, 3, scale_grad_by_freq=True)
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="scale_grad_by_freq"):
+        tl.tied_embedding_linear_cross_term(
+            emb, ids, torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.randn(2, 4, 5)
+        )
