@@ -170,7 +170,9 @@ def nav_section(pages: Dict[str, str]) -> list:
             continue
         parts = module.split(".")
         group = ".".join(parts[:2]) if len(parts) > 1 else parts[0]
-        groups.setdefault(group, []).append({module: rel})
+        # short labels under the package's heading: "analysis.prv.compose", not the full path
+        label = module[len(group) + 1 :] if module != group else group
+        groups.setdefault(group, []).append({label: rel})
     section = [{"Overview": f"{API_DIR}/index.md"}, {"Core API": f"{API_DIR}/core.md"}]
     section += [{name: entries} for name, entries in sorted(groups.items())]
     return section
