@@ -211,8 +211,8 @@ def test_tutorials_are_rendered_with_plots_and_a_download_link(site):
         if name != "finetune_lm":
             assert re.search(r'<img[^>]+src="data:image/png;base64,', html), f"{name}: no plot"
     overview = _read(site / "tutorials" / "index.html")
-    for name in names:
-        assert f"{name}/" in overview, name
+    for name in [n for n in names if n != "finetune_lm"]:
+        assert overview.count(f'href="{name}/"') >= 2, name  # the nav and the page's own list
 
 
 def test_differences_and_common_mistakes_pages_are_published_and_linked():
