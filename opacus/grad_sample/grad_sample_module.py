@@ -44,7 +44,12 @@ from opacus.grad_sample.module_utils import (
     trainable_modules,
     trainable_parameters,
 )
-from opacus.grad_sample.pass_state import DeferredContractions, NormBook, ReductionScale
+from opacus.grad_sample.pass_state import (
+    DeferredContractions,
+    NormBook,
+    PassRecord,
+    ReductionScale,
+)
 from opacus.grad_sample.registry import SUMS_OVER_SEQUENCE_ATTR
 from opacus.grad_sample.safety_checks import (
     SKIP_BATCH_MIXING_CHECK_ATTR,
@@ -460,13 +465,11 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._max_batch_len: Dict[nn.Module, int] = {}
         self._samplers: Dict[nn.Module, Optional[Callable]] = {}
         self._module_names: Dict[nn.Module, str] = {}
-        self._pending: Dict[int, nn.Parameter] = {}
+        self._pass = PassRecord()
         # The per-pass concerns (opacus.grad_sample.pass_state): book-kept exact norms, and the
         # repeated calls of sequence-summing layers contracted once per backward.
         self._norm_book = NormBook()
         self._deferred = DeferredContractions()
-        self._consumed_this_pass: set = set()
-        self._finish_queued = False
         self._first_layer: Optional[Tuple[str, int]] = None
         self._called_this_forward: set = set()
         self._probed: set = set()
@@ -689,7 +692,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._prune_orphaned_calls()
         self._first_layer = None
         self._called_this_forward = set()
-        if self._finish_queued:  # the last backward raised before it finished
+        if self._pass.finish_queued:  # the last backward raised before it finished
             self._drop_pending()
 
     def _check_batch_norms(self) -> None:
@@ -911,9 +914,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 del self._activations[module]
                 del self._max_batch_len[module]
             return None
-        first_of_pass = module not in self._consumed_this_pass
-        only_call = first_of_pass and len(self._activations[module]) == 1
-        self._consumed_this_pass.add(module)
+        only_call = self._pass.first_call(module) and len(self._activations[module]) == 1
         # The "mean" factor is applied by the caller (ReductionScale), where it is cheapest.
         activations, backprops = self.rearrange_grad_samples(
             module=module,
@@ -989,13 +990,13 @@ class GradSampleHooks(AbstractGradSampleHooks):
         for p, gs in grad_samples.items():
             first = getattr(p, "_current_grad_sample", None) is None
             create_or_accumulate_grad_sample(param=p, grad_sample=gs, max_batch_len=max_batch_len)
-            self._pending[id(p)] = p
+            self._pass.add(p)
             self._norm_book.record(p, None if norms is None else norms.get(p), first)
 
     # ------------------------------------------------------- end of a backward
     def _queue_finish(self) -> None:
-        if not self._finish_queued:
-            self._finish_queued = True
+        if not self._pass.finish_queued:
+            self._pass.finish_queued = True
             # Runs once the autograd engine has finished this backward pass, i.e. after every
             # contribution of every layer to a shared parameter has arrived.
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
@@ -1003,12 +1004,9 @@ class GradSampleHooks(AbstractGradSampleHooks):
     def _drop_pending(self) -> None:
         self._deferred.clear()
         self._norm_book.clear()
-        for p in self._pending.values():
+        for p in self._pass.take():
             if hasattr(p, "_current_grad_sample"):
                 del p._current_grad_sample
-        self._pending = {}
-        self._consumed_this_pass = set()
-        self._finish_queued = False
 
     def _finish_backward(self) -> None:
         try:
@@ -1016,7 +1014,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         except Exception:
             self._drop_pending()
             raise
-        pending = list(self._pending.values())
+        pending = list(self._pass.params.values())
         if not self._grad_accumulation_allowed and any(
             getattr(p, "grad_sample", None) is not None for p in pending
         ):
@@ -1030,9 +1028,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 "logical batch in smaller physical ones."
             )
         pending_norms = self._norm_book.take()
-        self._pending = {}
-        self._consumed_this_pass = set()
-        self._finish_queued = False
+        self._pass.reset()
         for p in pending:
             fresh = getattr(p, "grad_sample", None) is None
             promote_current_grad_sample(p)

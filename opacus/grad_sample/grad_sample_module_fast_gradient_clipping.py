@@ -424,10 +424,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         return True
 
     def _finish_backward(self) -> None:
-        pending = list(self._pending.values())
-        self._pending = {}
-        self._consumed_this_pass = set()
-        self._finish_queued = False
+        pending = self._pass.take()
         for p in pending:
             grad_sample = p._current_grad_sample
             del p._current_grad_sample

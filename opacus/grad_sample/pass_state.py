@@ -2,6 +2,8 @@
 
 ``GradSampleHooks.capture_backprops_hook`` routes every call's output gradient through these:
 
+* ``PassRecord``: what the pass has touched so far (the parameters given a contribution, the
+  layers whose first call arrived) and whether its end-of-pass callback is queued.
 * ``ReductionScale``: where the ``loss_reduction="mean"`` factor ``B`` goes. A per-sample
   gradient is linear in the backprops, so ``B`` can multiply whichever is smaller: the
   backprops, or the sampler's output (or the ghost norms).
@@ -19,7 +21,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["DeferredContractions", "NormBook", "ReductionScale"]
+__all__ = ["DeferredContractions", "NormBook", "PassRecord", "ReductionScale"]
 
 
 class ReductionScale:
@@ -85,3 +87,34 @@ class NormBook:
     def clear(self) -> None:
         """Forget every norm (a failed pass)."""
         self._norms = {}
+
+
+class PassRecord:
+    """What one backward pass has touched so far; reset when the pass ends (or fails)."""
+
+    def __init__(self):
+        self.params: Dict[int, nn.Parameter] = {}
+        self.modules: set = set()
+        self.finish_queued = False
+
+    def first_call(self, module: nn.Module) -> bool:
+        """True if this is the first call of ``module`` whose output gradient this pass saw."""
+        first = module not in self.modules
+        self.modules.add(module)
+        return first
+
+    def add(self, p: nn.Parameter) -> None:
+        """``p`` got a contribution in this pass."""
+        self.params[id(p)] = p
+
+    def take(self) -> List[nn.Parameter]:
+        """The parameters of the pass, in order of their first contribution; resets."""
+        params = list(self.params.values())
+        self.reset()
+        return params
+
+    def reset(self) -> None:
+        """Forget the pass."""
+        self.params = {}
+        self.modules = set()
+        self.finish_queued = False

@@ -3,7 +3,12 @@
 import torch
 import torch.nn as nn
 
-from opacus.grad_sample.pass_state import DeferredContractions, NormBook, ReductionScale
+from opacus.grad_sample.pass_state import (
+    DeferredContractions,
+    NormBook,
+    PassRecord,
+    ReductionScale,
+)
 
 
 def test_reduction_scale_is_the_batch_size_under_mean_only():
@@ -45,3 +50,13 @@ def test_norm_book_keeps_only_a_parameters_only_contribution():
     assert book.take() == {}
     book.record(p, None, first=True)  # no exact norms for this contribution
     assert book.take() == {}
+
+
+def test_pass_record_marks_first_calls_and_resets():
+    rec, m, p = PassRecord(), nn.Linear(1, 1), nn.Parameter(torch.zeros(1))
+    assert rec.first_call(m) and not rec.first_call(m)
+    rec.add(p)
+    rec.add(p)
+    rec.finish_queued = True
+    assert rec.take() == [p]
+    assert rec.params == {} and rec.first_call(m) and not rec.finish_queued
