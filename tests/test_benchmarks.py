@@ -71,6 +71,19 @@ def test_lora_workload_trains_only_the_adapters():
     assert any("c_attn" in n for n in trainable) and any("c_proj" in n for n in trainable)
 
 
+def test_profile_step_prints_both_profiles(capsys):
+    from benchmarks import profile_step
+
+    times = profile_step.main(
+        ["--model", "mlp", "--mode", "ghost_direct", "--quick", "--repeats", "1", "--top", "5"]
+    )
+    assert times["dp"] > 0 and times["plain"] > 0
+    out = capsys.readouterr().out
+    assert "## mlp / ghost_direct: DP" in out
+    assert "cProfile of 1 DP steps" in out and "one non-private step" in out
+    assert "double_backward" in out  # the library's own functions are listed
+
+
 def test_runner_rejects_unknown_model():
     with pytest.raises(SystemExit, match="unknown"):
         run.main(["--quick", "--models", "resnet9000"])
