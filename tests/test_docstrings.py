@@ -106,7 +106,7 @@ def _reference_callables():
 
 
 def _returns(annotation):
-    return bool(annotation) and annotation.strip() not in ("None", "NoneType")
+    return bool(annotation) and annotation.strip().strip("'\"") not in ("None", "NoneType")
 
 
 def _sections(doc):
