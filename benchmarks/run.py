@@ -10,6 +10,11 @@ cannot inflate), wall-clock medians are reported too.  Peak memory is the peak o
 the torch profiler records during one step (``profile_memory=True``), or the CUDA allocator's peak.
 Prints a Markdown table; ``--json out.json`` also writes the rows.  Accountant timings follow.
 
+Modes ``hooks_direct`` and ``ghost_direct`` build ``GradSampleModule`` (ghost:
+``GradSampleModuleFastGradientClipping`` + ``DPLossFastGradientClipping``) and ``DPOptimizer``
+by hand instead of ``PrivacyEngine``; each workload lists the modes it is timed in, its own batch
+size if any (the LM: 8) and the optional packages it needs (rows without them are "skipped").
+
 Usage: ``python -m benchmarks.run [--threads 1] [--batch-size 64] [--repeats 20]
 [--models mlp,embedding] [--modes hooks,ghost] [--quick] [--json out.json] [--device cpu]``
 """
