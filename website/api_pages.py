@@ -29,10 +29,13 @@ INTERNAL = {
     "opacus.grad_sample.modes": "internal: the table of grad_sample modes",
     "opacus.grad_sample.registry": "internal: the per-layer function registry",
     "opacus.grad_sample.safety_checks": "internal: checks run by the hooks",
-    "opacus.optimizers.clipping": "internal: clipping of per-sample gradients",
+    "opacus.optimizers.clipping": "internal: per-sample norms, clip factors, clipped sums",
     "opacus.optimizers.consumed": "internal: release-once marks of the gradients",
-    "opacus.optimizers.noise": "internal: noise generation",
-    "opacus.optimizers.reduction": "internal: loss reduction scaling",
+    "opacus.optimizers.noise": "internal: Gaussian noise of the mechanism",
+    "opacus.optimizers.reduction": "internal: the cross-process reduction of the sums",
+    "opacus.grad_sample.module_utils": "internal: walking and copying module trees",
+    "opacus.grad_sample.pass_state": "internal: per-backward-pass state of the hooks",
+    "opacus.grad_sample.tensor_utils": "internal: tensor helpers of the samplers",
     "opacus.validators.rnn": "internal: shared RNN validation",
 }
 # Rendered in full on the Core API page (api/core.md); their modules' pages link there, so every
