@@ -39,7 +39,7 @@ class DifferentiallyPrivateDistributedDataParallel(nn.Module):
     equal; ``forward`` is ``model.forward``. Gradient synchronisation is left to the DP optimizer.
 
     Args:
-        model: the model, identical on every process (its parameters are broadcast from rank 0).
+        model: the model to wrap; its parameters and buffers are replaced by rank 0's.
     """
 
     def __init__(self, model: nn.Module):
