@@ -28,6 +28,7 @@ from opacus.data_loader import (
     switch_generator,
 )
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.grad_sample.ghost_loss import DPLossFastGradientClipping
 from opacus.grad_sample.grad_sample_module import GradSampleHooks, GradSampleModule
 from opacus.grad_sample.gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule
 from opacus.grad_sample.modes import grad_sample_mode_info, validate_loss_reduction
@@ -43,7 +44,6 @@ from opacus.optimizers.optimizer import DPOptimizer
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 from opacus.schedulers.grad_clip_scheduler import _GradClipScheduler
 from opacus.schedulers.noise_scheduler import _NoiseScheduler
-from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.utils.uniform_sampler import CyclicPoissonSampler
 from opacus.validators.module_validator import ModuleValidator
 
@@ -389,6 +389,28 @@ def _banded_calibration(banded, data_loader, poisson_sampling, epochs, kwargs, w
     return sample_rate, math.ceil(total_steps / banded.bands)
 
 
+def _check_banded_loader(banded, data_loader, poisson_sampling, where) -> bool:
+    """For banded MF: True if the loader voids amplification (allowed only when opted in)."""
+    if banded is None:
+        return False
+    banded.check_loader(data_loader, where)
+    unamplified = banded.needs_unsafe(data_loader, poisson_sampling)
+    if unamplified and not banded.unsafe:
+        raise ValueError(_unsafe_message(where, banded.bands))
+    return unamplified
+
+
+def _checked_mode(grad_sample_mode, clipping, where):
+    """The mode's row of the table, refusing a ``clipping`` that the mode does not support."""
+    mode = grad_sample_mode_info(grad_sample_mode)
+    if clipping not in mode.clippings and clipping in ("flat", "per_layer", "adaptive"):
+        raise ValueError(
+            f"{where}: grad_sample_mode={grad_sample_mode!r} supports clipping in "
+            f"{list(mode.clippings)}, got clipping={clipping!r}."
+        )
+    return mode
+
+
 class PrivacyEngine:
     """Entry point of DP training: wraps model, optimizer and data loader and tracks privacy.
 
@@ -660,12 +682,7 @@ class PrivacyEngine:
         """
         where = f"{type(self).__name__}.make_private"
         banded = _BandedMF.parse(kwargs, where)
-        unamplified = False
-        if banded is not None:
-            banded.check_loader(data_loader, where)
-            unamplified = banded.needs_unsafe(data_loader, poisson_sampling)
-            if unamplified and not banded.unsafe:
-                raise ValueError(_unsafe_message(where, banded.bands))
+        unamplified = _check_banded_loader(banded, data_loader, poisson_sampling, where)
         if noise_generator is not None and self.secure_mode:
             raise ValueError(
                 "noise_generator cannot be used with secure_mode=True: secure mode draws the "
@@ -673,12 +690,7 @@ class PrivacyEngine:
             )
         _check_optimizer_params_in_module(module, optimizer)
         validate_loss_reduction(loss_reduction, where)
-        mode = grad_sample_mode_info(grad_sample_mode)
-        if clipping not in mode.clippings and clipping in ("flat", "per_layer", "adaptive"):
-            raise ValueError(
-                f"{where}: grad_sample_mode={grad_sample_mode!r} supports clipping in "
-                f"{list(mode.clippings)}, got clipping={clipping!r}."
-            )
+        mode = _checked_mode(grad_sample_mode, clipping, where)
         noise_multiplier = _validated_noise_multiplier(noise_multiplier, where)
         max_grad_norm = _validated_max_grad_norm(max_grad_norm, where)
         _dataset_size(data_loader, where)
@@ -736,12 +748,7 @@ class PrivacyEngine:
         # The hook records sample_rate * optimizer.accumulated_iterations at each real step.
         optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         if banded is not None:
-            banded.check_optimizer(optimizer, where)
-            optimizer.noise_mechanism = banded.build(where)
-            if banded.bands > 1:
-                optimizer.attach_step_hook(
-                    banded.hook(self.accountant, sample_rate, amplified=not unamplified)
-                )
+            self._attach_banded_noise(banded, optimizer, sample_rate, unamplified, where)
         if mode.skips_batch_gradient and not distributed and isinstance(module, GradSampleHooks):
             # The DP optimizer replaces p.grad with the noisy clipped sum: backward need not
             # compute the non-private batch gradient (opacus.grad_sample.batch_gradients). Kept
@@ -752,6 +759,15 @@ class PrivacyEngine:
             dp_criterion = DPLossFastGradientClipping(module, optimizer, criterion, loss_reduction)
             return module, optimizer, dp_criterion, data_loader
         return module, optimizer, data_loader
+
+    def _attach_banded_noise(self, banded, optimizer, sample_rate, unamplified, where) -> None:
+        """Give ``optimizer`` the correlated-noise mechanism and, for ``b > 1``, its accounting."""
+        banded.check_optimizer(optimizer, where)
+        optimizer.noise_mechanism = banded.build(where)
+        if banded.bands > 1:
+            optimizer.attach_step_hook(
+                banded.hook(self.accountant, sample_rate, amplified=not unamplified)
+            )
 
     def make_private_with_epsilon(
         self,

@@ -47,14 +47,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample.ghost_loss import DPTensorFastGradientClipping
 from opacus.optimizers.optimizer import DPOptimizer
 from opacus.optimizers.user_level import DPUserLevelOptimizer
 from opacus.privacy_engine import PrivacyEngine
-
-try:
-    from opacus.grad_sample.ghost_loss import DPTensorFastGradientClipping
-except ImportError:  # the home of the DP loss before the ghost-clipping refactor
-    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.utils.user_sampler import UserPoissonSampler
 
@@ -595,7 +591,7 @@ class DPTrainer(Trainer):
             else:
                 p.grad_sample = p.new_zeros((0, *p.shape))
         if self.privacy_args.grad_sample_mode == "ghost":
-            opt._record_clipped_backward()
+            opt.record_clipped_backward()
         if isinstance(opt, DPUserLevelOptimizer):
             opt.set_user_ids(torch.zeros(0, dtype=torch.long))
 
