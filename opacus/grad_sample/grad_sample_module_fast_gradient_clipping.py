@@ -18,8 +18,9 @@ the norm pass keeps each layer's activations and backprops, and ``accumulate_cli
 products) is skipped.  ``plan_book_keeping`` decides, after the forward pass, whether that holds.
 Keeping the backprops costs memory the two-pass scheme does not need (ghost clipping exists to
 save memory), so it is done only while they are no larger than ``max_book_keeping_ratio`` times
-the trainable parameters (the size of the gradients themselves): short inputs book-keep, long
-sequences keep the memory-lean second pass.
+the trainable parameters (the size of the gradients themselves) or than the floating-point layer
+inputs captured in the same forward (which the norm pass holds anyway): layers that widen their
+inputs a lot over long sequences keep the memory-lean second pass.
 """
 
 import functools
@@ -144,7 +145,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
     """
 
     # Book-keep while the kept backprops have at most this many elements per trainable parameter
-    # element (module docstring); ``math.inf``: always where possible, 0: never.
+    # element, or at most as many as the captured activations (module docstring); ``math.inf``:
+    # always where possible, 0: never.
     max_book_keeping_ratio = 1.0
     # False where the second pass is itself needed (FSDP reduce-scatters in it).
     _can_book_keep = True
@@ -171,6 +173,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         self._book_keeping = False
         self._book_kept: Dict[nn.Module, tuple] = {}
         self._output_numel = 0  # of the hooked calls of this forward: the backprops to keep
+        # Captured inputs of this forward, by storage (a tensor fed to several layers counts once).
+        self._activation_numel: Dict[tuple, int] = {}
         self._embeddings: Optional[List[tuple]] = None  # (name, module), for scale_grad_by_freq
         # Hooked calls of this forward that ran with gradients off, per layer: reentrant
         # checkpointing re-runs them inside the backward pass, where they are captured instead.
@@ -227,6 +231,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         self._book_keeping = False
         self._book_kept = {}
         self._output_numel = 0
+        self._activation_numel = {}
         self._calls_to_recompute = {}
         if self.hooks_enabled:
             self._per_sample_gradient_norms = None
@@ -268,6 +273,10 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         if calls and len(calls) > before:
             if torch.is_tensor(_forward_output):
                 self._output_numel += _forward_output.numel()
+            for a in forward_input:
+                if torch.is_tensor(a) and a.is_floating_point():
+                    key = (a.untyped_storage().data_ptr(), a.storage_offset(), a.shape)
+                    self._activation_numel[key] = a.numel()
             if self._first_pass_anchors is not None:
                 self._record_anchors(hookable_output(_forward_output))
 
@@ -373,7 +382,12 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
                 return False
             covered.update(id(p) for p in module.parameters(recurse=False) if p.requires_grad)
         trainable = [p for p in self._module.parameters() if p.requires_grad]
-        budget = self.max_book_keeping_ratio * sum(p.numel() for p in trainable)
+        # The norm pass holds the captured activations anyway: backprops no larger than they
+        # are do not raise the peak by more than the activations already kept.
+        budget = max(
+            self.max_book_keeping_ratio * sum(p.numel() for p in trainable),
+            self.captured_activation_numel() if self.max_book_keeping_ratio > 0 else 0,
+        )
         if self.batch_coupled_layers():
             budget = math.inf  # the second pass would be wrong for them, whatever the memory
         self._book_keeping = (
@@ -382,6 +396,11 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
             and self._output_numel <= budget
         )
         return self._book_keeping
+
+    def captured_activation_numel(self) -> int:
+        """Elements of the floating-point layer inputs captured by this forward (each tensor
+        once, however many layers it fed)."""
+        return sum(self._activation_numel.values())
 
     def batch_coupled_layers(self) -> List[str]:
         """Trainable layers whose gradient of a batch loss is not the sum of their per-sample

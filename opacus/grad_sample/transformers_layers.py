@@ -21,8 +21,8 @@ Layers:
   as the parameter) and the clipped sum contracts it with the weights.
 - ``nn.LayerNorm`` (GPT-2, BERT, ...; registered unconditionally, it is torch's): a norm sampler
   on top of its grad sampler (``layer_norm.py``), so it no longer takes the materialised path
-  under ghost clipping; and a clipped sum, not registered yet (see there): without one a
-  LayerNorm rules out book-keeping (one backward pass instead of two) for the whole model.
+  under ghost clipping; and a clipped sum, so that a LayerNorm no longer rules out
+  book-keeping (one backward pass instead of two) for the whole model.
 """
 
 import importlib
@@ -215,10 +215,7 @@ def compute_layer_norm_norm_sample(
     return _row_norms(compute_layer_norm_grad_sample(layer, activations, backprops))
 
 
-# Not registered yet: registering it lets models with LayerNorms book-keep, which
-# tests/grad_samples/test_book_keeping.py still pins as impossible (its example of a layer
-# without a clipped sum is a LayerNorm). Register with
-# ``register_clipped_sum_sampler(nn.LayerNorm)(compute_layer_norm_clipped_sum)``.
+@register_clipped_sum_sampler(nn.LayerNorm)
 def compute_layer_norm_clipped_sum(
     layer: nn.LayerNorm,
     activations: List[torch.Tensor],

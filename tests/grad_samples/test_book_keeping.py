@@ -88,6 +88,8 @@ def test_embedding_clipped_sum_matches_oracle(batch, seq, vocab, padding, by_fre
 def test_registry_holds_the_clipped_sum_samplers():
     assert CLIPPED_SUM_SAMPLERS[nn.Linear] is compute_linear_clipped_sum
     assert CLIPPED_SUM_SAMPLERS[nn.Embedding] is compute_embedding_clipped_sum
+    assert nn.LayerNorm in CLIPPED_SUM_SAMPLERS  # GPT-2 / BERT blocks book-keep
+    assert nn.GroupNorm not in CLIPPED_SUM_SAMPLERS  # the tests' layer without a clipped sum
 
 
 class _TokenModel(nn.Module):
@@ -96,10 +98,11 @@ class _TokenModel(nn.Module):
         self.batch_first = batch_first
         self.emb = nn.Embedding(9, 4, padding_idx=1)
         self.fc1 = nn.Linear(4, 5)
+        self.norm = nn.LayerNorm(5)
         self.fc2 = nn.Linear(5, 2)
 
     def forward(self, idx):
-        h = self.fc2(torch.tanh(self.fc1(self.emb(idx))))
+        h = self.fc2(self.norm(torch.tanh(self.fc1(self.emb(idx)))))
         return h.sum(dim=1 if self.batch_first else 0)
 
 
@@ -196,7 +199,8 @@ def test_plan_covers_exactly_the_qualifying_models():
     frozen[0].requires_grad_(False)
     assert _plan(frozen, x)
     # A layer without a clipped-sum sampler, a repeated call, tied weights, an unused layer.
-    assert not _plan(nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)), x)
+    assert _plan(nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)), x)
+    assert not _plan(nn.Sequential(nn.Linear(4, 3), nn.GroupNorm(1, 3)), x)
     assert not _plan(_Reused(), torch.randn(3, 3))
     tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     tied[1].weight = tied[0].weight
@@ -211,10 +215,10 @@ def test_plan_covers_exactly_the_qualifying_models():
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)),
+        lambda: nn.Sequential(nn.Linear(4, 3), nn.GroupNorm(1, 3), nn.Linear(3, 2)),
         lambda: nn.Sequential(_Reused(), nn.Linear(3, 2)),
     ],
-    ids=["layer_norm", "reused_layer"],
+    ids=["group_norm", "reused_layer"],
 )
 def test_models_that_do_not_qualify_take_the_second_backward(build):
     torch.manual_seed(2)
@@ -237,18 +241,40 @@ def test_a_forward_without_the_planned_norm_pass_is_refused():
     assert all(p.grad is None for p in model.parameters())
 
 
+class _Fork(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x) * self.b(x)
+
+
 def test_book_keeping_stays_within_the_memory_budget():
-    """The kept backprops (one per hooked output element) may not outgrow the parameters."""
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))  # 23 parameters
+    """The kept backprops (one per hooked output element) may not outgrow both the parameters
+    and the captured activations (which the norm pass holds anyway)."""
+    # Widening layers: per row 2 + 8 = 10 captured inputs, 8 + 9 = 17 outputs; 105 parameters.
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 9))
     assert GradSampleModuleFastGradientClipping.max_book_keeping_ratio == 1.0
-    x = torch.randn(4, 4)  # 4 * (3 + 2) = 20 backprop elements
+    x = torch.randn(6, 2)  # 6 * 17 = 102 backprop elements, 60 activations
     assert _plan(model, x, ratio=1.0)
-    assert _plan(model, x, ratio=20 / 23)
-    assert not _plan(model, x, ratio=19 / 23)
-    assert not _plan(model, torch.randn(5, 4), ratio=1.0)  # 25 > 23
+    assert _plan(model, x, ratio=102 / 105)
+    assert not _plan(model, x, ratio=101 / 105)
+    assert not _plan(model, torch.randn(7, 2), ratio=1.0)  # 119 > max(105, 70)
     assert not _plan(model, x, ratio=0)
-    # A long sequence through the same layers: no book-keeping by default.
-    assert not _plan(model, torch.randn(2, 50, 4), ratio=1.0)
+    # A long sequence through the same layers: no book-keeping by default (1700 > 1000).
+    assert not _plan(model, torch.randn(2, 50, 2), ratio=1.0)
+    # Narrowing layers over a long sequence: backprops (500) below the activations (700).
+    narrowing = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))  # 23 parameters
+    assert _plan(narrowing, torch.randn(2, 50, 4), ratio=1.0)
+    assert not _plan(narrowing, torch.randn(2, 50, 4), ratio=0)
+    # One input fed to two layers is held once: 80 activations (not 160) against 120
+    # backprops and 30 parameters.
+    fork = GradSampleModuleFastGradientClipping(_Fork())
+    fork(torch.randn(2, 10, 4))
+    assert fork.captured_activation_numel() == 80
+    assert not fork.plan_book_keeping()
     # Over budget, double_backward still gives the clipped sum (second pass).
     torch.manual_seed(3)
     seq_model = _TokenModel().double()
@@ -264,11 +290,13 @@ class _FreqScaled(nn.Module):
     def __init__(self, norm: bool):
         super().__init__()
         self.emb = nn.Embedding(5, 3, scale_grad_by_freq=True)
-        self.norm = nn.LayerNorm(3) if norm else nn.Identity()
+        # GroupNorm has no clipped-sum sampler: it rules book-keeping out.
+        self.norm = nn.GroupNorm(1, 3) if norm else nn.Identity()
         self.fc = nn.Linear(3, 2)
 
     def forward(self, idx):
-        return self.fc(self.norm(self.emb(idx))).sum(dim=1)
+        h = self.norm(self.emb(idx).transpose(1, 2)).transpose(1, 2)
+        return self.fc(h).sum(dim=1)
 
 
 def test_scale_grad_by_freq_is_book_kept_whatever_the_memory_budget():

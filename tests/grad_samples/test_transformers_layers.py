@@ -159,6 +159,7 @@ def test_layer_norm_norms_and_clipped_sums(batch, middle, normalized, bias, froz
     x = torch.randn(batch, *middle, *normalized, dtype=torch.float64)
     r = torch.randn(batch, *middle, *normalized, dtype=torch.float64)
     assert NORM_SAMPLERS[nn.LayerNorm] is tl.compute_layer_norm_norm_sample
+    assert CLIPPED_SUM_SAMPLERS[nn.LayerNorm] is tl.compute_layer_norm_clipped_sum
     check_all_three(layer, x, r, EXACT, clipped_sum=tl.compute_layer_norm_clipped_sum)
 
 
