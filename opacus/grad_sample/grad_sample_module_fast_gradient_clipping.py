@@ -44,6 +44,7 @@ from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.grad_sample.module_utils import requires_grad, trainable_modules, trainable_parameters
 from opacus.grad_sample.pass_state import ReductionScale
 from opacus.grad_sample.registry import CLIPPED_SUM_SAMPLERS
+from opacus.grad_sample.transformers_layers import tied_embedding_linear_cross_term
 from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
 from opacus.optimizers import clipping
 
@@ -126,6 +127,42 @@ def _shared_params(module: nn.Module) -> set:
     return shared
 
 
+class _TiedHalf:
+    """One layer of an ``nn.Embedding`` / ``nn.Linear`` pair sharing ``weight`` (GPT-2's
+    ``wte`` / ``lm_head``): its partner, the shared parameter, and which side it is."""
+
+    __slots__ = ("partner", "param", "is_embedding")
+
+    def __init__(self, partner: nn.Module, param: nn.Parameter, is_embedding: bool):
+        self.partner = partner
+        self.param = param
+        self.is_embedding = is_embedding
+
+
+def _tied_embedding_heads(module: nn.Module, shared: set) -> Dict[nn.Module, _TiedHalf]:
+    """``{layer: _TiedHalf}`` for every shared parameter owned by exactly one ``nn.Embedding``
+    (without ``scale_grad_by_freq``) and one ``nn.Linear``, both as their ``weight``."""
+    owners: Dict[int, list] = {}
+    for sub in module.modules():
+        for name, p in sub.named_parameters(recurse=False):
+            if id(p) in shared:
+                owners.setdefault(id(p), []).append((sub, name, p))
+    tied = {}
+    for entries in owners.values():
+        if len(entries) != 2 or any(name != "weight" for _, name, _ in entries):
+            continue
+        (m1, _, p), (m2, _, _) = entries
+        kinds = {type(m1), type(m2)}
+        if kinds != {nn.Embedding, nn.Linear}:
+            continue
+        emb, head = (m1, m2) if type(m1) is nn.Embedding else (m2, m1)
+        if emb.scale_grad_by_freq or emb.sparse:
+            continue
+        tied[emb] = _TiedHalf(head, p, True)
+        tied[head] = _TiedHalf(emb, p, False)
+    return tied
+
+
 class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
     """Hooks that store per-sample gradient norms ``p._norm_sample`` instead of ``p.grad_sample``.
 
@@ -151,6 +188,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
     # False where the second pass is itself needed (FSDP reduce-scatters in it).
     _can_book_keep = True
     _can_skip_batch_gradients = False
+    # Ghost norms for an Embedding and a Linear head sharing their weight (cross term).
+    _ghost_tied_pairs = True
 
     def __init__(
         self,
@@ -169,6 +208,10 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         self._first_pass_anchors: Optional[List[GradientEdge]] = None
         self._anchored_calls = 0
         self._shared = _shared_params(m)
+        self._tied = _tied_embedding_heads(m, self._shared) if self._ghost_tied_pairs else {}
+        # id(shared weight) -> (layer, activations, backprops, scale, norms, max_batch_len) of
+        # the tied half whose output gradient came first in this pass.
+        self._tied_waiting: Dict[int, tuple] = {}
         # Book-keeping (module docstring): planned for this norm pass, and what it keeps.
         self._book_keeping = False
         self._book_kept: Dict[nn.Module, tuple] = {}
@@ -198,6 +241,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
     def _norm_sampler(self, module: nn.Module):
         if not self.use_ghost_clipping or self.force_functorch:
             return None
+        if module in self._tied:
+            return self.NORM_SAMPLERS.get(type(module))  # exact with the cross term
         if self._shared and any(id(p) in self._shared for p in module.parameters()):
             return None  # tied weights: the norm of a sum is not a sum of norms
         return self.NORM_SAMPLERS.get(type(module))
@@ -232,6 +277,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         self._book_kept = {}
         self._output_numel = 0
         self._activation_numel = {}
+        self._tied_waiting = {}
         self._calls_to_recompute = {}
         if self.hooks_enabled:
             self._per_sample_gradient_norms = None
@@ -350,16 +396,71 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         activations, backprops, max_batch_len, only_call = call
         scale = ReductionScale(loss_reduction).factor(max_batch_len)
         norm_sampler = self._norm_sampler(module)
-        if only_call and norm_sampler is not None and backprops.shape[0] > 0:
+        tied = self._tied.get(module)
+        ghost = only_call and norm_sampler is not None and backprops.shape[0] > 0
+        if ghost and (tied is None or self._tied_ghost_possible(tied)):
             for p, norms in self._norms(module, norm_sampler, activations, backprops).items():
                 norms = norms if scale is None else norms * scale
+                if tied is not None and p is tied.param:
+                    call = (module, activations, backprops, scale, norms, max_batch_len)
+                    self._tied_norm(tied, call)
+                    continue
                 create_norm_sample(param=p, grad_sample=norms, max_batch_len=max_batch_len)
             if self._book_keeping:
                 self._book_kept[module] = (activations, backprops, scale)
             return
+        if tied is not None:
+            self._materialise_waiting_half(tied)
         if scale is not None:
             backprops = backprops * scale
         self._accumulate(self._per_sample_grads(module, activations, backprops), max_batch_len)
+
+    def _tied_ghost_possible(self, tied: _TiedHalf) -> bool:
+        """A tied half's call may take the ghost norm if its partner's call did (it is waiting)
+        or still can (its only call of this forward has not reached the pass yet)."""
+        if id(tied.param) in self._tied_waiting:
+            return True
+        partner = tied.partner
+        return partner not in self._pass.modules and len(self._activations.get(partner, ())) == 1
+
+    def _tied_norm(self, tied: _TiedHalf, call: tuple) -> None:
+        """Norm of the shared weight: ``||E_i + H_i||^2 = ||E_i||^2 + ||H_i||^2 + 2 <E_i, H_i>``
+        once both halves' calls arrived (the first one waits for the second)."""
+        waiting = self._tied_waiting.pop(id(tied.param), None)
+        if waiting is None:
+            self._tied_waiting[id(tied.param)] = call
+            self._queue_finish()
+            return
+        halves = {waiting[0]: waiting, call[0]: call}
+        emb = halves[call[0] if tied.is_embedding else tied.partner]
+        head = halves[tied.partner if tied.is_embedding else call[0]]
+        cross = tied_embedding_linear_cross_term(emb[0], emb[1][0], emb[2], head[1][0], head[2])
+        for s in (emb[3], head[3]):
+            cross = cross if s is None else cross * s
+        squared = emb[4].to(cross.dtype) ** 2 + head[4].to(cross.dtype) ** 2 + 2 * cross
+        norms = squared.clamp(min=0).sqrt().to(emb[4].dtype)
+        create_norm_sample(param=tied.param, grad_sample=norms, max_batch_len=max(emb[5], head[5]))
+
+    def _materialise_waiting_half(self, tied: _TiedHalf) -> None:
+        """This half's call takes the materialised path: so must the waiting half's, or the
+        shared weight's norm would miss it."""
+        waiting = self._tied_waiting.pop(id(tied.param), None)
+        if waiting is None:
+            return
+        module, activations, backprops, scale, _, max_batch_len = waiting
+        self._book_kept.pop(module, None)  # the shared weight is no longer book-kept whole
+        if scale is not None:
+            backprops = backprops * scale
+        grads = self._per_sample_grads(module, activations, backprops)
+        self._accumulate({tied.param: grads[tied.param]}, max_batch_len)
+
+    def _flush_tied_waiting(self) -> None:
+        """End of the pass: a half whose partner's output gradient never came (the loss did
+        not use it) has the whole norm of the shared weight."""
+        waiting, self._tied_waiting = self._tied_waiting, {}
+        for call in waiting.values():
+            param = self._tied[call[0]].param
+            create_norm_sample(param=param, grad_sample=call[4], max_batch_len=call[5])
 
     def _norms(self, module: nn.Module, norm_sampler, activations, backprops) -> Dict:
         """``norm_sampler``'s ``{param: (B,) norms}`` (subclasses re-key the parameters)."""
@@ -433,7 +534,10 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         sums = {}
         for module, (activations, backprops, scale) in kept.items():
             weights = coef if scale is None else coef * scale
-            sums.update(CLIPPED_SUM_SAMPLERS[type(module)](module, activations, backprops, weights))
+            layer_sums = CLIPPED_SUM_SAMPLERS[type(module)](module, activations, backprops, weights)
+            for p, clipped_sum in layer_sums.items():
+                # A tied weight gets both layers' sums (its gradient is their sum).
+                sums[p] = clipped_sum if p not in sums else sums[p] + clipped_sum
         for p in trainable:
             clipped_sum = sums[p].to(p.dtype)
             if p.grad is None:
@@ -443,6 +547,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         return True
 
     def _finish_backward(self) -> None:
+        self._flush_tied_waiting()
         pending = self._pass.take()
         for p in pending:
             grad_sample = p._current_grad_sample
