@@ -18,9 +18,10 @@ the norm pass keeps each layer's activations and backprops, and ``accumulate_cli
 products) is skipped.  ``plan_book_keeping`` decides, after the forward pass, whether that holds.
 Keeping the backprops costs memory the two-pass scheme does not need (ghost clipping exists to
 save memory), so it is done only while they are no larger than ``max_book_keeping_ratio`` times
-the trainable parameters (the size of the gradients themselves) or than the floating-point layer
-inputs captured in the same forward (which the norm pass holds anyway): layers that widen their
-inputs a lot over long sequences keep the memory-lean second pass.
+the trainable parameters (the size of the gradients themselves) or than
+``max_book_keeping_activation_ratio`` (1) times the floating-point layer inputs captured in the
+same forward (which the graph holds anyway): layers that widen their inputs over long sequences
+keep the memory-lean second pass.
 """
 
 import functools
@@ -182,9 +183,14 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
     """
 
     # Book-keep while the kept backprops have at most this many elements per trainable parameter
-    # element, or at most as many as the captured activations (module docstring); ``math.inf``:
-    # always where possible, 0: never.
+    # element, or at most ``max_book_keeping_activation_ratio`` per element of the layer inputs
+    # captured by the forward (module docstring); ``math.inf``: always where possible, 0: never.
     max_book_keeping_ratio = 1.0
+    # The autograd graph holds the captured inputs anyway, and often (GPT-2: attention
+    # products, GELU inputs, the loss's log-softmax) much more: 2.0 lets GPT-2 book-keep with
+    # its peak memory unchanged at sequence 512, but raises an Embedding + ReLU MLP over 1024
+    # tokens (whose graph holds little else) from 1.01x to 1.45x (benchmarks/README.md).
+    max_book_keeping_activation_ratio = 1.0
     # False where the second pass is itself needed (FSDP reduce-scatters in it).
     _can_book_keep = True
     _can_skip_batch_gradients = False
@@ -483,11 +489,14 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
                 return False
             covered.update(id(p) for p in module.parameters(recurse=False) if p.requires_grad)
         trainable = [p for p in self._module.parameters() if p.requires_grad]
-        # The norm pass holds the captured activations anyway: backprops no larger than they
-        # are do not raise the peak by more than the activations already kept.
+        # The graph holds the captured activations (and what consumes the outputs) anyway.
         budget = max(
             self.max_book_keeping_ratio * sum(p.numel() for p in trainable),
-            self.captured_activation_numel() if self.max_book_keeping_ratio > 0 else 0,
+            (
+                self.max_book_keeping_activation_ratio * self.captured_activation_numel()
+                if self.max_book_keeping_ratio > 0
+                else 0
+            ),
         )
         if self.batch_coupled_layers():
             budget = math.inf  # the second pass would be wrong for them, whatever the memory

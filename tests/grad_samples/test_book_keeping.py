@@ -253,35 +253,51 @@ class _Fork(nn.Module):
 
 def test_book_keeping_stays_within_the_memory_budget():
     """The kept backprops (one per hooked output element) may not outgrow both the parameters
-    and the captured activations (which the norm pass holds anyway)."""
-    # Widening layers: per row 2 + 8 = 10 captured inputs, 8 + 9 = 17 outputs; 105 parameters.
-    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 9))
-    assert GradSampleModuleFastGradientClipping.max_book_keeping_ratio == 1.0
-    x = torch.randn(6, 2)  # 6 * 17 = 102 backprop elements, 60 activations
+    and the captured activations (which the graph holds anyway)."""
+    cls = GradSampleModuleFastGradientClipping
+    assert cls.max_book_keeping_ratio == 1.0 and cls.max_book_keeping_activation_ratio == 1.0
+    # Widening layers: per row 2 + 16 = 18 captured inputs, 16 + 40 = 56 outputs; 728 parameters.
+    model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 40))
+    x = torch.randn(13, 2)  # 13 * 56 = 728 backprop elements, 234 activations
     assert _plan(model, x, ratio=1.0)
-    assert _plan(model, x, ratio=102 / 105)
-    assert not _plan(model, x, ratio=101 / 105)
-    assert not _plan(model, torch.randn(7, 2), ratio=1.0)  # 119 > max(105, 70)
+    assert not _plan(model, x, ratio=727 / 728)
+    assert not _plan(model, torch.randn(14, 2), ratio=1.0)  # 784 > max(728, 252)
     assert not _plan(model, x, ratio=0)
-    # A long sequence through the same layers: no book-keeping by default (1700 > 1000).
+    # A long sequence through the same layers: no book-keeping by default (5600 > 1800).
     assert not _plan(model, torch.randn(2, 50, 2), ratio=1.0)
     # Narrowing layers over a long sequence: backprops (500) below the activations (700).
     narrowing = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))  # 23 parameters
     assert _plan(narrowing, torch.randn(2, 50, 4), ratio=1.0)
     assert not _plan(narrowing, torch.randn(2, 50, 4), ratio=0)
+    # Backprops between once and twice the activations (1700 against 1000): planned with an
+    # activation factor of 2 only.
+    mild = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 9))
+    long_x = torch.randn(2, 50, 2)
+    assert not _plan(mild, long_x, ratio=1.0)
+    gsm = GradSampleModuleFastGradientClipping(mild)
+    gsm.max_book_keeping_activation_ratio = 2.0
+    gsm(long_x)
+    assert gsm.plan_book_keeping()
+    gsm.remove_hooks()
     # One input fed to two layers is held once: 80 activations (not 160) against 120
     # backprops and 30 parameters.
     fork = GradSampleModuleFastGradientClipping(_Fork())
     fork(torch.randn(2, 10, 4))
     assert fork.captured_activation_numel() == 80
     assert not fork.plan_book_keeping()
+    fork.max_book_keeping_activation_ratio = 2.0
+    assert fork.plan_book_keeping()
     # Over budget, double_backward still gives the clipped sum (second pass).
     torch.manual_seed(3)
-    seq_model = _TokenModel().double()
-    x = torch.randint(0, 9, (4, 6))
+    seq_model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 40)).double()
+    x = torch.randn(4, 30, 2, dtype=torch.float64)  # 6720 backprops > max(728, 2160)
     expected, _ = _expected(seq_model, x)
     gsm = GradSampleModuleFastGradientClipping(seq_model, loss_reduction="sum")
-    double_backward(gsm, BoundOnly(0.05), _sample_loss(gsm(x)))
+    planned = []
+    plan = gsm.plan_book_keeping
+    gsm.plan_book_keeping = lambda: planned.append(plan()) or planned[-1]
+    double_backward(gsm, BoundOnly(0.05), _sample_loss(gsm(x)).sum(dim=1))
+    assert planned == [False]
     for n, p in seq_model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-8, atol=1e-10)
 
