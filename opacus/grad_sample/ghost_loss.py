@@ -136,6 +136,9 @@ class ClippedSumHooks:
 
     loss_reduction: str
     max_grad_norm: float
+    # The per-sample loss's ``grad_fn`` while ``plan_book_keeping`` runs (None otherwise): the
+    # graph whose saved tensors the norm pass frees as it goes (memory budget).
+    norm_pass_root = None
 
     def enable_hooks(self) -> None:
         """Switch the hooks on (the norm pass)."""
@@ -264,11 +267,13 @@ def double_backward(
     module.enable_hooks()
     # Book-keeping replaces the second pass, except under torch DDP, whose gradient all-reduce
     # is driven by the backward pass itself.
-    book_keeping = (
-        loss_per_sample.numel() > 0
-        and not _under_torch_ddp(wrapper, module)
-        and module.plan_book_keeping()
-    )
+    book_keeping = loss_per_sample.numel() > 0 and not _under_torch_ddp(wrapper, module)
+    if book_keeping:
+        module.norm_pass_root = loss_per_sample.grad_fn
+        try:
+            book_keeping = module.plan_book_keeping()
+        finally:
+            module.norm_pass_root = None  # it keeps the whole graph alive
     coupled = [] if book_keeping else module.batch_coupled_layers()
     if coupled:
         raise NotImplementedError(

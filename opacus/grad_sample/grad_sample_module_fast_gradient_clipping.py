@@ -20,8 +20,9 @@ Keeping the backprops costs memory the two-pass scheme does not need (ghost clip
 save memory), so it is done only while they are no larger than ``max_book_keeping_ratio`` times
 the trainable parameters (the size of the gradients themselves) or than
 ``max_book_keeping_activation_ratio`` (1) times the floating-point layer inputs captured in the
-same forward (which the graph holds anyway): layers that widen their inputs over long sequences
-keep the memory-lean second pass.
+same forward (which the graph holds anyway), or than the other tensors the autograd graph saved
+for its backward (which the book-keeping norm pass frees as it goes): layers that widen their
+inputs over long sequences with little else in the graph keep the memory-lean second pass.
 """
 
 import functools
@@ -117,6 +118,12 @@ def _in_backward() -> bool:
     return current_task is not None and current_task() != -1
 
 
+@functools.lru_cache(maxsize=None)
+def _saved_tensor_names(node_type: type) -> tuple:
+    """The ``_saved_*`` attributes of an autograd node type (what it keeps for backward)."""
+    return tuple(name for name in dir(node_type) if name.startswith("_saved_"))
+
+
 def _shared_params(module: nn.Module) -> set:
     """ids of parameters owned by more than one submodule (tied weights)."""
     seen, shared = set(), set()
@@ -186,10 +193,11 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
     # element, or at most ``max_book_keeping_activation_ratio`` per element of the layer inputs
     # captured by the forward (module docstring); ``math.inf``: always where possible, 0: never.
     max_book_keeping_ratio = 1.0
-    # The autograd graph holds the captured inputs anyway, and often (GPT-2: attention
-    # products, GELU inputs, the loss's log-softmax) much more: 2.0 lets GPT-2 book-keep with
-    # its peak memory unchanged at sequence 512, but raises an Embedding + ReLU MLP over 1024
-    # tokens (whose graph holds little else) from 1.01x to 1.45x (benchmarks/README.md).
+    # The autograd graph holds the captured inputs anyway.  Beyond both budgets, book-keeping
+    # is still planned while the backprops fit in the other tensors the graph saved (GPT-2:
+    # attention products, GELU inputs, the loss's log-softmax), which the norm pass frees
+    # (``graph_bytes_beyond_activations``).  A flat factor 2.0 instead would raise an Embedding
+    # + ReLU MLP over 1024 tokens (whose graph holds little else) from 1.01x to 1.45x peak.
     max_book_keeping_activation_ratio = 1.0
     # False where the second pass is itself needed (FSDP reduce-scatters in it).
     _can_book_keep = True
@@ -222,6 +230,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         self._book_keeping = False
         self._book_kept: Dict[nn.Module, tuple] = {}
         self._output_numel = 0  # of the hooked calls of this forward: the backprops to keep
+        self._output_bytes = 0
         # Captured inputs of this forward, by storage (a tensor fed to several layers counts once).
         self._activation_numel: Dict[tuple, int] = {}
         self._embeddings: Optional[List[tuple]] = None  # (name, module), for scale_grad_by_freq
@@ -282,6 +291,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         self._book_keeping = False
         self._book_kept = {}
         self._output_numel = 0
+        self._output_bytes = 0
         self._activation_numel = {}
         self._tied_waiting = {}
         self._calls_to_recompute = {}
@@ -325,6 +335,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         if calls and len(calls) > before:
             if torch.is_tensor(_forward_output):
                 self._output_numel += _forward_output.numel()
+                self._output_bytes += _forward_output.numel() * _forward_output.element_size()
             for a in forward_input:
                 if torch.is_tensor(a) and a.is_floating_point():
                     key = (a.untyped_storage().data_ptr(), a.storage_offset(), a.shape)
@@ -503,9 +514,48 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         self._book_keeping = (
             bool(trainable)
             and covered == {id(p) for p in trainable}
-            and self._output_numel <= budget
+            and (
+                self._output_numel <= budget
+                or (
+                    self.max_book_keeping_ratio > 0
+                    and self._output_bytes <= self.graph_bytes_beyond_activations()
+                )
+            )
         )
         return self._book_keeping
+
+    def graph_bytes_beyond_activations(self) -> int:
+        """Bytes of the tensors the autograd graph of ``norm_pass_root`` (set by
+        ``double_backward`` while it plans) saved for its backward, other than the captured
+        activations; 0 without a root.  The book-keeping norm pass frees them as it goes, so
+        backprops kept up to that size leave the peak below the non-private step's (which holds
+        the graph and the activations together).  Saved tensors of custom autograd functions and
+        checkpointed segments are not seen (the estimate errs low)."""
+        root = self.norm_pass_root
+        if root is None:
+            return 0
+        # Captured activations and the parameters stay held whatever the pass frees.
+        captured = {key[0] for key in self._activation_numel}
+        captured.update(p.untyped_storage().data_ptr() for p in self._module.parameters())
+        held: Dict[int, int] = {}
+        seen, stack = set(), [root]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for name in _saved_tensor_names(type(node)):
+                try:
+                    value = getattr(node, name)
+                except Exception:  # already freed, or not readable
+                    continue
+                for t in value if isinstance(value, (tuple, list)) else (value,):
+                    if torch.is_tensor(t):
+                        storage = t.untyped_storage()
+                        if storage.data_ptr() not in captured:
+                            held[storage.data_ptr()] = storage.nbytes()
+            stack.extend(fn for fn, _ in node.next_functions)
+        return sum(held.values())
 
     def captured_activation_numel(self) -> int:
         """Elements of the floating-point layer inputs captured by this forward (each tensor

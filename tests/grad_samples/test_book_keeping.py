@@ -302,6 +302,51 @@ def test_book_keeping_stays_within_the_memory_budget():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-8, atol=1e-10)
 
 
+class _Squared(nn.Module):
+    """A Linear whose output the graph saves (``h * h`` keeps ``h``): 8 floats per row."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h * h
+
+
+def test_graph_bytes_count_the_saved_tensors_beyond_activations_and_parameters():
+    torch.manual_seed(5)
+    gsm = GradSampleModuleFastGradientClipping(_Squared())
+    gsm.max_book_keeping_activation_ratio = 0.5  # 8 backprops per row > 4 / 2 and > 44 / 6
+    out = gsm(torch.randn(6, 4))
+    assert gsm.graph_bytes_beyond_activations() == 0  # no root: nothing seen
+    assert not gsm.plan_book_keeping()
+    gsm.norm_pass_root = out.sum(dim=1).grad_fn
+    # The input (captured) and the weight (a parameter) are held anyway: only h counts.
+    assert gsm.graph_bytes_beyond_activations() == 6 * 8 * 4
+    assert gsm.plan_book_keeping()  # 6 * 8 float32 backprops fit in what the pass frees
+    gsm.max_book_keeping_ratio = 0
+    assert not gsm.plan_book_keeping()
+
+
+def test_double_backward_book_keeps_when_the_graph_frees_enough():
+    """Over the parameter and activation budgets, the graph's own saved tensors allow it."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(2, 16), nn.GELU(), nn.Linear(16, 40)).double()
+    x = torch.randn(3, 30, 2, dtype=torch.float64)  # 5040 backprops > max(728, 1620)
+    expected, _ = _expected(model, x)
+    gsm = GradSampleModuleFastGradientClipping(model, loss_reduction="mean")
+    planned = []
+    plan = gsm.plan_book_keeping
+    gsm.plan_book_keeping = lambda: planned.append((plan(), gsm.norm_pass_root)) or planned[-1][0]
+    double_backward(gsm, BoundOnly(0.05), _sample_loss(gsm(x)).sum(dim=1))
+    # GELU saves its input (1440) and sin its input (3600): 5040 elements freed by the pass.
+    assert planned[0][0] and planned[0][1] is not None
+    assert gsm.norm_pass_root is None  # released after planning: it holds the graph
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-8, atol=1e-10)
+
+
 class _FreqScaled(nn.Module):
     def __init__(self, norm: bool):
         super().__init__()
