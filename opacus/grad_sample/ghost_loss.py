@@ -237,6 +237,17 @@ _GhostModule = ClippedSumHooks
 ClipBoundRule = Callable[[torch.Tensor], float]
 
 
+def _plan_book_keeping(wrapper, module, loss_per_sample: torch.Tensor) -> bool:
+    """Whether the norm pass book-keeps; the module sees the loss's graph while it plans."""
+    if loss_per_sample.numel() == 0 or _under_torch_ddp(wrapper, module):
+        return False
+    module.norm_pass_root = loss_per_sample.grad_fn
+    try:
+        return module.plan_book_keeping()
+    finally:
+        module.norm_pass_root = None  # it keeps the whole graph alive
+
+
 def double_backward(
     module: _GhostModule,
     optimizer: ClippedSumOptimizer,
@@ -267,13 +278,7 @@ def double_backward(
     module.enable_hooks()
     # Book-keeping replaces the second pass, except under torch DDP, whose gradient all-reduce
     # is driven by the backward pass itself.
-    book_keeping = loss_per_sample.numel() > 0 and not _under_torch_ddp(wrapper, module)
-    if book_keeping:
-        module.norm_pass_root = loss_per_sample.grad_fn
-        try:
-            book_keeping = module.plan_book_keeping()
-        finally:
-            module.norm_pass_root = None  # it keeps the whole graph alive
+    book_keeping = _plan_book_keeping(wrapper, module, loss_per_sample)
     coupled = [] if book_keeping else module.batch_coupled_layers()
     if coupled:
         raise NotImplementedError(
