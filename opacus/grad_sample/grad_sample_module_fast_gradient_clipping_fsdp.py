@@ -133,6 +133,8 @@ class GradSampleHooksFastGradientClippingFSDP(GradSampleHooksFastGradientClippin
     GRAD_SAMPLERS = _FSDPAwareSamplers(registry.GRAD_SAMPLERS)
     NORM_SAMPLERS = _FSDPAwareSamplers(registry.NORM_SAMPLERS)
     _can_book_keep = False  # the second pass is where FSDP reduce-scatters the gradients
+    # Norms are re-keyed onto the shards: a tied weight keeps the materialised path.
+    _ghost_tied_pairs = False
 
     def __init__(
         self,

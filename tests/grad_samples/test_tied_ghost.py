@@ -127,3 +127,16 @@ def test_other_shared_weights_keep_the_materialised_path():
     emb.wte.scale_grad_by_freq = True
     gsm = GradSampleModuleFastGradientClipping(emb)
     assert gsm.log_module_gradient_sample_mode(emb.wte) != "ghost"
+
+
+def test_fsdp_hooks_keep_tied_weights_on_the_materialised_path():
+    from opacus.grad_sample import GradSampleModuleFastGradientClippingFSDP
+
+    model = _model(7)
+    gsm = GradSampleModuleFastGradientClippingFSDP(model)
+    assert gsm.log_module_gradient_sample_mode(model.wte) != "ghost"
+    assert gsm.log_module_gradient_sample_mode(model.fc) == "ghost"
+    x = torch.randint(0, 7, (3, 4))
+    expected_norms, _ = _oracle(model, x, 0.05)
+    double_backward(gsm, BoundOnly(0.05), _sample_loss(gsm(x)))
+    torch.testing.assert_close(gsm.per_sample_gradient_norms, expected_norms, rtol=1e-8, atol=1e-10)
