@@ -181,7 +181,7 @@ def test_rms_norm_style_frozen_and_bad_layer():
 
 
 # ------------------------------------------------------------------------- whole models
-def _tiny_gpt2():
+def _tiny_gpt2(tie=False):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
@@ -195,7 +195,7 @@ def _tiny_gpt2():
         attn_pdrop=0.0,
         bos_token_id=0,
         eos_token_id=0,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
 
     class LM(nn.Module):
@@ -267,6 +267,42 @@ def test_whole_model_hooks_and_ghost_match_the_oracle(build, layer_type):
     _lm_loss(ghost(ids), target).backward()
     want = torch.stack([g.reshape(3, -1).norm(dim=1) for g in expected.values()]).norm(dim=0)
     torch.testing.assert_close(ghost.get_norm_sample(), want, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [0.0, float("inf")])
+def test_tied_gpt2_ghost_clipping_matches_the_oracle(ratio):
+    """GPT-2 with lm_head tied to wte: ghost norms (cross term) and the clipped sum, through
+    the second backward pass (ratio 0) and book-keeping (inf: LayerNorm, Conv1D, tied pair)."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import double_backward
+    from tests.grad_samples.ghost_stubs import BoundOnly
+
+    torch.manual_seed(1)
+    model = _tiny_gpt2(tie=True).double()
+    assert model.lm.lm_head.weight is model.lm.transformer.wte.weight
+    ids = torch.randint(0, 11, (3, 5))
+    target = torch.randint(0, 11, (3, 5))
+    expected = brute_force_grad_samples(model, ids, loss_fn=_lm_loss, targets=target)
+    norms = torch.stack([g.reshape(3, -1).norm(dim=1) for g in expected.values()]).norm(dim=0)
+    coef = (0.1 / (norms + 1e-6)).clamp(max=1.0)
+    assert (coef < 1).all()
+    gsm = GradSampleModuleFastGradientClipping(model, loss_reduction="sum")
+    gsm.max_book_keeping_ratio = ratio
+    assert gsm.log_module_gradient_sample_mode(model.lm.lm_head) == "ghost"
+    autograd_grads = []
+    for p in model.parameters():
+        p.register_hook(autograd_grads.append)
+    logits = gsm(ids)
+    per_sample = nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(
+        dim=1
+    )
+    double_backward(gsm, BoundOnly(0.1), per_sample)
+    assert (not autograd_grads) == (ratio == float("inf"))  # book-kept: no second pass
+    torch.testing.assert_close(gsm.per_sample_gradient_norms, norms, atol=1e-8, rtol=1e-6)
+    params = dict(model.named_parameters())
+    for name, g in expected.items():
+        want = torch.einsum("b,b...->...", coef, g)
+        torch.testing.assert_close(params[name].grad, want, atol=1e-8, rtol=1e-6)
 
 
 def test_registration_is_lazy_and_happens_on_import():
