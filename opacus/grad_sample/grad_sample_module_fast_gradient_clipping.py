@@ -9,10 +9,13 @@ a second backward pass of the loss re-weighted by the clipping coefficients then
 clipped gradients in ``p.grad``.  Here a backward pass with hooks enabled stores
 ``p._norm_sample`` (shape ``(batch,)``) for every trainable parameter: from the layer's norm
 sampler where one is registered and the layer is called once, otherwise as the norm of the
-materialised per-sample gradient.
+materialised per-sample gradient.  A weight shared by an ``nn.Embedding`` and an ``nn.Linear``
+head (GPT-2's ``wte`` / ``lm_head``), each called once, gets its exact norm from the two ghost
+norms and their cross term (``tied_embedding_linear_cross_term``).
 
 Book-keeping (Bu et al. 2023): when every trainable parameter belongs to a layer called once
-whose norm sampler runs and which has a clipped-sum sampler (``nn.Linear``, ``nn.Embedding``),
+whose norm sampler runs and which has a clipped-sum sampler (``nn.Linear``, ``nn.Embedding``,
+``nn.LayerNorm``, ``nn.RMSNorm``, ``transformers``' ``Conv1D``; a tied pair adds both sums),
 the norm pass keeps each layer's activations and backprops, and ``accumulate_clipped_sum`` forms
 ``sum_i c_i g_i`` from them directly, so the second backward pass (and its input-gradient
 products) is skipped.  ``plan_book_keeping`` decides, after the forward pass, whether that holds.
@@ -176,10 +179,11 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
 
     Every trainable parameter has ``grad_sample = None`` from construction on, and keeps it:
     where a norm comes from a materialised per-sample gradient (``use_ghost_clipping=False``,
-    layers without a norm sampler, layers called several times per forward, tied weights), that
-    gradient is reduced to its ``(batch,)`` norms once the backward pass is complete and
-    ``grad_sample`` is set back to None.  Layers used twice (or sharing a parameter) are thus
-    clipped exactly, where Opacus 1.6 refuses them under ghost clipping.
+    layers without a norm sampler, layers called several times per forward, tied weights other
+    than an Embedding / Linear-head pair), that gradient is reduced to its ``(batch,)`` norms
+    once the backward pass is complete and ``grad_sample`` is set back to None.  Layers used
+    twice (or sharing a parameter) are thus clipped exactly, where Opacus 1.6 refuses them under
+    ghost clipping.
 
     Args:
         m: the model.
