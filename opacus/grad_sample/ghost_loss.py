@@ -474,6 +474,12 @@ class DPTensorFastGradientClipping(object):
     tensor of the same reduction), ``*``, ``/`` (by numbers or tensors) and unary ``-`` act on
     the per-sample losses and return a DP tensor of the same class, module, optimizer and
     reduction.
+
+    Args:
+        module: the model wrapped for ghost clipping.
+        optimizer: the ghost clipping DP optimizer.
+        loss_per_sample: the loss of each sample, ``(batch,)``.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the samples of the batch.
     """
 
     def __init__(
@@ -565,6 +571,16 @@ class DPLossFastGradientClipping(object):
     reduced over them with the criterion's own reduction (``"mean"``/``"sum"``; for a function
     or ``reduction="none"``, with ``loss_reduction``), and ``nn.CrossEntropyLoss``/``nn.NLLLoss``
     average only over the tokens whose label is not ``ignore_index`` (weighted by ``weight``).
+
+    Args:
+        module: the model wrapped for ghost clipping.
+        optimizer: the ghost clipping DP optimizer.
+        criterion: the loss function (a module with ``reduction``, or a function returning one loss
+            per sample).
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the samples of the batch.
+
+    Raises:
+        ValueError: ``loss_reduction`` is neither ``"mean"`` nor ``"sum"``.
     """
 
     def __init__(

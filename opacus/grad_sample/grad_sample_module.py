@@ -89,6 +89,14 @@ def create_or_accumulate_grad_sample(
     ``max_batch_len`` rows; later ones (repeated calls of the layer) are added into their first
     ``b`` rows: packed sequences shrink the batch of later time steps to the sequences still
     running, which are the first ones.
+
+    Args:
+        param: the parameter.
+        grad_sample: per-sample gradients ``(b, *param.shape)``.
+        max_batch_len: the batch size of the pass (rows of the stored tensor).
+
+    Raises:
+        ValueError: ``grad_sample`` has more rows than ``max_batch_len`` or the wrong shape.
     """
     if grad_sample.dtype != param.dtype and grad_sample.is_floating_point():
         # A sampler fed autocast's bf16 tensors may answer in bf16; p.grad is in p's dtype.
@@ -123,6 +131,9 @@ def promote_current_grad_sample(p: nn.Parameter) -> None:
     the list ``[first, second]`` and further ones append: each element holds the samples of one
     pass (batch sizes may differ).  Adding rows of two passes would add the gradients of two
     unrelated samples, which clipping could then no longer bound.
+
+    Args:
+        p: the parameter.
     """
     current = p._current_grad_sample
     del p._current_grad_sample
@@ -534,6 +545,16 @@ class GradSampleHooks(AbstractGradSampleHooks):
         """Errors for every submodule whose per-sample gradients cannot be computed.
 
         With ``strict=True`` a non-empty list is raised as one ``NotImplementedError``.
+
+        Args:
+            module: the model to check.
+            strict: raise the errors instead of returning them.
+
+        Returns:
+            the errors found (empty if none).
+
+        Raises:
+            NotImplementedError: ``strict`` is True and an error was found.
         """
         errors = [NotImplementedError(reason) for _, _, reason in cls._unsupported_modules(module)]
         if strict and errors:
@@ -545,7 +566,14 @@ class GradSampleHooks(AbstractGradSampleHooks):
 
     @classmethod
     def is_supported(cls, module: nn.Module) -> bool:
-        """True if ``module``'s type has a registered grad sampler (or is a DP RNN container)."""
+        """True if ``module``'s type has a registered grad sampler (or is a DP RNN container).
+
+        Args:
+            module: the module to check.
+
+        Returns:
+            whether its per-sample gradients can be computed.
+        """
         if type(module) in cls.GRAD_SAMPLERS:
             return True
         return isinstance(module, DPRNNBase)
@@ -558,6 +586,12 @@ class GradSampleHooks(AbstractGradSampleHooks):
         its children's parameters too). A module owning a trainable parameter directly but
         without a sampler (or every such module, with ``force_functorch``) is handled whole by
         ``torch.func``, children included. Other modules are looked through.
+
+        Args:
+            module: the root module.
+
+        Returns:
+            the modules to hook.
         """
         force = self.force_functorch
         yield from _walk_hook_targets(module, lambda m: self._sampler_for(m, force) is not None)
@@ -578,6 +612,14 @@ class GradSampleHooks(AbstractGradSampleHooks):
 
         Raises:
             ValueError: the model already carries hooks (wrapped twice).
+
+        Args:
+            loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the batch (per-sample
+                gradients are rescaled for ``"mean"``).
+            batch_first: True if the batch is dimension 0 of every layer's input and output, False
+                for dimension 1.
+            force_functorch: compute every per-sample gradient with ``torch.func`` instead of the
+                layer's grad sampler.
         """
         root = self._module
         _check_not_hooked(root, type(self).__name__)
@@ -751,7 +793,17 @@ class GradSampleHooks(AbstractGradSampleHooks):
         forward_input: List[torch.Tensor],
         _forward_output: torch.Tensor,
     ):
-        """Forward hook: keep the layer's detached inputs (one list per call)."""
+        """Forward hook: keep the layer's detached inputs (one list per call).
+
+        Args:
+            module: the layer the hook belongs to.
+            forward_input: the layer's positional inputs.
+            _forward_output: the layer's output (unused).
+
+        Raises:
+            ValueError: the layer is called while its per-sample gradients of an earlier pass are
+                still pending.
+        """
         if (
             not self.hooks_enabled
             or not self._training_forward(module)
@@ -862,6 +914,17 @@ class GradSampleHooks(AbstractGradSampleHooks):
 
         With ``loss_reduction="mean"`` each output gradient is ``1/B`` of the sample's own loss
         gradient, so the backprops are multiplied by ``B``.
+
+        Args:
+            module: the layer.
+            backprops: the gradient of the loss with respect to its output.
+            loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the batch (per-sample
+                gradients are rescaled for ``"mean"``).
+            batch_first: True if the batch is dimension 0 of every layer's input and output, False
+                for dimension 1.
+
+        Returns:
+            ``(activations, backprops)`` with the batch on dim 0.
         """
         activations = self._pop_call(module)
         if _batch_dim(module, batch_first) != 0:
@@ -941,6 +1004,15 @@ class GradSampleHooks(AbstractGradSampleHooks):
 
         ``forward_output`` is the tuple of output gradients (``(grad,)``), as a full backward
         hook receives it.
+
+        Args:
+            module: the layer the hook belongs to.
+            _forward_input: unused.
+            forward_output: the gradients of the loss with respect to the layer's outputs.
+            loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the batch (per-sample
+                gradients are rescaled for ``"mean"``).
+            batch_first: True if the batch is dimension 0 of every layer's input and output, False
+                for dimension 1.
         """
         call = self._take_call(module, forward_output, batch_first)
         if call is None:
@@ -1052,6 +1124,17 @@ class GradSampleModule(GradSampleHooks, AbstractGradSampleModule):
     Poisson sampling).  The wrapped model is ``self._module``; attribute access falls through
     to it.  Wrapping a model that already carries hooks raises ``ValueError``.  See
     ``GradSampleHooks`` for the arguments.
+
+    Args:
+        m: the model to wrap.
+        batch_first: True if the batch is dimension 0 of every layer's input and output, False for
+            dimension 1.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the batch (per-sample
+            gradients are rescaled for ``"mean"``).
+        strict: raise if a layer's per-sample gradients cannot be computed (False: such layers are
+            left without hooks).
+        force_functorch: compute every per-sample gradient with ``torch.func`` instead of the
+            layer's grad sampler.
     """
 
     def __init__(

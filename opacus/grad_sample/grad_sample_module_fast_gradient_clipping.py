@@ -80,6 +80,11 @@ def create_norm_sample(
 
     Rows beyond ``b`` (samples absent from a shorter call) get norm 0. Norms do not add up over
     calls, so this overwrites: layers called several times go through materialised gradients.
+
+    Args:
+        param: the parameter.
+        grad_sample: per-sample norms ``(b,)``.
+        max_batch_len: the batch size of the pass.
     """
     batch = grad_sample.shape[0]
     if batch == max_batch_len:
@@ -187,10 +192,17 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
 
     Args:
         m: the model.
-        batch_first, loss_reduction, strict, force_functorch: as for ``GradSampleHooks``.
         max_grad_norm: clipping bound ``C`` used by ``get_clipping_coef``.
         use_ghost_clipping: use registered norm samplers (ghost norms); if False, every norm is
             taken from materialised per-sample gradients.
+        batch_first: True if the batch is dimension 0 of every layer's input and output, False for
+            dimension 1.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the batch (per-sample
+            gradients are rescaled for ``"mean"``).
+        strict: raise if a layer's per-sample gradients cannot be computed (False: such layers are
+            left without hooks).
+        force_functorch: compute every per-sample gradient with ``torch.func`` instead of the
+            layer's grad sampler.
     """
 
     # Book-keep while the kept backprops have at most this many elements per trainable parameter
@@ -269,7 +281,15 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
     def log_module_gradient_sample_mode(
         self, module: nn.Module, *, force_functorch=False, use_ghost_clipping=True
     ) -> str:
-        """Log (and return) how ``module``'s per-sample norms are obtained."""
+        """Log (and return) how ``module``'s per-sample norms are obtained.
+
+        Args:
+            module: the layer.
+            force_functorch: compute every per-sample gradient with ``torch.func`` instead of the
+                layer's grad sampler.
+            use_ghost_clipping: use the registered norm samplers (ghost norms); False takes every
+                norm from materialised per-sample gradients.
+        """
         if use_ghost_clipping and not force_functorch and self._norm_sampler(module) is not None:
             mode = "ghost"
         elif force_functorch or self._samplers.get(module) is None:
@@ -319,6 +339,14 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         backward pass (recomputing saved tensors only) is ignored.  Reentrant checkpointing runs
         the segment with gradients off, then again inside the backward pass, where its own
         backward delivers the output gradients: that re-run is the one captured.
+
+        Args:
+            module: the layer the hook belongs to.
+            forward_input: the layer's positional inputs.
+            _forward_output: the layer's output (unused).
+            module: the layer the hook belongs to.
+            forward_input: the layer's positional inputs.
+            _forward_output: the layer's output (unused).
         """
         if (
             self.hooks_enabled
@@ -408,7 +436,24 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         loss_reduction: str,
         batch_first: bool,
     ):
-        """Output hook of one call: ghost norms for single-call layers, else materialised grads."""
+        """Output hook of one call: ghost norms for single-call layers, else materialised grads.
+
+        Args:
+            module: the layer the hook belongs to.
+            _forward_input: unused.
+            forward_output: the gradients of the loss with respect to the layer's outputs.
+            loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the batch (per-sample
+                gradients are rescaled for ``"mean"``).
+            batch_first: True if the batch is dimension 0 of every layer's input and output, False
+                for dimension 1.
+            module: the layer the hook belongs to.
+            _forward_input: unused.
+            forward_output: the gradients of the loss with respect to the layer's outputs.
+            loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the batch (per-sample
+                gradients are rescaled for ``"mean"``).
+            batch_first: True if the batch is dimension 0 of every layer's input and output, False
+                for dimension 1.
+        """
         # A per-sample gradient is linear in the backprops, so with "mean" the factor B is
         # applied to the (B,) norms rather than to a copy of the (B, T, d) backprops (memory).
         call = self._take_call(module, forward_output, batch_first)
@@ -633,6 +678,12 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         """Per-sample norm of the gradient over all trainable parameters, shape ``(batch,)``.
 
         Parameters without ``_norm_sample`` were not used by the last forward pass and contribute 0.
+
+        Returns:
+            the per-sample gradient norms, shape ``(batch,)``.
+
+        Raises:
+            ValueError: no norms were computed (no backward pass since the last reset).
         """
         norms = list(self._norms_by_param().values())
         if not norms:
@@ -645,7 +696,11 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         return total
 
     def get_clipping_coef(self) -> torch.Tensor:
-        """Per-sample clipping coefficients ``min(1, C / (norm + 1e-6))``, shape ``(batch,)``."""
+        """Per-sample clipping coefficients ``min(1, C / (norm + 1e-6))``, shape ``(batch,)``.
+
+        Returns:
+            the coefficients, shape ``(batch,)``.
+        """
         return clipping.clip_factors(self.get_norm_sample(), self.max_grad_norm)
 
     @property
@@ -662,6 +717,20 @@ class GradSampleModuleFastGradientClipping(
     """``nn.Module`` wrapper storing per-sample gradient norms for fast gradient clipping.
 
     See ``GradSampleHooksFastGradientClipping`` for the arguments.
+
+    Args:
+        m: the model to wrap.
+        batch_first: True if the batch is dimension 0 of every layer's input and output, False for
+            dimension 1.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the batch (per-sample
+            gradients are rescaled for ``"mean"``).
+        strict: raise if a layer's per-sample gradients cannot be computed (False: such layers are
+            left without hooks).
+        force_functorch: compute every per-sample gradient with ``torch.func`` instead of the
+            layer's grad sampler.
+        max_grad_norm: the clipping bound ``C`` used by ``get_clipping_coef``.
+        use_ghost_clipping: use the registered norm samplers (ghost norms); False takes every norm
+            from materialised per-sample gradients.
     """
 
     def __init__(

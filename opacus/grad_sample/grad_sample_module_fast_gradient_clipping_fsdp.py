@@ -128,6 +128,16 @@ class GradSampleHooksFastGradientClippingFSDP(GradSampleHooksFastGradientClippin
     ``p._norm_sample`` is stored on the parameters of ``model.parameters()`` (the ``DTensor``
     shards), so ``get_norm_sample()`` and ``get_clipping_coef()`` give this rank's ``(batch,)``
     per-sample norms over the *full* parameters.
+
+    Args:
+        m: the model to wrap.
+        batch_first: True if the batch is dimension 0 of every layer's input and output, False for
+            dimension 1.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the batch (per-sample
+            gradients are rescaled for ``"mean"``).
+        strict: raise if a layer's per-sample gradients cannot be computed (False: such layers are
+            left without hooks).
+        max_grad_norm: the clipping bound ``C`` used by ``get_clipping_coef``.
     """
 
     GRAD_SAMPLERS = _FSDPAwareSamplers(registry.GRAD_SAMPLERS)
@@ -240,7 +250,11 @@ class GradSampleHooksFastGradientClippingFSDP(GradSampleHooksFastGradientClippin
         return self._to_slots(module, norm_sampler(module, activations, backprops))
 
     def get_norm_sample(self) -> torch.Tensor:
-        """This rank's per-sample total gradient norm over all (full) parameters, ``(batch,)``."""
+        """This rank's per-sample total gradient norm over all (full) parameters, ``(batch,)``.
+
+        Returns:
+            the per-sample gradient norms, shape ``(batch,)``.
+        """
         return super().get_norm_sample()
 
 
@@ -252,6 +266,20 @@ class GradSampleModuleFastGradientClippingFSDP(
     Wrap the model after ``opacus.utils.fsdp_utils.FSDP2Wrapper`` (one FSDP unit per layer with
     trainable parameters); use ``FSDPOptimizerFastGradientClipping`` and
     ``DPLossFastGradientClipping`` with it.
+
+    Args:
+        m: the model to wrap.
+        batch_first: True if the batch is dimension 0 of every layer's input and output, False for
+            dimension 1.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the batch (per-sample
+            gradients are rescaled for ``"mean"``).
+        strict: raise if a layer's per-sample gradients cannot be computed (False: such layers are
+            left without hooks).
+        force_functorch: compute every per-sample gradient with ``torch.func`` instead of the
+            layer's grad sampler.
+        max_grad_norm: the clipping bound ``C`` used by ``get_clipping_coef``.
+        use_ghost_clipping: use the registered norm samplers (ghost norms); False takes every norm
+            from materialised per-sample gradients.
     """
 
     def __init__(

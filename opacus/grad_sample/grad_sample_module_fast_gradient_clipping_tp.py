@@ -29,7 +29,22 @@ __all__ = [
 
 
 class GradSampleHooksFastGradientClippingTP(GradSampleHooksFastGradientClipping):
-    """Ghost-clipping hooks for the tensor-parallel code path (unsharded parameters only)."""
+    """Ghost-clipping hooks for the tensor-parallel code path (unsharded parameters only).
+
+    Args:
+        m: the model to wrap.
+        batch_first: True if the batch is dimension 0 of every layer's input and output, False for
+            dimension 1.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the batch (per-sample
+            gradients are rescaled for ``"mean"``).
+        strict: raise if a layer's per-sample gradients cannot be computed (False: such layers are
+            left without hooks).
+        force_functorch: compute every per-sample gradient with ``torch.func`` instead of the
+            layer's grad sampler.
+        max_grad_norm: the clipping bound ``C`` used by ``get_clipping_coef``.
+        use_ghost_clipping: use the registered norm samplers (ghost norms); False takes every norm
+            from materialised per-sample gradients.
+    """
 
     def __init__(
         self,
@@ -65,14 +80,31 @@ class GradSampleHooksFastGradientClippingTP(GradSampleHooksFastGradientClipping)
         self._mesh_summed_params: List[str] = []
 
     def get_norm_sample(self) -> torch.Tensor:
-        """Per-sample total gradient norm, shape ``(batch,)`` (no sharded parameters to reduce)."""
+        """Per-sample total gradient norm, shape ``(batch,)`` (no sharded parameters to reduce).
+
+        Returns:
+            the per-sample gradient norms, shape ``(batch,)``.
+        """
         return super().get_norm_sample()
 
 
 class GradSampleModuleFastGradientClippingTP(
     GradSampleHooksFastGradientClippingTP, AbstractGradSampleModule
 ):
-    """``nn.Module`` wrapper for ``GradSampleHooksFastGradientClippingTP``."""
+    """``nn.Module`` wrapper for ``GradSampleHooksFastGradientClippingTP``.
+
+    Args:
+        m: the model to wrap.
+        batch_first: True if the batch is dimension 0 of every layer's input and output, False for
+            dimension 1.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the batch (per-sample
+            gradients are rescaled for ``"mean"``).
+        strict: raise if a layer's per-sample gradients cannot be computed (False: such layers are
+            left without hooks).
+        force_functorch: compute every per-sample gradient with ``torch.func`` instead of the
+            layer's grad sampler.
+        max_grad_norm: the clipping bound ``C`` used by ``get_clipping_coef``.
+    """
 
     def __init__(
         self,

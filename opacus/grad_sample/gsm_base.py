@@ -112,6 +112,13 @@ class AbstractGradSampleModule(nn.Module, AbstractGradSampleHooks, ABC):
     """An ``nn.Module`` wrapper around a model whose parameters receive per-sample information.
 
     The wrapped model is ``self._module``; attributes not found on the wrapper are looked up on it.
+
+    Args:
+        m: the model to wrap.
+        batch_first: True if the batch is dimension 0 of every layer's input and output, False for
+            dimension 1.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the batch; per-sample
+            gradients are rescaled for ``"mean"``.
     """
 
     def __init__(self, m: nn.Module, *, batch_first=True, loss_reduction="mean"):
@@ -138,11 +145,18 @@ class AbstractGradSampleModule(nn.Module, AbstractGradSampleHooks, ABC):
         """Clear ``p.grad`` (zeroed, or None if ``set_to_none``) and always ``p.grad_sample``.
 
         A per-sample gradient cannot be "zeroed" in place: the next batch may have another size.
+
+        Args:
+            set_to_none: set ``p.grad`` to None instead of zeroing it.
         """
         self.set_grad_sample_to_none()
         super().zero_grad(set_to_none)
 
     def to_standard_module(self) -> nn.Module:
-        """Remove hooks and per-sample attributes and return the wrapped, untouched model."""
+        """Remove hooks and per-sample attributes and return the wrapped, untouched model.
+
+        Returns:
+            the wrapped model.
+        """
         self.cleanup()
         return self._module

@@ -18,6 +18,16 @@ def sum_over_all_but_batch_and_last_n(tensor: torch.Tensor, n_dims: int) -> torc
     """Sum ``tensor`` over every dim except the first (batch) and the last ``n_dims``.
 
     Example: ``(B, T, H, W)`` with ``n_dims=2`` gives ``(B, H, W)``.
+
+    Args:
+        tensor: a tensor with the batch on dim 0.
+        n_dims: how many trailing dims to keep.
+
+    Returns:
+        the summed tensor.
+
+    Raises:
+        ValueError: ``n_dims`` is negative or too large.
     """
     if n_dims < 0:
         raise ValueError(f"sum_over_all_but_batch_and_last_n: n_dims={n_dims} must be >= 0")
@@ -81,6 +91,16 @@ def unfold2d(
     """im2col of a 4-D ``(B, C, H, W)`` tensor: ``(B, C * kh * kw, L)`` like ``F.unfold``.
 
     Unlike ``F.unfold`` it accepts ``padding="same"`` / ``"valid"`` (asymmetric for even kernels).
+
+    Args:
+        input: a ``(B, C, H, W)`` tensor.
+        kernel_size: ``(kh, kw)``.
+        padding: ``(ph, pw)``, ``"same"`` or ``"valid"``.
+        stride: ``(sh, sw)``.
+        dilation: ``(dh, dw)``.
+
+    Raises:
+        ValueError: ``input`` is not 4-d, or an argument is malformed.
     """
     if input.dim() != 4:
         raise ValueError(
@@ -110,6 +130,16 @@ def unfold3d(
     Rows are ordered channel-major then kernel ``(d, h, w)``, columns are output positions in
     ``(D_out, H_out, W_out)`` row-major order: the 3-D analogue of ``F.unfold``. ``padding`` may
     also be ``"same"`` or ``"valid"``.
+
+    Args:
+        tensor: a ``(B, C, D, H, W)`` tensor.
+        kernel_size: an int or ``(kd, kh, kw)``.
+        padding: an int, a triple, ``"same"`` or ``"valid"``.
+        stride: an int or a triple.
+        dilation: an int or a triple.
+
+    Raises:
+        ValueError: ``tensor`` is not 5-d, or an argument is malformed.
     """
     if tensor.dim() != 5:
         raise ValueError(
@@ -141,6 +171,15 @@ def filter_dilated_rows(
     ``tensor`` is ``(B, C * prod(dilated_kernel_size), L)``, the unfolding with a dense kernel of
     the dilated size ``d * (k - 1) + 1``; the result is ``(B, C * prod(kernel_size), L)``, the
     unfolding with the dilated kernel.
+
+    Args:
+        tensor: the dense unfolding ``(B, C * prod(dilated_kernel_size), L)``.
+        dilation: the dilation ``(d, h, w)``.
+        dilated_kernel_size: ``dilation * (kernel_size - 1) + 1``, per dimension.
+        kernel_size: the kernel size ``(d, h, w)``.
+
+    Raises:
+        ValueError: the sizes are inconsistent with ``tensor``.
     """
     dilation = _tuple(dilation, 3, "dilation")
     dilated_kernel_size = _tuple(dilated_kernel_size, 3, "dilated_kernel_size")
@@ -164,7 +203,14 @@ def filter_dilated_rows(
 
 
 def calc_sample_norms_one_layer(param: torch.Tensor) -> torch.Tensor:
-    """Per-sample L2 norms ``(B,)`` of one per-sample gradient tensor ``(B, *shape)``."""
+    """Per-sample L2 norms ``(B,)`` of one per-sample gradient tensor ``(B, *shape)``.
+
+    Args:
+        param: per-sample gradients ``(B, *shape)``.
+
+    Returns:
+        the norms ``(B,)``.
+    """
     return param.reshape(param.shape[0], -1).norm(2, dim=-1)
 
 
@@ -174,6 +220,16 @@ def calc_sample_norms(
     """Per-sample L2 norms of per-sample gradients ``(name, (B, *shape))``.
 
     Returns ``[norm over all params (B,)]`` when ``flat``, else one ``(B,)`` norm per param.
+
+    Args:
+        named_params: ``(name, per-sample gradient)`` pairs.
+        flat: one norm over all parameters (True) or one per parameter (False).
+
+    Returns:
+        the norms.
+
+    Raises:
+        ValueError: the per-sample gradients disagree on the batch size.
     """
     norms = [calc_sample_norms_one_layer(p) for _, p in named_params]
     if flat:

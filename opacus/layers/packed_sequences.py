@@ -11,6 +11,12 @@ def compute_seq_lengths(batch_sizes: torch.Tensor) -> List[int]:
 
     ``batch_sizes[t]`` counts the sequences still running at step ``t``, so sequence ``i`` lasts
     for as many steps as have ``batch_sizes[t] > i``.
+
+    Args:
+        batch_sizes: the ``batch_sizes`` of a ``PackedSequence``.
+
+    Returns:
+        the lengths.
     """
     batch_sizes = torch.as_tensor(batch_sizes)
     max_batch_size = int(batch_sizes[0])
@@ -19,7 +25,14 @@ def compute_seq_lengths(batch_sizes: torch.Tensor) -> List[int]:
 
 
 def unpack_packedsequences(X: PackedSequence) -> List[torch.Tensor]:
-    """The sequences of ``X`` as a list of ``(length_i, *)`` tensors, in packed (sorted) order."""
+    """The sequences of ``X`` as a list of ``(length_i, *)`` tensors, in packed (sorted) order.
+
+    Args:
+        X: the packed batch.
+
+    Returns:
+        the sequences.
+    """
     lengths = compute_seq_lengths(X.batch_sizes)
     offsets = torch.cumsum(X.batch_sizes, dim=0) - X.batch_sizes  # start of each time step
     return [X.data[offsets[:length] + i] for i, length in enumerate(lengths)]

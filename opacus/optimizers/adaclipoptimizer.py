@@ -95,7 +95,32 @@ def cpu_generator(generator: Optional[torch.Generator]) -> Optional[torch.Genera
 
 
 class AdaClipDPOptimizer(DPOptimizer):
-    """``DPOptimizer`` whose ``max_grad_norm`` adapts toward a quantile of the gradient norms."""
+    """``DPOptimizer`` whose ``max_grad_norm`` adapts toward a quantile of the gradient norms.
+
+    Args:
+        optimizer: the optimizer to wrap; its ``step`` runs on the private (clipped and noised)
+            gradients.
+        noise_multiplier: sigma: the noise standard deviation divided by ``max_grad_norm``.
+        max_grad_norm: the initial clipping norm.
+        expected_batch_size: the expected number of examples per logical batch (``sample_rate *
+            len(dataset)``); the noised sum is divided by it when ``loss_reduction="mean"``. May be
+            None only with ``loss_reduction="sum"``.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the examples of a batch.
+        generator: a ``torch.Generator`` for the noise (reproducible runs); None uses torch's
+            default.
+        secure_mode: draw the noise from a cryptographically secure source (no ``generator`` then).
+        target_unclipped_quantile: the fraction of per-sample gradients that should stay below the
+            clipping norm (in [0, 1]); the norm moves toward that quantile.
+        clipbound_learning_rate: the step size of the geometric update of the clipping norm.
+        max_clipbound: the largest clipping norm allowed.
+        min_clipbound: the smallest clipping norm allowed (> 0).
+        unclipped_num_std: the noise standard deviation of the private count of unclipped gradients;
+            ``noise_multiplier`` must be below ``2 * unclipped_num_std``.
+
+    Raises:
+        ValueError: the clip bounds, ``unclipped_num_std``, ``target_unclipped_quantile`` or the
+            noise split are invalid, or ``expected_batch_size`` is None.
+    """
 
     def __init__(
         self,
@@ -189,7 +214,11 @@ class AdaClipDPOptimizer(DPOptimizer):
         self.unclipped_frac = unclipped_fraction(float(centred + count_noise), n)
 
     def update_max_grad_norm(self):
-        """``C <- clamp(C * exp(-eta * (b~ - gamma)), min_clipbound, max_clipbound)``."""
+        """``C <- clamp(C * exp(-eta * (b~ - gamma)), min_clipbound, max_clipbound)``.
+
+        Raises:
+            ValueError: ``add_noise()`` has not computed the noisy unclipped fraction yet.
+        """
         if self.unclipped_frac is None:
             raise ValueError("update_max_grad_norm() needs the noisy fraction: call add_noise()")
         self.max_grad_norm = updated_clip_bound(
@@ -202,14 +231,25 @@ class AdaClipDPOptimizer(DPOptimizer):
         )
 
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """As ``DPOptimizer.pre_step``; after a real step the clip bound is updated."""
+        """As ``DPOptimizer.pre_step``; after a real step the clip bound is updated.
+
+        Args:
+            closure: unused; accepted for the ``Optimizer.step`` interface.
+
+        Returns:
+            True if the wrapped optimizer should step, False for a virtual (skipped) step.
+        """
         real_step = super().pre_step(closure)
         if real_step:
             self.update_max_grad_norm()
         return real_step
 
     def zero_grad(self, set_to_none: bool = False):
-        """As ``DPOptimizer.zero_grad``; also resets the counts unless the last step was skipped."""
+        """As ``DPOptimizer.zero_grad``; also resets the counts unless the last step was skipped.
+
+        Args:
+            set_to_none: set ``p.grad`` to None instead of zeroing it.
+        """
         if not self.last_step_skipped:
             self.sample_size = 0
             self.unclipped_num = 0.0

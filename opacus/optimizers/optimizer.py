@@ -175,6 +175,23 @@ class DPOptimizer(Optimizer):
     Release once: call ``optimizer.zero_grad()`` after every step. Per-sample gradients that a
     step already clipped, and a clipped sum that a step already released, make the next step
     raise ``ValueError`` instead of being used again (module docstring).
+
+    Args:
+        optimizer: the optimizer to wrap; its ``step`` runs on the private (clipped and noised)
+            gradients.
+        noise_multiplier: sigma: the noise standard deviation divided by ``max_grad_norm``.
+        max_grad_norm: the L2 norm each per-sample gradient is clipped to.
+        expected_batch_size: the expected number of examples per logical batch (``sample_rate *
+            len(dataset)``); the noised sum is divided by it when ``loss_reduction="mean"``. May be
+            None only with ``loss_reduction="sum"``.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the examples of a batch.
+        generator: a ``torch.Generator`` for the noise (reproducible runs); None uses torch's
+            default.
+        secure_mode: draw the noise from a cryptographically secure source (no ``generator`` then).
+
+    Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+        ValueError: an argument is out of range, or ``generator`` is given with ``secure_mode``.
     """
 
     def __init__(
@@ -403,7 +420,11 @@ class DPOptimizer(Optimizer):
                 p.grad /= denominator
 
     def signal_skip_step(self, do_skip=True):
-        """Queue whether the next ``step()`` is virtual (accumulate only, no noise, no update)."""
+        """Queue whether the next ``step()`` is virtual (accumulate only, no noise, no update).
+
+        Args:
+            do_skip: True: the next ``step()`` only accumulates; False: it is a real step.
+        """
         self._step_skip_queue.append(do_skip)
 
     @property
@@ -421,7 +442,11 @@ class DPOptimizer(Optimizer):
         return False
 
     def attach_step_hook(self, fn: Callable[["DPOptimizer"], None]):
-        """``fn(self)`` runs after every real (not skipped) step's noise: the accountant hook."""
+        """``fn(self)`` runs after every real (not skipped) step's noise: the accountant hook.
+
+        Args:
+            fn: called with the optimizer after every real step (the accountant's hook).
+        """
         self.step_hook = fn
 
     def _finish_real_step(self) -> bool:
@@ -434,6 +459,12 @@ class DPOptimizer(Optimizer):
         """Clip and accumulate; unless this step is skipped, noise and scale ``p.grad``.
 
         Returns ``True`` when the wrapped optimizer should step, ``False`` for a virtual step.
+
+        Args:
+            closure: unused; accepted for the ``Optimizer.step`` interface.
+
+        Returns:
+            True if the wrapped optimizer should step, False for a virtual (skipped) step.
         """
         self.clip_and_accumulate()
         if self._check_skip_next_step():
@@ -444,7 +475,14 @@ class DPOptimizer(Optimizer):
         return self._finish_real_step()
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """One DP-SGD step (``closure``, if given, recomputes the loss and per-sample gradients)."""
+        """One DP-SGD step (``closure``, if given, recomputes the loss and per-sample gradients).
+
+        Args:
+            closure: recomputes the loss (run with gradients enabled), as in ``Optimizer.step``.
+
+        Returns:
+            the closure's loss (or the wrapped step's result); None for a virtual step.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -456,7 +494,11 @@ class DPOptimizer(Optimizer):
 
     def zero_grad(self, set_to_none: bool = False):
         """Clear ``grad_sample`` (always) and ``summed_grad`` (unless the last step was skipped);
-        ``p.grad`` as the wrapped optimizer does (``set_to_none`` applies to ``p.grad`` only)."""
+        ``p.grad`` as the wrapped optimizer does (``set_to_none`` applies to ``p.grad`` only).
+
+        Args:
+            set_to_none: set ``p.grad`` to None instead of zeroing it.
+        """
         keep_sum = self._is_last_step_skipped
         for p in self.params:
             p.grad_sample = None
@@ -480,6 +522,9 @@ class DPOptimizer(Optimizer):
 
         A checkpoint written by an earlier version of this package (with a ``"dp_optimizer"``
         entry) loads too: that entry is ignored.
+
+        Args:
+            state_dict: a state dict of the wrapped optimizer (as ``state_dict`` returns).
         """
         if self._LEGACY_DP_STATE_KEY in state_dict:
             state_dict = {k: v for k, v in state_dict.items() if k != self._LEGACY_DP_STATE_KEY}

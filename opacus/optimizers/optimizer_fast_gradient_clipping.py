@@ -29,7 +29,21 @@ from opacus.optimizers.optimizer import DPOptimizer
 
 
 class DPOptimizerFastGradientClipping(DPOptimizer):
-    """``DPOptimizer`` that reads the clipped sum from ``p.grad`` instead of ``p.grad_sample``."""
+    """``DPOptimizer`` that reads the clipped sum from ``p.grad`` instead of ``p.grad_sample``.
+
+    Args:
+        optimizer: the optimizer to wrap; its ``step`` runs on the private (clipped and noised)
+            gradients.
+        noise_multiplier: sigma: the noise standard deviation divided by ``max_grad_norm``.
+        max_grad_norm: the L2 norm each per-sample gradient is clipped to.
+        expected_batch_size: the expected number of examples per logical batch (``sample_rate *
+            len(dataset)``); the noised sum is divided by it when ``loss_reduction="mean"``. May be
+            None only with ``loss_reduction="sum"``.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the examples of a batch.
+        generator: a ``torch.Generator`` for the noise (reproducible runs); None uses torch's
+            default.
+        secure_mode: draw the noise from a cryptographically secure source (no ``generator`` then).
+    """
 
     def __init__(
         self,
@@ -140,7 +154,14 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
         super().add_noise()
 
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """Accumulate; unless skipped, noise, scale and run the step hook."""
+        """Accumulate; unless skipped, noise, scale and run the step hook.
+
+        Args:
+            closure: unused; accepted for the ``Optimizer.step`` interface.
+
+        Returns:
+            True if the wrapped optimizer should step, False for a virtual (skipped) step.
+        """
         self.accumulate()
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
@@ -154,7 +175,11 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
         return self._finish_real_step()
 
     def zero_grad(self, set_to_none: bool = False):
-        """Clear ``grad`` (and ``summed_grad`` unless the last step was skipped)."""
+        """Clear ``grad`` (and ``summed_grad`` unless the last step was skipped).
+
+        Args:
+            set_to_none: set ``p.grad`` to None instead of zeroing it.
+        """
         self._clipped_backward_count = 0
         for p in self.params:
             if not self._is_last_step_skipped:

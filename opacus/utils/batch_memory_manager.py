@@ -79,6 +79,11 @@ class BatchSplittingSampler(Sampler[List[int]]):
     Each logical batch of ``sampler`` is split into balanced chunks; before each chunk is yielded
     the optimizer is told whether to skip the step that follows it (all chunks but the last). An
     empty logical batch yields one empty physical batch, which does take a step.
+
+    Args:
+        sampler: the batch sampler of logical batches.
+        max_batch_size: the most indices in one physical batch.
+        optimizer: the DP optimizer told which steps to skip.
     """
 
     def __init__(self, *, sampler: Sampler[List[int]], max_batch_size: int, optimizer: DPOptimizer):
@@ -142,6 +147,15 @@ def wrap_data_loader(*, data_loader: DataLoader, max_batch_size: int, optimizer:
 
     Every logical batch is split into chunks of at most ``max_batch_size``; ``optimizer`` (a
     DPOptimizer) only takes a real step after the last chunk of each logical batch.
+
+    Args:
+        data_loader: the loader of logical batches.
+        max_batch_size: the most examples in one physical batch.
+        optimizer: the DP optimizer; it steps once per logical batch.
+
+    Raises:
+        ValueError: ``max_batch_size`` is not a positive integer, the loader has no batch sampler,
+            or the optimizer cannot take split Poisson batches.
     """
     if data_loader.batch_sampler is None:
         raise ValueError(
@@ -173,6 +187,11 @@ class BatchMemoryManager:
                 optimizer.zero_grad()
                 criterion(model(x), y).backward()
                 optimizer.step()  # real step only at the end of each logical batch
+
+    Args:
+        data_loader: the loader of logical (Poisson) batches.
+        max_physical_batch_size: the most examples in one forward/backward pass.
+        optimizer: the DP optimizer; it steps once per logical batch.
     """
 
     def __init__(

@@ -24,7 +24,14 @@ __all__ = [
 
 
 def has_params(module: nn.Module) -> bool:
-    """True if ``module`` owns parameters directly (not only through its children)."""
+    """True if ``module`` owns parameters directly (not only through its children).
+
+    Args:
+        module: the module.
+
+    Returns:
+        whether it owns parameters.
+    """
     return any(True for _ in module.parameters(recurse=False))
 
 
@@ -33,6 +40,12 @@ def iterate_submodules(module: nn.Module) -> Iterable[nn.Module]:
 
     Post-order is the order ``fully_shard`` needs: a unit claims the parameters that no unit
     below it has claimed yet.
+
+    Args:
+        module: the root module.
+
+    Returns:
+        the descendants, in post-order.
     """
     for child in module.children():
         yield from iterate_submodules(child)
@@ -45,6 +58,16 @@ def FSDP2Wrapper(model: nn.Module, **kwargs) -> nn.Module:  # noqa: N802 (public
 
     Needs an initialised process group (``torch.distributed.init_process_group``); ``kwargs``
     (``mesh``, ``reshard_after_forward``, ``mp_policy``, ...) go to every ``fully_shard`` call.
+
+    Args:
+        model: the model to shard.
+
+    Returns:
+        ``model``, sharded.
+
+    Raises:
+        ImportError: this torch has no ``fully_shard`` (needs 2.6 with distributed support).
+        RuntimeError: no default process group is initialised.
     """
     try:
         from torch.distributed.fsdp import fully_shard

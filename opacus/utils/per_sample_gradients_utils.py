@@ -39,7 +39,11 @@ __all__ = [
 
 
 def check_torch_version_for_ew_sample() -> bool:
-    """True if ``torch.nn.utils._expanded_weights`` (expanded-weights mode) is available."""
+    """True if ``torch.nn.utils._expanded_weights`` (expanded-weights mode) is available.
+
+    Returns:
+        whether this torch has expanded weights (``grad_sample_mode="ew"``).
+    """
     try:
         from torch.nn.utils import _expanded_weights  # noqa: F401
     except ImportError:
@@ -48,7 +52,11 @@ def check_torch_version_for_ew_sample() -> bool:
 
 
 def get_grad_sample_modes(use_ew: bool = False) -> List[str]:
-    """Grad-sample modes worth checking: hooks and functorch, plus expanded weights on request."""
+    """Grad-sample modes worth checking: hooks and functorch, plus expanded weights on request.
+
+    Args:
+        use_ew: include ``"ew"`` (expanded weights).
+    """
     modes = ["hooks", "functorch"]
     if use_ew and check_torch_version_for_ew_sample():
         modes.append("ew")
@@ -56,7 +64,11 @@ def get_grad_sample_modes(use_ew: bool = False) -> List[str]:
 
 
 def is_batch_empty(batch: Union[torch.Tensor, Iterable[torch.Tensor]]) -> bool:
-    """True for a zero-size batch (a tensor, or a sequence whose first tensor is empty)."""
+    """True for a zero-size batch (a tensor, or a sequence whose first tensor is empty).
+
+    Args:
+        batch: a tensor or a sequence of tensors.
+    """
     if torch.is_tensor(batch):
         return batch.numel() == 0
     first = next(iter(batch), None)
@@ -68,6 +80,13 @@ class ModelWithLoss(nn.Module):
 
     With ``loss_reduction="mean"`` the loss averages over the batch (and every other dimension),
     with ``"sum"`` it sums: exactly the two reductions that the grad-sample modules are told about.
+
+    Args:
+        module: the model.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the samples of the batch.
+
+    Raises:
+        ValueError: ``loss_reduction`` is neither ``"mean"`` nor ``"sum"``.
     """
 
     def __init__(self, module: nn.Module, loss_reduction: str = "mean"):
@@ -155,6 +174,16 @@ def compute_microbatch_grad_sample(
     so sample ``i``'s share (times the batch size ``B``, as the grad-sample hooks scale it) is
     its own mean loss times ``B T_i / sum_j T_j``.  Runs with deterministic algorithms and torch
     and numpy seeded 0; the deterministic flag is restored afterwards.
+
+    Args:
+        x: the input batch (a tensor, or a ``PackedSequence``).
+        module: the model to check (it is copied, not modified).
+        batch_first: True if the batch is dimension 0 of ``x``, False for dimension 1.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the samples of the batch.
+        chunk_method: yields the samples of the batch one at a time.
+
+    Returns:
+        ``{parameter name: (batch, *shape)}``.
     """
     packed = isinstance(x, PackedSequence)
     with _DeterministicSeeded():
@@ -178,7 +207,14 @@ def compute_microbatch_grad_sample_tensor_or_seq(
     batch_first: bool = True,
     loss_reduction: str = "mean",
 ):
-    """:func:`compute_microbatch_grad_sample` for a tensor or a ``PackedSequence``."""
+    """:func:`compute_microbatch_grad_sample` for a tensor or a ``PackedSequence``.
+
+    Args:
+        x: the input batch (a tensor, or a ``PackedSequence``).
+        module: the model to check (it is copied, not modified).
+        batch_first: True if the batch is dimension 0 of ``x``, False for dimension 1.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the samples of the batch.
+    """
     return compute_microbatch_grad_sample(
         x, module, batch_first=batch_first, loss_reduction=loss_reduction
     )
@@ -191,7 +227,18 @@ def compute_opacus_grad_sample(
     loss_reduction: str = "mean",
     grad_sample_mode: str = "hooks",
 ) -> Dict[str, torch.Tensor]:
-    """Per-sample gradients from one batched pass through a grad-sample module of the given mode."""
+    """Per-sample gradients from one batched pass through a grad-sample module of the given mode.
+
+    Args:
+        x: the input batch (a tensor, or a ``PackedSequence``).
+        module: the model to check (it is copied, not modified).
+        batch_first: True if the batch is dimension 0 of ``x``, False for dimension 1.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the samples of the batch.
+        grad_sample_mode: the grad-sample mode to check (``"hooks"``, ``"functorch"`` or ``"ew"``).
+
+    Returns:
+        ``{parameter name: (batch, *shape)}``.
+    """
     gsm_class = get_gsm_class(grad_sample_mode)
     model = ModelWithLoss(clone_module(module), loss_reduction)
     kwargs = dict(batch_first=batch_first, loss_reduction=loss_reduction)
@@ -223,6 +270,14 @@ def compute_grad_samples_microbatch_and_opacus(
         RuntimeError: ``x`` is an empty batch, or ``grad_sample_mode="ew"`` with
             ``batch_first=False`` (expanded weights need the batch on dim 0).
         ValueError: the two computations report different parameter names.
+
+    Args:
+        x: the input batch (a tensor, or a ``PackedSequence``).
+        module: the model to check (it is copied, not modified).
+        batch_first: True if the batch is dimension 0 of ``x``, False for dimension 1.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the samples of the batch.
+        grad_sample_mode: the grad-sample mode to check (``"hooks"``, ``"functorch"`` or ``"ew"``).
+        chunk_method: splits the batch into samples (see ``compute_microbatch_grad_sample``).
     """
     _check_inputs(x, batch_first, grad_sample_mode, "compute_grad_samples_microbatch_and_opacus")
     microbatch = compute_microbatch_grad_sample(
@@ -269,6 +324,17 @@ def check_per_sample_gradients_are_correct(
         RuntimeError: ``x`` is an empty batch (not a PackedSequence and ``is_batch_empty(x)``),
             or ``grad_sample_mode="ew"`` with ``batch_first=False``.
         ValueError: the two computations report different parameter names.
+
+    Args:
+        x: the input batch (a tensor, or a ``PackedSequence``).
+        module: the model to check (it is copied, not modified).
+        batch_first: True if the batch is dimension 0 of ``x``, False for dimension 1.
+        atol: absolute tolerance of the comparison.
+        rtol: relative tolerance of the comparison.
+        grad_sample_mode: the grad-sample mode to check (``"hooks"``, ``"functorch"`` or ``"ew"``).
+
+    Returns:
+        True if every per-sample gradient matches.
     """
     if grad_sample_mode == "functorch":
         # `import torch.func` here would make `torch` a local name of this function.

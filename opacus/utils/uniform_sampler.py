@@ -53,6 +53,16 @@ class UniformWithReplacementSampler(Sampler[List[int]]):
 
     Attributes: ``num_samples``, ``sample_rate`` (the rate actually used: what the privacy
     accountant must record), ``generator``, ``steps``.
+
+    Args:
+        num_samples: the size of the dataset.
+        sample_rate: the probability with which each sample joins each batch.
+        generator: the ``torch.Generator`` of the draws.
+        steps: batches per epoch (``int(1 / sample_rate)`` if None).
+
+    Raises:
+        ValueError: ``sample_rate`` is not in (0, 1], ``steps`` is not positive, or ``num_samples``
+            is 0.
     """
 
     def __init__(self, *, num_samples: int, sample_rate: float, generator=None, steps=None):
@@ -95,6 +105,18 @@ class DistributedUniformWithReplacementSampler(Sampler[torch.Tensor]):
     Attributes: ``total_size``, ``sample_rate``, ``shuffle``, ``shuffle_seed``, ``generator``,
     ``num_replicas``, ``rank``, ``num_samples`` (this rank's shard size), ``num_batches``,
     ``epoch``.
+
+    Args:
+        total_size: the size of the whole dataset.
+        sample_rate: the probability with which each sample joins each batch.
+        shuffle: shuffle the indices before splitting them into shards.
+        shuffle_seed: the seed of the shuffling (plus the epoch).
+        steps: batches per epoch (``int(1 / sample_rate)`` if None).
+        generator: the ``torch.Generator`` of the Poisson draws.
+
+    Raises:
+        ValueError: ``sample_rate`` is not in (0, 1], ``steps`` is not positive, or the dataset is
+            empty.
     """
 
     def __init__(
@@ -153,7 +175,11 @@ class DistributedUniformWithReplacementSampler(Sampler[torch.Tensor]):
             yield shard[mask]
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle the shards for ``epoch`` (same on all ranks, as DistributedSampler does)."""
+        """Reshuffle the shards for ``epoch`` (same on all ranks, as DistributedSampler does).
+
+        Args:
+            epoch: the epoch number.
+        """
         self.epoch = epoch
 
 

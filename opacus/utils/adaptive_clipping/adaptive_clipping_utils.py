@@ -191,6 +191,19 @@ class DPTensorFastGradientAdaptiveClipping(DPTensorFastGradientClipping):
 
     After ``backward()``, ``p.grad`` holds the sum of per-sample gradients clipped at the new
     bound, which is also written to ``module.max_grad_norm`` and ``optimizer.max_grad_norm``.
+
+    Args:
+        module: the model wrapped for ghost clipping.
+        optimizer: the adaptive ghost clipping DP optimizer.
+        loss_per_sample: the loss of each sample, ``(batch,)``.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the samples of the batch.
+        target_unclipped_quantile: the fraction of per-sample gradients that should stay below the
+            clip bound, in [0, 1].
+        min_clipbound: the smallest clip bound allowed (> 0).
+        max_clipbound: the largest clip bound allowed.
+        clipbound_learning_rate: the step size of the geometric update of the clip bound.
+        initial_noise_multiplier: the total noise multiplier that the accountant records; part of it
+            goes to the private count of unclipped gradients.
     """
 
     def __init__(
@@ -232,6 +245,10 @@ class DPTensorFastGradientAdaptiveClipping(DPTensorFastGradientClipping):
 
         The passes and their safety checks are ghost clipping's own (``double_backward``); only
         the bound between them is chosen here.
+
+        Raises:
+            ValueError: the optimizer has no ``expected_batch_size`` to normalise the unclipped
+                count by.
         """
         optimizer = self.optimizer
         self._check_module_reduction()
@@ -274,7 +291,22 @@ class DPTensorFastGradientAdaptiveClipping(DPTensorFastGradientClipping):
 
 
 class DPLossFastGradientAdaptiveClipping(DPLossFastGradientClipping):
-    """``DPLossFastGradientClipping`` whose losses adapt the clip bound at every ``backward()``."""
+    """``DPLossFastGradientClipping`` whose losses adapt the clip bound at every ``backward()``.
+
+    Args:
+        module: the model wrapped for ghost clipping.
+        optimizer: the adaptive ghost clipping DP optimizer.
+        criterion: the loss function (a module with ``reduction``, or a function returning one loss
+            per sample).
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the samples of the batch.
+        target_unclipped_quantile: the fraction of per-sample gradients that should stay below the
+            clip bound, in [0, 1].
+        min_clipbound: the smallest clip bound allowed (> 0).
+        max_clipbound: the largest clip bound allowed.
+        clipbound_learning_rate: the step size of the geometric update of the clip bound.
+        initial_noise_multiplier: the total noise multiplier that the accountant records; part of it
+            goes to the private count of unclipped gradients.
+    """
 
     def __init__(
         self,
@@ -325,6 +357,11 @@ class PrivacyEngineAdaptiveClipping(PrivacyEngine):
     ``target_unclipped_quantile``, ``min_clipbound``, ``max_clipbound`` and
     ``clipbound_learning_rate``, and returns ``(module, optimizer, criterion, data_loader)`` with a
     ``DPLossFastGradientAdaptiveClipping`` criterion.
+
+    Args:
+        accountant: the privacy accountant: ``"prv"`` (default), ``"rdp"`` or ``"gdp"``.
+        secure_mode: draw the noise and the batches from cryptographically seeded sources (see
+            ``PrivacyEngine``).
     """
 
     def __init__(self, *, accountant: str = "prv", secure_mode: bool = False):
