@@ -22,7 +22,6 @@ API_DIR = "api"
 # Modules that are not part of the Opacus 1.6 interface: built and searchable, but kept out of
 # the navigation and ranked below the public API in search.
 INTERNAL = {
-    "opacus.auditing.sabotage": "broken DP-SGD for testing audits: never train with it",
     "opacus.version": "the package version",
     "opacus.grad_sample.batch_gradients": "internal: the batch-gradient pass",
     "opacus.grad_sample.buffers": "internal: per-pass buffers of the hooks",

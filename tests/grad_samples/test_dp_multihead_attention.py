@@ -1,6 +1,6 @@
 """Per-sample gradients of DPMultiheadAttention models vs the brute-force oracle, both layouts.
 
-This is the regression suite of the fix this fork ships: with ``batch_first=True`` the original
+This is the regression suite of the DPMultiheadAttention fix: with ``batch_first=True`` the original
 layer fed its inner projections sequence-first tensors, so the hooks (told ``batch_first=True``)
 took the sequence for the batch.
 """
