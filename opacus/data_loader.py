@@ -314,6 +314,30 @@ def _rate_for_batches(num_batches: int) -> float:
     return q
 
 
+def _check_poisson_loader_args(owner, dataset, kwargs, *, forbidden, rate_hint) -> None:
+    """Refuse what a Poisson loader cannot honour: an iterable dataset, or batch options that
+    would override the sampling the accountant assumes."""
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            f"{owner} needs a map-style dataset (with __len__ and __getitem__): Poisson sampling "
+            "draws indices. IterableDataset is not supported."
+        )
+    for name in forbidden:
+        if name in kwargs:
+            raise ValueError(
+                f"{owner} chooses batches by Poisson sampling; do not pass {name}= (set "
+                f"{rate_hint} instead)."
+            )
+
+
+def _user_collate_fn(data_loader: DataLoader):
+    """The loader's collate function without the empty-batch wrapper a DP loader added."""
+    collate_fn = data_loader.collate_fn
+    if isinstance(collate_fn, CollateFnWithEmpty):
+        return collate_fn.collator_fn
+    return collate_fn
+
+
 class DPDataLoader(DataLoader):
     """``DataLoader`` drawing Poisson batches: each sample is in each batch w.p. ``sample_rate``.
 
@@ -361,17 +385,13 @@ class DPDataLoader(DataLoader):
         rand_on_empty: bool = False,
         **kwargs,
     ):
-        if isinstance(dataset, IterableDataset):
-            raise ValueError(
-                "DPDataLoader needs a map-style dataset (with __len__ and __getitem__): Poisson "
-                "sampling draws indices. IterableDataset is not supported."
-            )
-        for forbidden in ("batch_size", "batch_sampler", "sampler", "shuffle"):
-            if forbidden in kwargs:
-                raise ValueError(
-                    f"DPDataLoader chooses batches by Poisson sampling; do not pass {forbidden}= "
-                    "(set sample_rate = expected_batch_size / len(dataset) instead)."
-                )
+        _check_poisson_loader_args(
+            "DPDataLoader",
+            dataset,
+            kwargs,
+            forbidden=("batch_size", "batch_sampler", "sampler", "shuffle"),
+            rate_hint="sample_rate = expected_batch_size / len(dataset)",
+        )
         self.distributed = distributed
         if distributed:
             batch_sampler = DistributedUniformWithReplacementSampler(
@@ -459,9 +479,7 @@ class DPDataLoader(DataLoader):
                 "sample_rate=...)."
             )
         kwargs = _worker_settings(data_loader)
-        collate_fn = data_loader.collate_fn
-        if isinstance(collate_fn, CollateFnWithEmpty):
-            collate_fn = collate_fn.collator_fn
+        collate_fn = _user_collate_fn(data_loader)
         return cls(
             dataset=data_loader.dataset,
             sample_rate=sample_rate,
@@ -573,18 +591,13 @@ class CyclicPoissonDataLoader(DataLoader):
         rand_on_empty: bool = False,
         **kwargs,
     ):
-        if isinstance(dataset, IterableDataset):
-            raise ValueError(
-                "CyclicPoissonDataLoader needs a map-style dataset (with __len__ and "
-                "__getitem__): Poisson sampling draws indices. IterableDataset is not supported."
-            )
-        for forbidden in ("batch_size", "batch_sampler", "sampler", "shuffle", "drop_last"):
-            if forbidden in kwargs:
-                raise ValueError(
-                    f"CyclicPoissonDataLoader chooses batches by cyclic Poisson sampling; do not "
-                    f"pass {forbidden}= (set sample_rate = expected_batch_size * bands / "
-                    "len(dataset) instead)."
-                )
+        _check_poisson_loader_args(
+            "CyclicPoissonDataLoader",
+            dataset,
+            kwargs,
+            forbidden=("batch_size", "batch_sampler", "sampler", "shuffle", "drop_last"),
+            rate_hint="sample_rate = expected_batch_size * bands / len(dataset)",
+        )
         self.distributed = distributed
         batch_sampler = CyclicPoissonSampler(
             num_samples=len(dataset),
@@ -656,9 +669,7 @@ class CyclicPoissonDataLoader(DataLoader):
                 f"samples are smaller than the expected batch size; use at most {num_batches} "
                 "bands or a smaller batch size."
             )
-        collate_fn = data_loader.collate_fn
-        if isinstance(collate_fn, CollateFnWithEmpty):
-            collate_fn = collate_fn.collator_fn
+        collate_fn = _user_collate_fn(data_loader)
         return cls(
             dataset=data_loader.dataset,
             sample_rate=sample_rate,
