@@ -66,7 +66,7 @@ class _Recording(DPTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-def _trainer(model, tmp_path, privacy=None, cls=_Recording, data=None, **args):
+def _trainer(model, tmp_path, privacy=None, cls=_Recording, data=None, user_ids=None, **args):
     defaults = dict(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=4,
@@ -91,7 +91,7 @@ def _trainer(model, tmp_path, privacy=None, cls=_Recording, data=None, **args):
         train_dataset=data if data is not None else _data(),
         data_collator=_collate,
         privacy_args=privacy,
-        **({"user_ids": privacy.user_ids} if hasattr(privacy, "user_ids") else {}),
+        **({"user_ids": user_ids} if user_ids is not None else {}),
     )
     trainer.seen = []
     return trainer
@@ -233,30 +233,14 @@ def test_user_level_update_equals_oracle(tmp_path):
     model = _gpt2()
     user_of = [i // 4 for i in range(N)]  # 8 users of 4 examples
     privacy = PrivacyArguments(noise_multiplier=0.0, per_sample_max_grad_norm=0.05)
-    trainer = _Recording(
-        model=model,
-        args=transformers.TrainingArguments(
-            output_dir=str(tmp_path / "u"),
-            per_device_train_batch_size=2,
-            gradient_accumulation_steps=2,
-            max_grad_norm=0,
-            max_steps=1,
-            learning_rate=1.0,
-            optim="sgd",
-            lr_scheduler_type="constant",
-            weight_decay=0.0,
-            report_to=[],
-            save_strategy="no",
-            use_cpu=True,
-            disable_tqdm=True,
-            seed=5,
-        ),
-        train_dataset=_data(),
-        data_collator=_collate,
-        privacy_args=privacy,
+    trainer = _trainer(
+        model,
+        tmp_path,
+        privacy,
         user_ids=torch.tensor(user_of),  # a tensor: ids compared by value
+        per_device_train_batch_size=2,
+        seed=5,
     )
-    trainer.seen = []
     indices = _check_one_step(model, trainer, 0.05, expected=4, user_of=user_of)
     for chunk in trainer.seen:  # users kept whole inside a micro-batch
         users = {user_of[i] for i in chunk}
