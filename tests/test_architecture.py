@@ -31,15 +31,10 @@ ASSIGNED_ELSEWHERE = {
     "opacus.utils.uniform_sampler": "opacus.data_loader",
 }
 
-#: Imports left out of the graph, each a cycle not yet removed, with how to remove it.
-KNOWN_IMPORTS = {
-    # get_optimizer_class (opacus/optimizers/__init__.py) reads the modes table through an
-    # import deferred into a function, while the ghost hooks use optimizers.clipping (the one
-    # clip-factor and norm implementation). Fix: the optimizer factory gets the mode's row from
-    # its caller (PrivacyEngine reads the table) or the table registers its optimizer facts
-    # with the optimizers package; then delete this entry.
-    ("opacus.optimizers", "opacus.grad_sample.modes"),
-}
+#: Imports left out of the graph, each a cycle not yet removed, with how to remove it. Empty: the
+#: last one (the optimizer factory reading the grad-sample modes table) went when the optimizer
+#: facts of each mode moved into ``opacus.optimizers.families``.
+KNOWN_IMPORTS: set = set()
 
 
 def _module_files():

@@ -30,6 +30,7 @@ INTERNAL = {
     "opacus.grad_sample.safety_checks": "internal: checks run by the hooks",
     "opacus.optimizers.clipping": "internal: per-sample norms, clip factors, clipped sums",
     "opacus.optimizers.consumed": "internal: release-once marks of the gradients",
+    "opacus.optimizers.families": "internal: the optimizer family of each grad_sample mode",
     "opacus.optimizers.noise": "internal: Gaussian noise of the mechanism",
     "opacus.optimizers.reduction": "internal: the cross-process reduction of the sums",
     "opacus.grad_sample.module_utils": "internal: walking and copying module trees",

@@ -1,8 +1,11 @@
 """The grad-sample modes in one table: what each ``grad_sample_mode`` builds and what it needs.
 
-``PrivacyEngine.make_private``, ``prepare_module``/``wrap_model``, ``get_gsm_class``,
-``get_hooks_class`` and the optimizer factory (``opacus.optimizers.get_optimizer_class``) read
-this table instead of comparing mode strings, so a new mode is one new row.
+``PrivacyEngine.make_private``, ``prepare_module``/``wrap_model``, ``get_gsm_class`` and
+``get_hooks_class`` read this table instead of comparing mode strings, so a new mode is one new
+row here and one in its optimizer side, ``opacus.optimizers.families.OPTIMIZER_FAMILIES`` (which
+optimizer family the mode needs; the optimizer factory ``get_optimizer_class`` reads only that
+one, so the optimizers never import this package). Each row here reads its optimizer facts
+(``per_sample``, ``clippings``, ``fsdp``, ``grad_sample_before_grad``) from there.
 
 Two ways of getting per-sample information exist (DESIGN: the first of the three axes):
 
@@ -33,6 +36,13 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping_tp import (
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.grad_sample.gsm_exp_weights import GradSampleModuleExpandedWeights
 from opacus.grad_sample.gsm_no_op import GradSampleHooksNoOp, GradSampleModuleNoOp
+from opacus.optimizers.families import (
+    CLIPPED_SUM,
+    OPTIMIZER_FAMILIES,
+    PER_SAMPLE_GRADIENTS,
+    OptimizerFamily,
+    unknown_mode_error,
+)
 
 __all__ = [
     "CLIPPED_SUM",
@@ -43,9 +53,6 @@ __all__ = [
     "grad_sample_mode_info",
     "validate_loss_reduction",
 ]
-
-PER_SAMPLE_GRADIENTS = "per_sample_gradients"
-CLIPPED_SUM = "clipped_sum"
 
 #: The reductions of the loss ``backward`` is called on that per-sample gradients support.
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -60,38 +67,65 @@ class GradSampleMode:
         module_class: the ``nn.Module`` wrapper (``wrap_model=True``).
         hooks_class: the hooks-only class (``wrap_model=False``: the model keeps its identity);
             ``None`` if the mode has none.
-        per_sample: ``PER_SAMPLE_GRADIENTS`` or ``CLIPPED_SUM`` (module docstring); selects the
-            optimizer family in ``get_optimizer_class``.
-        clippings: the ``clipping`` values ``make_private`` accepts with this mode.
         force_functorch: build every per-sample gradient with ``torch.func`` (no layer samplers).
         returns_criterion: ``make_private`` returns ``(module, optimizer, criterion,
             data_loader)``, ``criterion`` a ``DPLossFastGradientClipping`` running the clipped
             second backward pass; otherwise ``(module, optimizer, data_loader)``.
         hooks_take_max_grad_norm: the hooks clip, so they are built with ``max_grad_norm``.
-        fsdp: parameters may be FSDP shards; the optimizer reads the gradient shard FSDP reduced.
         skips_batch_gradient: under ``PrivacyEngine`` (no data parallelism) the hooks may skip the
             discarded non-private batch gradient (``compute_batch_gradients = False``).
-        grad_sample_before_grad: each ``p.grad_sample`` is complete before ``p.grad`` is
-            accumulated, so per-layer clipping with DDP can run in gradient hooks during backward
-            (``DistributedPerLayerOptimizer``); otherwise it runs at step.
+
+    The optimizer facts of the mode are its row of ``OPTIMIZER_FAMILIES`` (``optimizer``), also
+    readable here: ``per_sample`` (``PER_SAMPLE_GRADIENTS`` or ``CLIPPED_SUM``), ``clippings``
+    (the ``clipping`` values ``make_private`` accepts), ``fsdp``, ``grad_sample_before_grad``
+    and ``clips_in_backward``.
     """
 
     name: str
     module_class: Type[AbstractGradSampleModule]
     hooks_class: Optional[type]
-    per_sample: str
-    clippings: Tuple[str, ...]
     force_functorch: bool = False
     returns_criterion: bool = False
     hooks_take_max_grad_norm: bool = False
-    fsdp: bool = False
     skips_batch_gradient: bool = False
-    grad_sample_before_grad: bool = False
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZER_FAMILIES:
+            raise ValueError(
+                f"grad_sample_mode {self.name!r} has no row in "
+                "opacus.optimizers.families.OPTIMIZER_FAMILIES: add its optimizer family there"
+            )
+
+    @property
+    def optimizer(self) -> OptimizerFamily:
+        """The mode's optimizer family (``opacus.optimizers.families``)."""
+        return OPTIMIZER_FAMILIES[self.name]
+
+    @property
+    def per_sample(self) -> str:
+        """``PER_SAMPLE_GRADIENTS`` or ``CLIPPED_SUM``: selects the optimizer family."""
+        return self.optimizer.per_sample
+
+    @property
+    def clippings(self) -> Tuple[str, ...]:
+        """The ``clipping`` values ``make_private`` accepts with this mode."""
+        return self.optimizer.clippings
+
+    @property
+    def fsdp(self) -> bool:
+        """Parameters may be FSDP shards; the optimizer reads the gradient shard FSDP reduced."""
+        return self.optimizer.fsdp
+
+    @property
+    def grad_sample_before_grad(self) -> bool:
+        """Each ``p.grad_sample`` is complete before ``p.grad`` is accumulated (per-layer
+        clipping with DDP can run in gradient hooks during backward)."""
+        return self.optimizer.grad_sample_before_grad
 
     @property
     def clips_in_backward(self) -> bool:
         """True for ghost clipping: ``p.grad`` holds the clipped sum after the DP criterion."""
-        return self.per_sample == CLIPPED_SUM
+        return self.optimizer.clips_in_backward
 
     def hook_kwargs(self, *, max_grad_norm) -> dict:
         """What ``make_private`` adds to the hooks' constructor (``prepare_module`` adds
@@ -101,13 +135,7 @@ class GradSampleMode:
         return {}
 
 
-_ALL_CLIPPINGS = ("flat", "per_layer", "adaptive")
-_GHOST = dict(
-    per_sample=CLIPPED_SUM,
-    clippings=("flat",),
-    returns_criterion=True,
-    hooks_take_max_grad_norm=True,
-)
+_GHOST = dict(returns_criterion=True, hooks_take_max_grad_norm=True)
 
 #: Every ``grad_sample_mode``, keyed by name.
 GRAD_SAMPLE_MODES: Dict[str, GradSampleMode] = {
@@ -117,23 +145,16 @@ GRAD_SAMPLE_MODES: Dict[str, GradSampleMode] = {
             "hooks",
             GradSampleModule,
             GradSampleHooks,
-            PER_SAMPLE_GRADIENTS,
-            _ALL_CLIPPINGS,
             skips_batch_gradient=True,
-            grad_sample_before_grad=True,
         ),
         GradSampleMode(
             "functorch",
             GradSampleModule,
             GradSampleHooks,
-            PER_SAMPLE_GRADIENTS,
-            _ALL_CLIPPINGS,
             force_functorch=True,
             skips_batch_gradient=True,
         ),
-        GradSampleMode(
-            "ew", GradSampleModuleExpandedWeights, None, PER_SAMPLE_GRADIENTS, _ALL_CLIPPINGS
-        ),
+        GradSampleMode("ew", GradSampleModuleExpandedWeights, None),
         GradSampleMode(
             "ghost",
             GradSampleModuleFastGradientClipping,
@@ -144,7 +165,6 @@ GRAD_SAMPLE_MODES: Dict[str, GradSampleMode] = {
             "ghost_fsdp",
             GradSampleModuleFastGradientClippingFSDP,
             GradSampleHooksFastGradientClippingFSDP,
-            fsdp=True,
             **_GHOST,
         ),
         GradSampleMode(
@@ -153,13 +173,7 @@ GRAD_SAMPLE_MODES: Dict[str, GradSampleMode] = {
             GradSampleHooksFastGradientClippingTP,
             **_GHOST,
         ),
-        GradSampleMode(
-            "no_op",
-            GradSampleModuleNoOp,
-            GradSampleHooksNoOp,
-            PER_SAMPLE_GRADIENTS,
-            _ALL_CLIPPINGS,
-        ),
+        GradSampleMode("no_op", GradSampleModuleNoOp, GradSampleHooksNoOp),
     )
 }
 
@@ -174,10 +188,7 @@ def grad_sample_mode_info(grad_sample_mode: Optional[str]) -> GradSampleMode:
     try:
         return GRAD_SAMPLE_MODES[grad_sample_mode]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"grad_sample_mode={grad_sample_mode!r} is not a grad-sample mode; choose one of "
-            f"{sorted(GRAD_SAMPLE_MODES)}"
-        ) from None
+        raise unknown_mode_error(grad_sample_mode, GRAD_SAMPLE_MODES) from None
 
 
 def validate_loss_reduction(loss_reduction, where: str) -> str:

@@ -15,6 +15,7 @@ from opacus.optimizers.ddpoptimizer import DistributedDPOptimizer
 from opacus.optimizers.ddpoptimizer_fast_gradient_clipping import (
     DistributedDPOptimizerFastGradientClipping,
 )
+from opacus.optimizers.families import optimizer_family
 from opacus.optimizers.fsdpoptimizer_fast_gradient_clipping import (
     FSDPOptimizerFastGradientClipping,
 )
@@ -36,19 +37,12 @@ __all__ = [
 ]
 
 
-def _grad_sample_mode(grad_sample_mode):
-    # Imported here, not at the top: the grad_sample package may use this package's helpers
-    # (clipping, release-once marks), and the modes table imports the grad_sample classes.
-    from opacus.grad_sample.modes import grad_sample_mode_info
-
-    return grad_sample_mode_info(grad_sample_mode)
-
-
 def get_optimizer_class(clipping: str, distributed: bool, grad_sample_mode: str = None):
     """The DP optimizer class for ``clipping`` ("flat", "per_layer", "adaptive"),
     ``distributed`` and ``grad_sample_mode`` ("hooks", "functorch", "ew", "ghost", ...).
 
-    The mode's row in ``opacus.grad_sample.modes`` says how per-sample information arrives:
+    The mode's row in ``opacus.optimizers.families`` (the optimizer's side of the modes table
+    ``opacus.grad_sample.modes``) says how per-sample information arrives:
     per-sample gradients (clipped here, any ``clipping``) or, for ghost clipping, a clipped sum
     in ``p.grad`` (flat clipping only; FSDP shards get ``FSDPOptimizerFastGradientClipping``).
     Per-layer clipping with DDP clips during backward when the per-sample gradients come from
@@ -56,10 +50,11 @@ def get_optimizer_class(clipping: str, distributed: bool, grad_sample_mode: str 
     (``SimpleDistributedPerLayerOptimizer``). Adaptive clipping is not available with
     ``distributed=True``.
     """
-    mode = _grad_sample_mode(grad_sample_mode)
+    mode = optimizer_family(grad_sample_mode)
     if clipping not in mode.clippings:
+        name = "hooks" if grad_sample_mode is None else grad_sample_mode
         raise ValueError(
-            f"unexpected clipping={clipping!r} for grad_sample_mode={mode.name!r} "
+            f"unexpected clipping={clipping!r} for grad_sample_mode={name!r} "
             f"(distributed={distributed}): use one of {list(mode.clippings)}"
             + (
                 "; use grad_sample_mode='hooks' for per-layer or adaptive clipping"
