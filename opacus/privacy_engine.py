@@ -27,6 +27,7 @@ from opacus.data_loader import (
     _rate_for_batches,
     switch_generator,
 )
+from opacus.data_loader.samplers import CyclicPoissonSampler
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.grad_sample.ghost_loss import DPLossFastGradientClipping
 from opacus.grad_sample.grad_sample_module import GradSampleHooks, GradSampleModule
@@ -44,7 +45,6 @@ from opacus.optimizers.optimizer import DPOptimizer
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 from opacus.schedulers.grad_clip_scheduler import _GradClipScheduler
 from opacus.schedulers.noise_scheduler import _NoiseScheduler
-from opacus.utils.uniform_sampler import CyclicPoissonSampler
 from opacus.validators.module_validator import ModuleValidator
 
 __all__ = [

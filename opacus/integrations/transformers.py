@@ -47,11 +47,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader.samplers import UniformWithReplacementSampler
 from opacus.grad_sample.ghost_loss import DPTensorFastGradientClipping
 from opacus.optimizers.optimizer import DPOptimizer
 from opacus.optimizers.user_level import DPUserLevelOptimizer
 from opacus.privacy_engine import PrivacyEngine
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.utils.user_sampler import UserPoissonSampler
 
 try:

@@ -13,12 +13,12 @@ from typing import Iterator, List
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from opacus.data_loader import _worker_settings
-from opacus.optimizers.ddp_perlayeroptimizer import DistributedPerLayerOptimizer
-from opacus.optimizers.optimizer import DPOptimizer
-from opacus.utils.uniform_sampler import (
+from opacus.data_loader.samplers import (
     DistributedUniformWithReplacementSampler,
     UniformWithReplacementSampler,
 )
+from opacus.optimizers.ddp_perlayeroptimizer import DistributedPerLayerOptimizer
+from opacus.optimizers.optimizer import DPOptimizer
 
 __all__ = [
     "BatchMemoryManager",

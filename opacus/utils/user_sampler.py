@@ -18,7 +18,7 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from opacus.utils.uniform_sampler import _batches_per_epoch, _check_sample_rate
+from opacus.data_loader.samplers import _batches_per_epoch, _check_sample_rate
 
 __all__ = ["UserPoissonSampler"]
 

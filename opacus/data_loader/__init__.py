@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
-from opacus.utils.uniform_sampler import (
+from opacus.data_loader.samplers import (
     CyclicPoissonSampler,
     DistributedUniformWithReplacementSampler,
     UniformWithReplacementSampler,
