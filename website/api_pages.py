@@ -25,6 +25,7 @@ INTERNAL = {
     "opacus.version": "the package version",
     "opacus.grad_sample.batch_gradients": "internal: the batch-gradient pass",
     "opacus.grad_sample.buffers": "internal: per-pass buffers of the hooks",
+    "opacus.grad_sample.call_capture": "internal: the captured calls awaiting their gradient",
     "opacus.grad_sample.modes": "internal: the table of grad_sample modes",
     "opacus.grad_sample.registry": "internal: the per-layer function registry",
     "opacus.grad_sample.safety_checks": "internal: checks run by the hooks",

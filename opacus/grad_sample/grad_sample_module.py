@@ -29,6 +29,7 @@ from opacus.grad_sample.batch_norm import (
     is_batch_norm,
     uses_batch_statistics,
 )
+from opacus.grad_sample.call_capture import CallCapture
 from opacus.grad_sample.functorch import (
     FT_COMPUTE_SAMPLE_GRAD_ATTR,
     _check_preparable,
@@ -250,31 +251,12 @@ def _batch_dim(module: nn.Module, batch_first: bool) -> int:
     return 1
 
 
-class _Call(list):
-    """One call's captured inputs; weakly referenced by the hook on that call's output.
-
-    ``hook`` is a weak reference to that hook (None if the output needed no gradient): the hook
-    lives as long as the output's autograd node, so once it is gone no gradient can ever reach
-    the call (e.g. an output the loss never used) and its inputs are dropped.
-    """
-
-    __slots__ = ("__weakref__", "hook")
-
-    def __init__(self, activations: list):
-        super().__init__(activations)
-        self.hook = None
-
-    def orphaned(self) -> bool:
-        """True if no backward pass can deliver this call's output gradient any more."""
-        return self.hook is None or self.hook() is None
-
-
 class _OutputHook:
     """Tensor hook on one call's output: hands the gradient to the hooks object."""
 
     __slots__ = ("__weakref__", "owner", "module", "call")
 
-    def __init__(self, owner, module: nn.Module, call: _Call):
+    def __init__(self, owner, module: nn.Module, call: list):
         self.owner, self.module, self.call = owner, module, weakref.ref(call)
 
     def __call__(self, grad: torch.Tensor) -> None:
@@ -360,8 +342,8 @@ class _ForgetCalls:
     def remove(self) -> None:
         """Forget the module's pending calls."""
         owner = self.owner()
-        if owner is not None and "_activations" in vars(owner):
-            owner._forget_calls([self.module])
+        if owner is not None and "_capture" in vars(owner):
+            owner._capture.forget([self.module])
 
 
 def _check_not_hooked(model: nn.Module, who: str) -> None:
@@ -470,10 +452,8 @@ class GradSampleHooks(AbstractGradSampleHooks):
 
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:
-        self._activations: Dict[nn.Module, List[list]] = {}
-        # The call whose output hook is running (capture_backprops_hook pops exactly that one).
-        self._firing_call: Optional[list] = None
-        self._max_batch_len: Dict[nn.Module, int] = {}
+        # The captured calls whose output gradient is still to come (call_capture.py).
+        self._capture = CallCapture(self.hooked_parameters)
         self._samplers: Dict[nn.Module, Optional[Callable]] = {}
         self._module_names: Dict[nn.Module, str] = {}
         self._pass = PassRecord()
@@ -731,7 +711,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
             self._structure.check(type(self).__name__)
         if self.hooks_enabled and torch.is_grad_enabled():
             self._check_batch_norms()
-        self._prune_orphaned_calls()
+        self._capture.prune_orphans()
         self._first_layer = None
         self._called_this_forward = set()
         if self._pass.finish_queued:  # the last backward raised before it finished
@@ -781,12 +761,6 @@ class GradSampleHooks(AbstractGradSampleHooks):
         # parameters) with its running statistics: its calls are captured too.
         return module.training or (is_batch_norm(module) and self._module.training)
 
-    def _count_calls(self, module: nn.Module, delta: int) -> None:
-        # p._forward_counter: this module's calls whose output gradient is still to come.
-        for p in self.hooked_parameters(module):
-            if p.requires_grad:
-                p._forward_counter = max(0, getattr(p, "_forward_counter", 0) + delta)
-
     def capture_activations_hook(
         self,
         module: nn.Module,
@@ -821,37 +795,24 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._check_batch_size(module, batch)
         if batch >= 2 and module not in self._probed:
             self._probe_batch_mixing(module, activations, _forward_output)
-        call = _Call(activations)
-        self._activations.setdefault(module, []).append(call)
-        self._count_calls(module, +1)
-        self._max_batch_len[module] = max(self._max_batch_len.get(module, 0), batch)
+        call = self._capture.capture(module, activations, batch)
         output = hookable_output(_forward_output)
         if output is not None:
             hook = _OutputHook(self, module, call)
             call.hook = weakref.ref(hook)
             output.register_hook(hook)
 
-    def _prune_orphaned_calls(self) -> None:
-        """Drop the inputs of calls whose output gradient can no longer arrive (``_Call``)."""
-        for module in list(self._activations):
-            calls = self._activations[module]
-            kept = [c for c in calls if not c.orphaned()]
-            self._count_calls(module, len(kept) - len(calls))
-            calls[:] = kept
-            if not calls:
-                del self._activations[module]
-                self._max_batch_len.pop(module, None)
-
     def _output_grad_hook(self, module: nn.Module, call_ref, grad: torch.Tensor) -> None:
         """Tensor hook on one call's output: hand its gradient to ``capture_backprops_hook``."""
         call = call_ref()
         if call is None:
             return  # the call's inputs were dropped (a failed pass, a cleared state)
-        self._firing_call = call
+        capture = self._capture
+        capture.firing = call
         try:
             self.capture_backprops_hook(module, None, (grad,), **self._backprops_hook_kwargs)
         finally:
-            self._firing_call = None
+            capture.firing = None
 
     def _probe_batch_mixing(self, module: nn.Module, activations: list, output) -> None:
         # Registered samplers are exact by construction; only the generic fallback needs proof
@@ -869,7 +830,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
             return
         name = self._module_names[module]
         # This forward will not be backpropagated: forget what earlier layers captured in it.
-        self._forget_calls()
+        self._capture.forget()
         raise RuntimeError(
             f"layer '{name}' ({type(module).__name__}) has no grad sampler and its training-mode "
             f"forward mixes samples across the batch (like BatchNorm): {mismatch}. Per-sample "
@@ -926,31 +887,15 @@ class GradSampleHooks(AbstractGradSampleHooks):
         Returns:
             ``(activations, backprops)`` with the batch on dim 0.
         """
-        activations = self._pop_call(module)
+        activations = self._capture.pop(module)
         if _batch_dim(module, batch_first) != 0:
             activations = [
                 a.movedim(1, 0) if torch.is_tensor(a) and a.dim() > 1 else a for a in activations
             ]
             backprops = backprops.movedim(1, 0)
         if loss_reduction == "mean":
-            backprops = backprops * self._max_batch_len[module]
+            backprops = backprops * self._capture.max_batch_len(module)
         return activations, backprops
-
-    def _pop_call(self, module: nn.Module) -> list:
-        """Remove and return the call whose output hook is firing (else the latest call)."""
-        calls = self._activations[module]
-        firing = self._firing_call
-        index = next((i for i, c in enumerate(calls) if c is firing), len(calls) - 1)
-        self._count_calls(module, -1)
-        return calls.pop(index)
-
-    def _forget_calls(self, modules: Optional[Iterable[nn.Module]] = None) -> None:
-        """Drop the captured inputs of ``modules`` (default: all): no gradient will use them."""
-        for module in list(self._activations if modules is None else modules):
-            calls = self._activations.pop(module, None)
-            if calls:
-                self._count_calls(module, -len(calls))
-            self._max_batch_len.pop(module, None)
 
     def _per_sample_grads(
         self, module: nn.Module, activations: List, backprops: torch.Tensor
@@ -965,19 +910,16 @@ class GradSampleHooks(AbstractGradSampleHooks):
 
     def _take_call(self, module: nn.Module, grad_output, batch_first):
         """Activations and backprops of the call whose output gradient just arrived, or None."""
-        if not self.hooks_enabled or not self._activations.get(module):
+        # 0: no call pending, or that call's inputs were dropped (a failed pass, a cleared state)
+        pending = self._capture.answerable(module) if self.hooks_enabled else 0
+        if not pending:
             return None
-        firing = self._firing_call
-        if firing is not None and not any(c is firing for c in self._activations[module]):
-            return None  # that call's inputs were dropped (a failed pass, a cleared state)
         backprops = grad_output[0]
         if backprops is None:  # output not differentiated: drop the call
-            self._pop_call(module)
-            if not self._activations[module]:
-                del self._activations[module]
-                del self._max_batch_len[module]
+            self._capture.pop(module)
+            self._capture.release(module)
             return None
-        only_call = self._pass.first_call(module) and len(self._activations[module]) == 1
+        only_call = self._pass.first_call(module) and pending == 1
         # The "mean" factor is applied by the caller (ReductionScale), where it is cheapest.
         activations, backprops = self.rearrange_grad_samples(
             module=module,
@@ -985,10 +927,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
             loss_reduction="sum",
             batch_first=batch_first,
         )
-        max_batch_len = self._max_batch_len[module]
-        if not self._activations[module]:
-            del self._activations[module]
-            del self._max_batch_len[module]
+        max_batch_len = self._capture.release(module)
         self._queue_finish()
         return activations, backprops, max_batch_len, only_call
 

@@ -360,11 +360,9 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
             elif not torch.is_grad_enabled():
                 self._calls_to_recompute[module] = self._calls_to_recompute.get(module, 0) + 1
                 return
-        calls = self._activations.get(module)
-        before = len(calls) if calls else 0
+        before = self._capture.count(module)
         super().capture_activations_hook(module, forward_input, _forward_output)
-        calls = self._activations.get(module)
-        if calls and len(calls) > before:
+        if self._capture.count(module) > before:
             if torch.is_tensor(_forward_output):
                 self._output_numel += _forward_output.numel()
                 self._output_bytes += _forward_output.numel() * _forward_output.element_size()
@@ -393,10 +391,9 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         """Layers whose calls of the last forward got no norm in the norm pass (their output
         reached the loss but their hook did not fire); their captured inputs are dropped.
         Calls whose output the loss never used are forgotten first: they contribute 0."""
-        self._prune_orphaned_calls()
-        leftover = [m for m, calls in self._activations.items() if calls]
-        for m in leftover:
-            self._activations[m].clear()
+        self._capture.prune_orphans()
+        leftover = [m for m, n in self._capture.counts().items() if n]
+        self._capture.forget(leftover)
         return leftover
 
     def first_pass_anchors(self) -> Optional[List[GradientEdge]]:
@@ -404,8 +401,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         (see ``_record_anchors``), or None when the shortcut is unavailable.  Forgets them: they
         serve one norm pass (and must not keep the graph's nodes alive)."""
         anchors, self._first_pass_anchors = self._first_pass_anchors, None
-        self._prune_orphaned_calls()
-        pending = sum(len(calls) for calls in self._activations.values())
+        self._capture.prune_orphans()
+        pending = sum(self._capture.counts().values())
         if not anchors or pending != self._anchored_calls:
             return None  # e.g. calls captured by an earlier forward without a backward yet
         if not tensor_hooks_run_on_captured_gradients():
@@ -487,7 +484,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         if id(tied.param) in self._tied_waiting:
             return True
         partner = tied.partner
-        return partner not in self._pass.modules and len(self._activations.get(partner, ())) == 1
+        return partner not in self._pass.modules and self._capture.count(partner) == 1
 
     def _tied_norm(self, tied: _TiedHalf, call: tuple) -> None:
         """Norm of the shared weight: ``||E_i + H_i||^2 = ||E_i||^2 + ||H_i||^2 + 2 <E_i, H_i>``
@@ -540,9 +537,9 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         if not self._can_book_keep or not self.hooks_enabled:
             return False
         covered = set()
-        for module, calls in self._activations.items():
+        for module, n in self._capture.counts().items():
             if (
-                len(calls) != 1
+                n != 1
                 or type(module) not in CLIPPED_SUM_SAMPLERS
                 or self._norm_sampler(module) is None
             ):

@@ -267,7 +267,7 @@ def test_eval_mode_and_no_grad_capture_nothing():
         gsm(torch.randn(3, 5))
     gsm.eval()
     gsm(torch.randn(3, 5))
-    assert gsm._activations == {}
+    assert gsm._capture.counts() == {}
 
 
 def _no_hooks(model):

@@ -106,7 +106,7 @@ def test_probe_can_be_switched_off():
     gsm = GradSampleModule(_mixing_model())
     with pytest.raises(RuntimeError, match="mixes samples"):
         gsm(torch.randn(4, 3))
-    assert not gsm._activations  # the failed forward left nothing behind
+    assert not gsm._capture.counts()  # the failed forward left nothing behind
     gsm.check_batch_mixing = False
     _step(gsm, torch.randn(4, 3))
     assert gsm._module[0].weight.grad_sample.shape == (4, 3, 3)
