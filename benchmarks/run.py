@@ -293,7 +293,7 @@ def to_markdown(rows: List[dict], acc_rows: List[dict], header: str) -> str:
     lines = [
         header,
         "",
-        "| model | mode | plain ms | DP ms | ratio (cpu) | ratio (wall) | plain peak MB "
+        "| model | mode | plain ms | DP ms | ratio | ratio (wall) | plain peak MB "
         "| DP peak MB | mem ratio |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
