@@ -294,6 +294,43 @@ def test_make_private_poisson_bmm_trains_on_device(mode):
     assert len(engine.accountant.history) > 0
 
 
+@pytest.mark.parametrize("clipping", ["per_layer", "adaptive"])
+def test_other_clipping_modes_step_on_device(clipping):
+    model = _mlp().to(DEV)
+    kw = dict(max_grad_norm=1.0)
+    if clipping == "per_layer":
+        kw["max_grad_norm"] = [1.0] * len(list(model.parameters()))
+    else:
+        kw.update(
+            target_unclipped_quantile=0.5,
+            clipbound_learning_rate=0.2,
+            max_clipbound=10.0,
+            min_clipbound=0.1,
+            unclipped_num_std=10.0,
+        )
+    engine, module, opt, criterion, dl = _make_private(
+        "hooks",
+        model,
+        DataLoader(_dataset(), batch_size=16),
+        noise_multiplier=1.0,
+        poisson_sampling=True,
+        clipping=clipping,
+        noise_generator=_gen(0),
+        **kw,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    for x, y in dl:
+        opt.zero_grad()
+        criterion(module(x.to(DEV)), y.to(DEV)).backward()
+        opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert p.device.type == DEV.type and torch.isfinite(p).all()
+        assert not torch.equal(p.detach(), b)
+    if clipping == "adaptive":
+        assert 0.1 <= opt.max_grad_norm <= 10.0
+    assert math.isfinite(engine.accountant.get_epsilon(1e-5))
+
+
 def _clipped_mean_oracle(model, x, y, max_grad_norm):
     per_sample = brute_force_grad_samples(model, x, targets=y, loss_fn=F.cross_entropy)
     coef = (max_grad_norm / (_total_norms(per_sample) + 1e-6)).clamp(max=1.0)
