@@ -420,8 +420,12 @@ def test_make_private_with_a_device_generator_is_reproducible():
             opt.step()
         return [p.detach().clone() for p in module.parameters()]
 
-    for a, b in zip(run(), run()):
-        assert torch.equal(a, b)
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        # The noise is bit-identical; the tolerance only admits atomics-order differences of the
+        # backward kernels on a GPU (the noise std, ~0.1 / 16 per step, is far above it).
+        _close(a, b, "reproducible run", rtol=1e-5, atol=1e-6)
+    assert not torch.equal(first[0], _mlp().to(DEV)[0].weight.detach())
 
 
 def test_secure_mode_noise_on_device():
