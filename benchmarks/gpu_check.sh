@@ -96,6 +96,9 @@ EOF
 if [ -d /tmp/site ]; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# The checkout is not pip-installed there: tests that start a subprocess or a notebook kernel
+# (docs snippets, the auditing example, the notebooks) import opacus through PYTHONPATH.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 $PY -c "import dp_accounting; print('dp_accounting importable from', dp_accounting.__file__)" \
     2>&1 | tail -1 | tee -a "$OUT/env.log"
 $PY -c "import opacus; print('opacus from', opacus.__file__)" 2>&1 | tail -1 | tee -a "$OUT/env.log"
