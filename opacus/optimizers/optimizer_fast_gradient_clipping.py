@@ -25,6 +25,7 @@ import torch
 from torch.optim import Optimizer
 
 from opacus.optimizers.consumed import check_fresh, is_consumed, mark_consumed
+from opacus.optimizers import optimizer as _optimizer
 from opacus.optimizers.optimizer import DPOptimizer
 
 
@@ -127,11 +128,18 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
 
     def accumulate(self):
         """Add ``p.grad`` (the clipped sum from the double backward) to ``p.summed_grad``."""
+        self._accumulate_clipped_sums(copy=True)
+
+    def _accumulate_clipped_sums(self, *, copy: bool) -> None:
+        """``accumulate``; ``copy=False``: a first ``summed_grad`` shares ``p.grad``'s memory
+        instead of copying it (only for a real step, whose noising replaces ``p.grad`` right
+        away: a virtual step's ``p.grad`` stays, and ``zero_grad`` would zero it in place)."""
         self._check_release_once()
         for i, p in enumerate(self.params):
             clipped_sum = self._clipped_sum_of(p, i)
             if getattr(p, "summed_grad", None) is None:
-                p.summed_grad = clipped_sum.detach().clone()
+                # detach(): another tensor object, so p.grad's consumed mark is not its own.
+                p.summed_grad = clipped_sum.detach().clone() if copy else clipped_sum.detach()
             else:
                 p.summed_grad.add_(clipped_sum)
             mark_consumed(p.grad)
@@ -162,12 +170,15 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
         Returns:
             True if the wrapped optimizer should step, False for a virtual (skipped) step.
         """
-        self.accumulate()
+        if type(self).accumulate is DPOptimizerFastGradientClipping.accumulate:
+            # A real step replaces p.grad by the noisy sum at once: no copy of the clipped sum.
+            self._accumulate_clipped_sums(copy=self.next_step_skipped())
+        else:
+            self.accumulate()
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
-        self.add_noise()
-        self.scale_grad()
+        self._noise_and_scale()
         for p in self.params:
             # The released update and the sum it came from: never to be released again.
             mark_consumed(p.grad)
@@ -190,3 +201,6 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
                 # Zeroed in place, the tensor would keep its mark: the next backward's clipped
                 # sum is fresh and goes into a fresh tensor.
                 p.grad = torch.zeros_like(p.grad)
+
+
+_optimizer._PLAIN_ADD_NOISE.add(DPOptimizerFastGradientClipping.add_noise)
