@@ -156,6 +156,11 @@ class ClippedSumHooks:
         """``(batch,)``: ``min(1, max_grad_norm / (norm + 1e-6))`` (``optimizers/clipping.py``)."""
         raise NotImplementedError
 
+    def clipped_parameters(self) -> List[nn.Parameter]:
+        """The trainable parameters whose clipped sum the loss leaves in ``p.grad``: those of
+        ``hooked_model()`` that require grad (implementations may list them faster)."""
+        return [p for p in self.hooked_model().parameters() if p.requires_grad]
+
     def hooked_model(self) -> nn.Module:
         """The ``nn.Module`` whose parameters the hooks cover: this wrapper, or the user's model
         for an unwrapped hooks object (``make_private(..., wrap_model=False)``)."""
@@ -264,7 +269,7 @@ def double_backward(
     """
     wrapper, module = module, _ghost_module(module)
     loss_reduction = module.loss_reduction
-    trainable = [p for p in module.hooked_model().parameters() if p.requires_grad]
+    trainable = module.clipped_parameters()
     if not trainable:
         raise ValueError("double_backward: the module has no trainable parameters")
     if loss_per_sample.dim() != 1:

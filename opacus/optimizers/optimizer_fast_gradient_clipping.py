@@ -24,8 +24,8 @@ from typing import Callable, Optional
 import torch
 from torch.optim import Optimizer
 
-from opacus.optimizers.consumed import check_fresh, is_consumed, mark_consumed
 from opacus.optimizers import optimizer as _optimizer
+from opacus.optimizers.consumed import check_fresh, is_consumed, mark_consumed
 from opacus.optimizers.optimizer import DPOptimizer
 
 
