@@ -367,7 +367,9 @@ def _norm_pass(
             for p, grad in zip(trainable, held):
                 p.grad = grad
     if anchors:
-        targets = _lowest_anchors(anchors)
+        # Book-keeping keeps every anchor's gradient (the layers' backprops) anyway: asking for
+        # all of them holds nothing more and saves the walk that finds the lowest.
+        targets = anchors if not retain else _lowest_anchors(anchors)
         # The anchors keep their calls' graphs alive: released right after the pass so that
         # calls whose output the loss never used are recognised as such.
         del anchors

@@ -695,14 +695,19 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         if not planned or covered != {id(p) for p in trainable}:
             return False
         sums = {}
+        scaled = {None: coef}  # coef * scale, once per distinct scale
         for module, (activations, backprops, scale) in kept.items():
-            weights = coef if scale is None else coef * scale
+            weights = scaled.get(scale)
+            if weights is None:
+                weights = scaled[scale] = coef * scale
             layer_sums = CLIPPED_SUM_SAMPLERS[type(module)](module, activations, backprops, weights)
             for p, clipped_sum in layer_sums.items():
                 # A tied weight gets both layers' sums (its gradient is their sum).
                 sums[p] = clipped_sum if p not in sums else sums[p] + clipped_sum
         for p in trainable:
-            clipped_sum = sums[p].to(p.dtype)
+            clipped_sum = sums[p]
+            if clipped_sum.dtype != p.dtype:
+                clipped_sum = clipped_sum.to(p.dtype)
             if p.grad is None:
                 p.grad = clipped_sum
             else:

@@ -412,7 +412,8 @@ class DPOptimizer(Optimizer):
         ):
             if denominator is not None:
                 noisy = noisy.div_(denominator)
-            params[i].grad = noisy.view_as(params[i])
+            p = params[i]
+            p.grad = noisy if noisy.shape == p.shape else noisy.view_as(p)
         for s in sums:
             mark_consumed(s)
 

@@ -192,11 +192,12 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
             set_to_none: set ``p.grad`` to None instead of zeroing it.
         """
         self._clipped_backward_count = 0
-        for p in self.params:
-            if not self._is_last_step_skipped:
+        params = self.params
+        if not self._is_last_step_skipped:
+            for p in params:
                 p.summed_grad = None
         self.original_optimizer.zero_grad(set_to_none)
-        for p in self.params:
+        for p in params:
             if is_consumed(p.grad):
                 # Zeroed in place, the tensor would keep its mark: the next backward's clipped
                 # sum is fresh and goes into a fresh tensor.
