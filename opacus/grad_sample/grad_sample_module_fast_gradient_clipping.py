@@ -622,28 +622,32 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
                 self._output_numel <= budget
                 or (
                     self.max_book_keeping_ratio > 0
-                    and self._output_bytes <= self.graph_bytes_beyond_activations()
+                    and self._output_bytes
+                    <= self.graph_bytes_beyond_activations(enough=self._output_bytes)
                 )
             )
         )
         return self._book_keeping
 
-    def graph_bytes_beyond_activations(self) -> int:
+    def graph_bytes_beyond_activations(self, enough: Optional[int] = None) -> int:
         """Bytes of the tensors the autograd graph of ``norm_pass_root`` (set by
         ``double_backward`` while it plans) saved for its backward, other than the captured
         activations; 0 without a root.  The book-keeping norm pass frees them as it goes, so
         backprops kept up to that size leave the peak below the non-private step's (which holds
         the graph and the activations together).  Saved tensors of custom autograd functions and
-        checkpointed segments are not seen (the estimate errs low)."""
+        checkpointed segments are not seen (the estimate errs low).  ``enough``: stop walking
+        once that many bytes are found (the caller only compares with it); the sum so far is
+        returned."""
         root = self.norm_pass_root
         if root is None:
             return 0
         # Captured activations and the parameters stay held whatever the pass frees.
         captured = {key[0] for key in self._activation_numel}
-        captured.update(p.untyped_storage().data_ptr() for p in self._module.parameters())
+        captured.update(p.untyped_storage().data_ptr() for p in self._model_parameters())
         held: Dict[int, int] = {}
+        total = 0
         seen, stack = set(), [root]
-        while stack:
+        while stack and (enough is None or total < enough):
             node = stack.pop()
             if node is None or node in seen:
                 continue
@@ -656,10 +660,12 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
                 for t in value if isinstance(value, (tuple, list)) else (value,):
                     if torch.is_tensor(t):
                         storage = t.untyped_storage()
-                        if storage.data_ptr() not in captured:
-                            held[storage.data_ptr()] = storage.nbytes()
-            stack.extend(fn for fn, _ in node.next_functions)
-        return sum(held.values())
+                        ptr = storage.data_ptr()
+                        if ptr not in captured and ptr not in held:
+                            held[ptr] = storage.nbytes()
+                            total += held[ptr]
+            stack.extend(fn for fn, _ in node.next_functions if fn is not None and fn not in seen)
+        return total
 
     def captured_activation_numel(self) -> int:
         """Elements of the floating-point layer inputs captured by this forward (each tensor

@@ -89,10 +89,10 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
     # Old private name, kept while callers (opacus.integrations) move to the public one.
     _record_clipped_backward = record_clipped_backward
 
-    def _consume_clipped_backward(self) -> None:
+    def _consume_clipped_backward(self, params=None) -> None:
         """Refuse gradients that did not come from a clipped backward; reset the record."""
         if getattr(self, "_clipped_backward_count", 0) == 0 and any(
-            p.grad is not None for p in self.params
+            p.grad is not None for p in (self.params if params is None else params)
         ):
             raise RuntimeError(
                 f"{type(self).__name__}: p.grad is set but no clipped backward ran since the "
@@ -134,8 +134,9 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
         """``accumulate``; ``copy=False``: a first ``summed_grad`` shares ``p.grad``'s memory
         instead of copying it (only for a real step, whose noising replaces ``p.grad`` right
         away: a virtual step's ``p.grad`` stays, and ``zero_grad`` would zero it in place)."""
-        self._check_release_once()
-        for i, p in enumerate(self.params):
+        params = self.params
+        self._check_release_once(params)
+        for i, p in enumerate(params):
             clipped_sum = self._clipped_sum_of(p, i)
             if getattr(p, "summed_grad", None) is None:
                 # detach(): another tensor object, so p.grad's consumed mark is not its own.
@@ -144,14 +145,15 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
                 p.summed_grad.add_(clipped_sum)
             mark_consumed(p.grad)
 
-    def _check_release_once(self) -> None:
+    def _check_release_once(self, params=None) -> None:
         """Refuse a ``p.grad`` or ``summed_grad`` an earlier step used, then gradients that no
         clipped backward produced (module docstring)."""
         owner = type(self).__name__
-        for p in self.params:
+        params = self.params if params is None else params
+        for p in params:
             check_fresh(p.grad, owner=owner, what="the clipped p.grad")
             check_fresh(getattr(p, "summed_grad", None), owner=owner, what="p.summed_grad")
-        self._consume_clipped_backward()
+        self._consume_clipped_backward(params)
 
     def clip_and_accumulate(self):
         """Same as ``accumulate``: the clipping already happened in the double backward."""
