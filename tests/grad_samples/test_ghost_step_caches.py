@@ -225,3 +225,31 @@ def test_a_step_walks_the_model_a_constant_number_of_times(monkeypatch, n_layers
     # layer's own parameters per forward (the capture hook's requires_grad check).
     assert not any(c is model or c is gsm for c in calls)
     assert len(calls) <= 2 * n_layers
+
+
+class _TwoSaved(nn.Module):
+    """Two tensors the graph saves beyond the captured input and the parameters: ``h`` (by
+    ``h * h``, 6 x 8 floats) and ``tanh(h*h)`` (by tanh's backward, 6 x 8 floats)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return torch.tanh(h * h)
+
+
+def test_the_memory_walk_stops_once_enough_bytes_are_found():
+    torch.manual_seed(5)
+    gsm = GradSampleModuleFastGradientClipping(_TwoSaved())
+    out = gsm(torch.randn(6, 4))
+    gsm.norm_pass_root = out.sum(dim=1).grad_fn
+    full = gsm.graph_bytes_beyond_activations()
+    assert full == 2 * 6 * 8 * 4  # brute force: h and tanh(h*h), float32
+    assert gsm.graph_bytes_beyond_activations(enough=full + 1) == full  # never enough: all
+    early = gsm.graph_bytes_beyond_activations(enough=1)
+    assert 1 <= early < full  # stopped after the first saved tensor
+    for enough in (1, full // 2, full):
+        # The caller's comparison is the one the full walk gives.
+        assert (gsm.graph_bytes_beyond_activations(enough=enough) >= enough) == (full >= enough)
