@@ -624,7 +624,8 @@ class DPLossFastGradientClipping(object):
         if shape is not None or loss.dim() > 1:
             self._warn_extra_dims(loss, shape)
         weights = None
-        if self.sample_reduction == "mean":
+        if self.sample_reduction == "mean" and (shape is not None or loss.dim() > 1):
+            # Only a loss with extra dims is averaged (one loss per sample needs no weights).
             weights = _mean_weights(self.criterion, target)
         return per_sample_loss(loss, self.sample_reduction, shape, weights)
 
