@@ -172,8 +172,13 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
         Returns:
             True if the wrapped optimizer should step, False for a virtual (skipped) step.
         """
-        if type(self).accumulate is DPOptimizerFastGradientClipping.accumulate:
-            # A real step replaces p.grad by the noisy sum at once: no copy of the clipped sum.
+        cls = type(self)
+        if (
+            cls.accumulate is DPOptimizerFastGradientClipping.accumulate
+            and cls.add_noise in _optimizer._PLAIN_ADD_NOISE
+        ):
+            # A real step's noising replaces p.grad by a new tensor at once: the clipped sum in
+            # p.grad needs no copy (a subclass's own stages keep the copying accumulate).
             self._accumulate_clipped_sums(copy=self.next_step_skipped())
         else:
             self.accumulate()
