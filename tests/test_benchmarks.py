@@ -75,7 +75,7 @@ def test_profile_step_prints_both_profiles(capsys):
     from benchmarks import profile_step
 
     times = profile_step.main(
-        ["--model", "mlp", "--mode", "ghost_direct", "--quick", "--repeats", "1", "--top", "5"]
+        ["--model", "mlp", "--mode", "ghost_direct", "--quick", "--repeats", "1", "--top", "12"]
     )
     assert times["dp"] > 0 and times["plain"] > 0
     out = capsys.readouterr().out

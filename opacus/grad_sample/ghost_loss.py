@@ -156,6 +156,11 @@ class ClippedSumHooks:
         """``(batch,)``: ``min(1, max_grad_norm / (norm + 1e-6))`` (``optimizers/clipping.py``)."""
         raise NotImplementedError
 
+    def clipped_parameters(self) -> List[nn.Parameter]:
+        """The trainable parameters whose clipped sum the loss leaves in ``p.grad``: those of
+        ``hooked_model()`` that require grad (implementations may list them faster)."""
+        return [p for p in self.hooked_model().parameters() if p.requires_grad]
+
     def hooked_model(self) -> nn.Module:
         """The ``nn.Module`` whose parameters the hooks cover: this wrapper, or the user's model
         for an unwrapped hooks object (``make_private(..., wrap_model=False)``)."""
@@ -264,7 +269,7 @@ def double_backward(
     """
     wrapper, module = module, _ghost_module(module)
     loss_reduction = module.loss_reduction
-    trainable = [p for p in module.hooked_model().parameters() if p.requires_grad]
+    trainable = module.clipped_parameters()
     if not trainable:
         raise ValueError("double_backward: the module has no trainable parameters")
     if loss_per_sample.dim() != 1:
@@ -362,7 +367,9 @@ def _norm_pass(
             for p, grad in zip(trainable, held):
                 p.grad = grad
     if anchors:
-        targets = _lowest_anchors(anchors)
+        # Book-keeping keeps every anchor's gradient (the layers' backprops) anyway: asking for
+        # all of them holds nothing more and saves the walk that finds the lowest.
+        targets = anchors if not retain else _lowest_anchors(anchors)
         # The anchors keep their calls' graphs alive: released right after the pass so that
         # calls whose output the loss never used are recognised as such.
         del anchors
@@ -617,7 +624,8 @@ class DPLossFastGradientClipping(object):
         if shape is not None or loss.dim() > 1:
             self._warn_extra_dims(loss, shape)
         weights = None
-        if self.sample_reduction == "mean":
+        if self.sample_reduction == "mean" and (shape is not None or loss.dim() > 1):
+            # Only a loss with extra dims is averaged (one loss per sample needs no weights).
             weights = _mean_weights(self.criterion, target)
         return per_sample_loss(loss, self.sample_reduction, shape, weights)
 

@@ -220,6 +220,9 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
     _can_skip_batch_gradients = False
     # Ghost norms for an Embedding and a Linear head sharing their weight (cross term).
     _ghost_tied_pairs = True
+    # The model's parameters may be listed once per wrapping (``_model_parameters``); False where
+    # the registered parameters are swapped during a step (FSDP's shards).
+    _parameters_fixed = True
 
     def __init__(
         self,
@@ -322,7 +325,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         if self.hooks_enabled:
             self._per_sample_gradient_norms = None
             # Norms of the previous step must not leak into this one (unused params stay at 0).
-            for p in self._module.parameters():
+            for p in self._model_parameters():
                 if hasattr(p, "_norm_sample"):
                     del p._norm_sample
 
@@ -351,7 +354,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         if (
             self.hooks_enabled
             and self._training_forward(module)
-            and requires_grad(module, recurse=True)
+            and any(p.requires_grad for p in self.hooked_parameters(module))
         ):
             if _in_backward():
                 if not self._calls_to_recompute.get(module):
@@ -416,8 +419,60 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
     def unhooked_parameters(self) -> List[nn.Parameter]:
         """Trainable parameters that no installed hook covers (layers left out with
         ``strict=False``): ghost clipping has no per-sample norm for them."""
-        hooked = {id(p) for module in self._samplers for p in self.hooked_parameters(module)}
-        return [p for _, p in trainable_parameters(self._module) if id(p) not in hooked]
+        hooked = self._per_structure("hooked_ids", self._hooked_ids)
+        return [p for p in self._trainable_now() if id(p) not in hooked]
+
+    def _hooked_ids(self) -> set:
+        return {id(p) for module in self._samplers for p in self.hooked_parameters(module)}
+
+    # ------------------------------------------------------------ per-model lists
+    def _per_structure(self, key: str, build):
+        """``build()``, computed once per wrapping and reused while the model keeps the modules
+        and parameter objects it was wrapped with.  Every forward pass checks that
+        (``ModelStructure``, which raises on any module or parameter added, removed or
+        replaced), so the cached value stays exact; where that check is off (hooks removed, or
+        ``_parameters_fixed`` False) it is rebuilt at every call.  ``requires_grad`` flags are
+        never cached: callers filter on them at use time."""
+        structure = self._structure
+        if structure is None or not self._parameters_fixed:
+            return build()
+        cache = self.__dict__.get("_structure_cache")
+        if cache is None or cache[0] is not structure:
+            cache = (structure, {})
+            self._structure_cache = cache
+        values = cache[1]
+        if key not in values:
+            values[key] = build()
+        return values[key]
+
+    def _model_parameters(self) -> List[nn.Parameter]:
+        """Every parameter of the wrapped model, in ``parameters()`` order (``_per_structure``)."""
+        return self._per_structure("parameters", lambda: list(self._module.parameters()))
+
+    def _trainable_now(self) -> List[nn.Parameter]:
+        """The wrapped model's parameters that require grad now."""
+        return [p for p in self._model_parameters() if p.requires_grad]
+
+    def clipped_parameters(self) -> List[nn.Parameter]:
+        """The trainable parameters whose clipped sum the loss leaves in ``p.grad``."""
+        return self._trainable_now()
+
+    def hooked_parameters(self, module: nn.Module) -> List[nn.Parameter]:
+        """The parameters of ``module``'s subtree (its hook measures them), listed once
+        (``_per_structure``)."""
+        hooked = self._per_structure("hooked", dict)
+        params = hooked.get(module)
+        if params is None:
+            params = hooked[module] = list(module.parameters())
+        return params
+
+    def _own_parameters(self, module: nn.Module) -> List[nn.Parameter]:
+        """``module``'s own parameters (``recurse=False``), listed once (``_per_structure``)."""
+        own = self._per_structure("own", dict)
+        params = own.get(module)
+        if params is None:
+            params = own[module] = list(module.parameters(recurse=False))
+        return params
 
     def norm_pass_needs_backward(self) -> bool:
         """True if the norm pass must be a real backward pass: hooked layers of the last
@@ -544,8 +599,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
                 or self._norm_sampler(module) is None
             ):
                 return False
-            covered.update(id(p) for p in module.parameters(recurse=False) if p.requires_grad)
-        trainable = [p for p in self._module.parameters() if p.requires_grad]
+            covered.update(id(p) for p in self._own_parameters(module) if p.requires_grad)
+        trainable = self._trainable_now()
         # The graph holds the captured activations (and what consumes the outputs) anyway.
         budget = max(
             self.max_book_keeping_ratio * sum(p.numel() for p in trainable),
@@ -564,28 +619,32 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
                 self._output_numel <= budget
                 or (
                     self.max_book_keeping_ratio > 0
-                    and self._output_bytes <= self.graph_bytes_beyond_activations()
+                    and self._output_bytes
+                    <= self.graph_bytes_beyond_activations(enough=self._output_bytes)
                 )
             )
         )
         return self._book_keeping
 
-    def graph_bytes_beyond_activations(self) -> int:
+    def graph_bytes_beyond_activations(self, enough: Optional[int] = None) -> int:
         """Bytes of the tensors the autograd graph of ``norm_pass_root`` (set by
         ``double_backward`` while it plans) saved for its backward, other than the captured
         activations; 0 without a root.  The book-keeping norm pass frees them as it goes, so
         backprops kept up to that size leave the peak below the non-private step's (which holds
         the graph and the activations together).  Saved tensors of custom autograd functions and
-        checkpointed segments are not seen (the estimate errs low)."""
+        checkpointed segments are not seen (the estimate errs low).  ``enough``: stop walking
+        once that many bytes are found (the caller only compares with it); the sum so far is
+        returned."""
         root = self.norm_pass_root
         if root is None:
             return 0
         # Captured activations and the parameters stay held whatever the pass frees.
         captured = {key[0] for key in self._activation_numel}
-        captured.update(p.untyped_storage().data_ptr() for p in self._module.parameters())
+        captured.update(p.untyped_storage().data_ptr() for p in self._model_parameters())
         held: Dict[int, int] = {}
+        total = 0
         seen, stack = set(), [root]
-        while stack:
+        while stack and (enough is None or total < enough):
             node = stack.pop()
             if node is None or node in seen:
                 continue
@@ -598,10 +657,12 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
                 for t in value if isinstance(value, (tuple, list)) else (value,):
                     if torch.is_tensor(t):
                         storage = t.untyped_storage()
-                        if storage.data_ptr() not in captured:
-                            held[storage.data_ptr()] = storage.nbytes()
-            stack.extend(fn for fn, _ in node.next_functions)
-        return sum(held.values())
+                        ptr = storage.data_ptr()
+                        if ptr not in captured and ptr not in held:
+                            held[ptr] = storage.nbytes()
+                            total += held[ptr]
+            stack.extend(fn for fn, _ in node.next_functions if fn is not None and fn not in seen)
+        return total
 
     def captured_activation_numel(self) -> int:
         """Elements of the floating-point layer inputs captured by this forward (each tensor
@@ -632,19 +693,24 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         planned norm pass kept; False (nothing added) when that pass did not keep every layer."""
         kept, self._book_kept = self._book_kept, {}
         planned, self._book_keeping = self._book_keeping, False
-        trainable = [p for p in self._module.parameters() if p.requires_grad]
-        covered = {id(p) for m in kept for p in m.parameters(recurse=False) if p.requires_grad}
+        trainable = self._trainable_now()
+        covered = {id(p) for m in kept for p in self._own_parameters(m) if p.requires_grad}
         if not planned or covered != {id(p) for p in trainable}:
             return False
         sums = {}
+        scaled = {None: coef}  # coef * scale, once per distinct scale
         for module, (activations, backprops, scale) in kept.items():
-            weights = coef if scale is None else coef * scale
+            weights = scaled.get(scale)
+            if weights is None:
+                weights = scaled[scale] = coef * scale
             layer_sums = CLIPPED_SUM_SAMPLERS[type(module)](module, activations, backprops, weights)
             for p, clipped_sum in layer_sums.items():
                 # A tied weight gets both layers' sums (its gradient is their sum).
                 sums[p] = clipped_sum if p not in sums else sums[p] + clipped_sum
         for p in trainable:
-            clipped_sum = sums[p].to(p.dtype)
+            clipped_sum = sums[p]
+            if clipped_sum.dtype != p.dtype:
+                clipped_sum = clipped_sum.to(p.dtype)
             if p.grad is None:
                 p.grad = clipped_sum
             else:
@@ -667,7 +733,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
     def _norms_by_param(self) -> Dict[nn.Parameter, torch.Tensor]:
         return {
             p: p._norm_sample
-            for _, p in trainable_parameters(self._module)
+            for p in self._trainable_now()
             if getattr(p, "_norm_sample", None) is not None
         }
 

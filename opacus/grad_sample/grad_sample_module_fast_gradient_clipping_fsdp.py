@@ -145,6 +145,8 @@ class GradSampleHooksFastGradientClippingFSDP(GradSampleHooksFastGradientClippin
     _can_book_keep = False  # the second pass is where FSDP reduce-scatters the gradients
     # Norms are re-keyed onto the shards: a tied weight keeps the materialised path.
     _ghost_tied_pairs = False
+    # FSDP swaps the registered parameters (shards / gathered tensors) around each forward.
+    _parameters_fixed = False
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ import logging
 from abc import ABC
 from typing import List
 
+import torch
 import torch.nn as nn
 
 from opacus.grad_sample.module_utils import trainable_parameters
@@ -140,6 +141,18 @@ class AbstractGradSampleModule(nn.Module, AbstractGradSampleHooks, ABC):
             if item != "_module" and "_module" in submodules:
                 return getattr(submodules["_module"], item)
             raise err
+
+    def __setattr__(self, name, value):
+        # The hooks rewrite plain attributes of this wrapper (their per-pass state) many times
+        # per step; nn.Module.__setattr__ checks each value against its parameter, submodule
+        # and buffer registries.  A name already held in the instance dict is in none of them
+        # (nn.Module takes a name out of the dict when it registers it), so for a value that is
+        # neither a tensor (a Parameter or Buffer would register) nor a Module the plain
+        # assignment is what nn.Module would do.
+        if name in self.__dict__ and not isinstance(value, (torch.Tensor, nn.Module)):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def zero_grad(self, set_to_none: bool = False):
         """Clear ``p.grad`` (zeroed, or None if ``set_to_none``) and always ``p.grad_sample``.

@@ -35,10 +35,10 @@ def _as_sequences(activations: torch.Tensor, backprops: torch.Tensor, min_dtype=
     dtype = torch.promote_types(activations.dtype, backprops.dtype)
     if min_dtype is not None:
         dtype = torch.promote_types(dtype, min_dtype)
-    return (
-        activations.reshape(batch, -1, activations.shape[-1]).to(dtype),
-        backprops.reshape(batch, -1, backprops.shape[-1]).to(dtype),
-    )
+    a = activations.reshape(batch, -1, activations.shape[-1])
+    b = backprops.reshape(batch, -1, backprops.shape[-1])
+    # ``to`` only where it converts: a no-op ``to`` still costs a dispatch per layer and pass.
+    return (a if a.dtype == dtype else a.to(dtype)), (b if b.dtype == dtype else b.to(dtype))
 
 
 @register_grad_sampler(nn.Linear)

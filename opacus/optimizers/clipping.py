@@ -93,11 +93,13 @@ def stack_norms(norms: Sequence[torch.Tensor]) -> torch.Tensor:
     """Combine per-parameter ``(batch,)`` norms into the ``(batch,)`` norm of the concatenation."""
     if len(norms) == 0:
         raise ValueError("no per-sample norms to combine: the optimizer has no trainable params")
-    dtype = norms[0].dtype
-    for n in norms[1:]:
-        dtype = torch.promote_types(dtype, n.dtype)
-    device = norms[0].device
-    stacked = torch.stack([n.to(device=device, dtype=dtype) for n in norms], dim=1)
+    dtype, device = norms[0].dtype, norms[0].device
+    if all(n.dtype == dtype and n.device == device for n in norms):
+        stacked = torch.stack(list(norms), dim=1)  # the usual case: no conversions to dispatch
+    else:
+        for n in norms[1:]:
+            dtype = torch.promote_types(dtype, n.dtype)
+        stacked = torch.stack([n.to(device=device, dtype=dtype) for n in norms], dim=1)
     return torch.linalg.vector_norm(stacked, ord=2, dim=1)
 
 

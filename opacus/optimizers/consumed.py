@@ -38,12 +38,19 @@ def _tensors(obj: _TensorOrChunks):
 
 def mark_consumed(obj: _TensorOrChunks) -> None:
     """Mark a tensor (or every chunk of a list of tensors) as used by a step."""
+    if isinstance(obj, torch.Tensor):  # the common case, without the generator
+        setattr(obj, _CONSUMED_ATTR, True)
+        return
     for t in _tensors(obj):
         setattr(t, _CONSUMED_ATTR, True)
 
 
 def is_consumed(obj: _TensorOrChunks) -> bool:
     """True if the tensor, or any chunk of a list of tensors, was already used by a step."""
+    if obj is None:
+        return False
+    if isinstance(obj, torch.Tensor):  # the common case, without the generator
+        return bool(getattr(obj, _CONSUMED_ATTR, False))
     return any(getattr(t, _CONSUMED_ATTR, False) for t in _tensors(obj))
 
 

@@ -395,6 +395,12 @@ class DPOptimizer(Optimizer):
     def add_noise(self):
         """``p.grad = summed_grad + N(0, (noise_multiplier * max_grad_norm)^2)``; the released
         ``summed_grad`` is marked so that no later step releases it again."""
+        self._add_noise_and_divide(None)
+
+    def _add_noise_and_divide(self, denominator: Optional[float]) -> None:
+        """``add_noise``, each noisy gradient then divided in place by ``denominator`` (None: not
+        divided) while it is still in cache: ``scale_grad``'s ``p.grad /= denominator`` fused
+        into the same pass over the parameters (the same operations, bit for bit)."""
         params = self.params
         sums = self._fresh_summed_grads(params)
         # ``noise_mechanism`` (optional, e.g. optimizers/correlated_noise): draws the noise instead.
@@ -404,9 +410,27 @@ class DPOptimizer(Optimizer):
         for i, noisy in noised(
             self._noise_std(), sums, generator=self.generator, secure_mode=self.secure_mode
         ):
-            params[i].grad = noisy.view_as(params[i])
+            if denominator is not None:
+                noisy = noisy.div_(denominator)
+            p = params[i]
+            p.grad = noisy if noisy.shape == p.shape else noisy.view_as(p)
         for s in sums:
             mark_consumed(s)
+
+    def _noise_and_scale(self) -> None:
+        """``add_noise()`` then ``scale_grad()``: fused into one pass over the parameters where
+        neither stage is overridden (a subclass's own stages run as they are)."""
+        cls = type(self)
+        if (
+            cls.add_noise not in _PLAIN_ADD_NOISE
+            or cls.scale_grad is not DPOptimizer.scale_grad
+            or getattr(self, "noise_mechanism", None) is not None
+        ):
+            self.add_noise()
+            self.scale_grad()
+            return
+        mean = self.loss_reduction == "mean"
+        self._add_noise_and_divide(self._scale_denominator() if mean else None)
 
     def _scale_denominator(self) -> float:
         return self.expected_batch_size * self.accumulated_iterations
@@ -470,8 +494,7 @@ class DPOptimizer(Optimizer):
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
-        self.add_noise()
-        self.scale_grad()
+        self._noise_and_scale()
         return self._finish_real_step()
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -545,6 +568,11 @@ class DPOptimizer(Optimizer):
             f"{self.expected_batch_size}, loss_reduction={self.loss_reduction!r}, "
             f"wrapping {self.original_optimizer!r})"
         )
+
+
+# ``add_noise`` implementations that ``_noise_and_scale`` may fuse with ``scale_grad``: the plain
+# stage (subclasses that only re-document it register theirs here).
+_PLAIN_ADD_NOISE = {DPOptimizer.add_noise}
 
 
 def _generate_noise(

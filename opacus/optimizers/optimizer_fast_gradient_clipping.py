@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch.optim import Optimizer
 
+from opacus.optimizers import optimizer as _optimizer
 from opacus.optimizers.consumed import check_fresh, is_consumed, mark_consumed
 from opacus.optimizers.optimizer import DPOptimizer
 
@@ -88,10 +89,10 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
     # Old private name, kept while callers (opacus.integrations) move to the public one.
     _record_clipped_backward = record_clipped_backward
 
-    def _consume_clipped_backward(self) -> None:
+    def _consume_clipped_backward(self, params=None) -> None:
         """Refuse gradients that did not come from a clipped backward; reset the record."""
         if getattr(self, "_clipped_backward_count", 0) == 0 and any(
-            p.grad is not None for p in self.params
+            p.grad is not None for p in (self.params if params is None else params)
         ):
             raise RuntimeError(
                 f"{type(self).__name__}: p.grad is set but no clipped backward ran since the "
@@ -127,23 +128,32 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
 
     def accumulate(self):
         """Add ``p.grad`` (the clipped sum from the double backward) to ``p.summed_grad``."""
-        self._check_release_once()
-        for i, p in enumerate(self.params):
+        self._accumulate_clipped_sums(copy=True)
+
+    def _accumulate_clipped_sums(self, *, copy: bool) -> None:
+        """``accumulate``; ``copy=False``: a first ``summed_grad`` shares ``p.grad``'s memory
+        instead of copying it (only for a real step, whose noising replaces ``p.grad`` right
+        away: a virtual step's ``p.grad`` stays, and ``zero_grad`` would zero it in place)."""
+        params = self.params
+        self._check_release_once(params)
+        for i, p in enumerate(params):
             clipped_sum = self._clipped_sum_of(p, i)
             if getattr(p, "summed_grad", None) is None:
-                p.summed_grad = clipped_sum.detach().clone()
+                # detach(): another tensor object, so p.grad's consumed mark is not its own.
+                p.summed_grad = clipped_sum.detach().clone() if copy else clipped_sum.detach()
             else:
                 p.summed_grad.add_(clipped_sum)
             mark_consumed(p.grad)
 
-    def _check_release_once(self) -> None:
+    def _check_release_once(self, params=None) -> None:
         """Refuse a ``p.grad`` or ``summed_grad`` an earlier step used, then gradients that no
         clipped backward produced (module docstring)."""
         owner = type(self).__name__
-        for p in self.params:
+        params = self.params if params is None else params
+        for p in params:
             check_fresh(p.grad, owner=owner, what="the clipped p.grad")
             check_fresh(getattr(p, "summed_grad", None), owner=owner, what="p.summed_grad")
-        self._consume_clipped_backward()
+        self._consume_clipped_backward(params)
 
     def clip_and_accumulate(self):
         """Same as ``accumulate``: the clipping already happened in the double backward."""
@@ -162,12 +172,20 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
         Returns:
             True if the wrapped optimizer should step, False for a virtual (skipped) step.
         """
-        self.accumulate()
+        cls = type(self)
+        if (
+            cls.accumulate is DPOptimizerFastGradientClipping.accumulate
+            and cls.add_noise in _optimizer._PLAIN_ADD_NOISE
+        ):
+            # A real step's noising replaces p.grad by a new tensor at once: the clipped sum in
+            # p.grad needs no copy (a subclass's own stages keep the copying accumulate).
+            self._accumulate_clipped_sums(copy=self.next_step_skipped())
+        else:
+            self.accumulate()
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
-        self.add_noise()
-        self.scale_grad()
+        self._noise_and_scale()
         for p in self.params:
             # The released update and the sum it came from: never to be released again.
             mark_consumed(p.grad)
@@ -181,12 +199,16 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
             set_to_none: set ``p.grad`` to None instead of zeroing it.
         """
         self._clipped_backward_count = 0
-        for p in self.params:
-            if not self._is_last_step_skipped:
+        params = self.params
+        if not self._is_last_step_skipped:
+            for p in params:
                 p.summed_grad = None
         self.original_optimizer.zero_grad(set_to_none)
-        for p in self.params:
+        for p in params:
             if is_consumed(p.grad):
                 # Zeroed in place, the tensor would keep its mark: the next backward's clipped
                 # sum is fresh and goes into a fresh tensor.
                 p.grad = torch.zeros_like(p.grad)
+
+
+_optimizer._PLAIN_ADD_NOISE.add(DPOptimizerFastGradientClipping.add_noise)
