@@ -10,10 +10,15 @@ CPU the samplers write into a buffer kept per (layer, slot) and reuse it on the 
 A buffer is reused only when nothing but the pool refers to its storage (no ``p.grad_sample``,
 view or user reference still alive), so a tensor that has been handed out is never overwritten.
 The pool is keyed weakly by the layer: the buffers go when the layer goes.
+
+A sampler that writes only a few rows of a large zeroed buffer (an embedding's scatter) need not
+zero all of it again: ``reusable_row_zeros`` zeroes only the rows that its previous call recorded
+(``record_scattered_rows``) when that is provably enough: the same pooled buffer, and its
+version counter unchanged since the record (no in-place write through any view of it).
 """
 
 import weakref
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -21,6 +26,9 @@ import torch
 MIN_POOLED_BYTES = 1 << 20
 
 _pools: "weakref.WeakKeyDictionary[object, Dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+# ``owner -> {slot: (weakref to the pooled buffer, its _version after the writes, index)}``:
+# the only non-zero entries of that buffer are the rows ``index`` selects on dim 1.
+_scattered: "weakref.WeakKeyDictionary[object, Dict[str, tuple]]" = weakref.WeakKeyDictionary()
 
 
 # A private torch API (present since 2.1); without it nothing is pooled.
@@ -70,6 +78,59 @@ def reusable_empty(
     return buf.view(shape)
 
 
+def _written_rows(owner: object, slot: str, out: torch.Tensor) -> Optional[torch.Tensor]:
+    """The index of the rows ``out`` may hold non-zeros in, or None if anything else may."""
+    try:
+        record = _scattered.get(owner, {}).pop(slot, None)
+    except TypeError:  # owner not weak-referenceable
+        return None
+    if record is None:
+        return None
+    buf_ref, version, index = record
+    base = out._base
+    if base is None or buf_ref() is not base or base._version != version:
+        return None
+    if index.shape[0] != out.shape[0]:
+        return None
+    return index
+
+
+def reusable_row_zeros(
+    owner: object,
+    slot: str,
+    shape: Sequence[int],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """A zero ``(B, rows, D)`` tensor for ``owner``'s ``slot`` (``reusable_empty``'s buffer).
+
+    When it is the buffer of the previous call and ``record_scattered_rows`` described every
+    write into it since it was last zero, only those rows are zeroed (``B x T x D`` elements
+    instead of ``B x rows x D``); otherwise all of it.
+    """
+    out = reusable_empty(owner, slot, shape, dtype=dtype, device=device)
+    index = _written_rows(owner, slot, out)
+    if index is None:
+        return out.zero_()
+    return out.scatter_(1, index.unsqueeze(-1).expand(-1, -1, out.shape[2]), 0.0)
+
+
+def record_scattered_rows(owner: object, slot: str, out: torch.Tensor, index: torch.Tensor) -> None:
+    """After the last write into ``out`` (from ``reusable_row_zeros``): its non-zero entries all
+    lie in the rows ``index`` (``(B, T)``) selects on dim 1.  A copy of ``index`` is kept (the
+    caller's tensor may change); any later in-place write into the buffer voids the record."""
+    base = out._base
+    if base is None or out.dim() != 3:
+        return  # not a pooled buffer: nothing to reuse
+    try:
+        slots = _scattered.setdefault(owner, {})
+    except TypeError:
+        return
+    slots[slot] = (weakref.ref(base), base._version, index.detach().clone())
+
+
 def release_buffers() -> None:
     """Drop every pooled buffer (e.g. before measuring a step's peak memory)."""
     _pools.clear()
+    _scattered.clear()

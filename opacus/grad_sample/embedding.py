@@ -5,19 +5,24 @@ reads ``v``.  Scattering into a per-sample ``(B, vocab, dim)`` buffer gives all 
 gradients in one ``scatter_add``.  The norm sampler lives in ``embedding_norm_sample``.
 """
 
-from typing import Dict, List
+import functools
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from opacus.grad_sample.buffers import reusable_empty
-from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
+from opacus.grad_sample.buffers import record_scattered_rows, reusable_row_zeros
+from opacus.grad_sample.embedding_norm_sample import (
+    compute_embedding_clipped_sum,
+    compute_embedding_norm_sample,
+)
 from opacus.grad_sample.registry import register_grad_sampler, register_norm_sampler
 
 __all__ = [
     "compute_embedding_grad_sample",
     "compute_embedding_norm_sample",
     "compute_embeddingbag_gradsampler",
+    "embedding_bookkeeping",
     "register_grad_sampler",
     "register_norm_sampler",
 ]
@@ -26,11 +31,16 @@ __all__ = [
 def _scatter_rows(
     layer: nn.Module, index: torch.Tensor, values: torch.Tensor, vocab: int
 ) -> torch.Tensor:
-    """``out[i, index[i, t]] += values[i, t]``: ``(B, T)``, ``(B, T, D)`` -> ``(B, vocab, D)``."""
+    """``out[i, index[i, t]] += values[i, t]``: ``(B, T)``, ``(B, T, D)`` -> ``(B, vocab, D)``.
+
+    ``out`` is the layer's reused buffer: of last step's rows only those it wrote are zeroed
+    (``reusable_row_zeros``); the caller records this step's rows (``record_scattered_rows``)
+    after its last write into ``out``.
+    """
     batch, _, dim = values.shape
-    out = reusable_empty(
+    out = reusable_row_zeros(
         layer, "weight", (batch, vocab, dim), dtype=values.dtype, device=values.device
-    ).zero_()
+    )
     return out.scatter_add_(1, index.unsqueeze(-1).expand(-1, -1, dim), values)
 
 
@@ -55,14 +65,66 @@ def compute_embedding_grad_sample(
     batch = idx.shape[0]
     idx = idx.reshape(batch, -1)
     b = backprops.reshape(batch, idx.shape[1], layer.embedding_dim)
-    grad = _scatter_rows(layer, idx, b, layer.num_embeddings)
+    buffer = grad = _scatter_rows(layer, idx, b, layer.num_embeddings)
     if layer.scale_grad_by_freq:
         counts = torch.zeros(batch, layer.num_embeddings, dtype=b.dtype, device=b.device)
         counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=b.dtype))
         grad = grad / counts.clamp_min(1).unsqueeze(-1)
     if layer.padding_idx is not None:
         grad[:, layer.padding_idx] = 0
+    # Every write into the buffer is done: the rows of ``idx`` are all it holds.
+    record_scattered_rows(layer, "weight", buffer, idx)
     return {layer.weight: grad}
+
+
+# Dtypes whose norms the optimizer computes in the gradient's own dtype (halves: float32 after a
+# rounding of the stored gradient, which book-kept norms would not see).
+_EXACT_NORM_DTYPES = (torch.float32, torch.float64)
+
+
+def embedding_bookkeeping(
+    layer: nn.Embedding, activations: List, backprops: torch.Tensor, max_batch_len: int
+) -> Optional[Dict[nn.Parameter, tuple]]:
+    """Exact per-sample norms and clipped sum of one call's ``compute_embedding_grad_sample``.
+
+    Book-keeping (Bu et al. 2023), as the hooks do for ``nn.Linear``: sample ``i``'s gradient
+    has a non-zero row only for each distinct index it reads, so its norm and the clipped sum
+    ``sum_i f_i g_i`` come from the indices and the ``(B, T, dim)`` backprops (ghost clipping's
+    ``compute_embedding_norm_sample`` / ``compute_embedding_clipped_sum``, same ``padding_idx``
+    and ``scale_grad_by_freq`` semantics as the grad sampler) and spare the optimizer two passes
+    over the ``(B, vocab, dim)`` per-sample gradient.
+
+    Args:
+        layer: the layer.
+        activations: the call's inputs, ``[indices]``.
+        backprops: gradient w.r.t. the output, batch first, as given to the grad sampler.
+        max_batch_len: the batch size of the pass.
+
+    Returns:
+        ``{weight: (norms (B,), clipped_sum)}`` with ``clipped_sum(factors)`` equal to
+        ``sum_i factors[i] * grad_sample[i]``; None where the call does not qualify (frozen
+        weight, a partial or empty batch, half precision).
+    """
+    weight = layer.weight
+    idx = activations[0] if len(activations) == 1 else None
+    if (
+        not weight.requires_grad
+        or not torch.is_tensor(idx)
+        or idx.dim() == 0
+        or max_batch_len == 0
+        or idx.shape[0] != max_batch_len
+        or backprops.shape[0] != max_batch_len
+        or backprops.dtype != weight.dtype
+        or weight.dtype not in _EXACT_NORM_DTYPES
+    ):
+        return None
+    norms = compute_embedding_norm_sample(layer, activations, backprops)[weight]
+    clipped_sum = functools.partial(_clipped_weight_sum, layer, activations, backprops)
+    return {weight: (norms, clipped_sum)}
+
+
+def _clipped_weight_sum(layer, activations, backprops, factors) -> torch.Tensor:
+    return compute_embedding_clipped_sum(layer, activations, backprops, factors)[layer.weight]
 
 
 def _bags(layer: nn.EmbeddingBag, inputs: List[torch.Tensor]):
