@@ -13,7 +13,7 @@ The pool is keyed weakly by the layer: the buffers go when the layer goes.
 
 A sampler that writes only a few rows of a large zeroed buffer (an embedding's scatter) need not
 zero all of it again: ``reusable_row_zeros`` zeroes only the rows that its previous call recorded
-(``record_scattered_rows``) when that is provably enough: the same pooled buffer, and its
+(``record_written_rows``) when that is provably enough: the same pooled buffer, and its
 version counter unchanged since the record (no in-place write through any view of it).
 """
 
@@ -26,8 +26,8 @@ import torch
 MIN_POOLED_BYTES = 1 << 20
 
 _pools: "weakref.WeakKeyDictionary[object, Dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
-# ``owner -> {slot: (weakref to the pooled buffer, its _version after the writes, index)}``:
-# the only non-zero entries of that buffer are the rows ``index`` selects on dim 1.
+# ``owner -> {slot: (weakref to the pooled buffer, its _version after the writes, shape, rows)}``:
+# the only non-zero entries of that buffer are in ``rows`` of its ``(N, shape[-1])`` view.
 _scattered: "weakref.WeakKeyDictionary[object, Dict[str, tuple]]" = weakref.WeakKeyDictionary()
 
 
@@ -79,20 +79,18 @@ def reusable_empty(
 
 
 def _written_rows(owner: object, slot: str, out: torch.Tensor) -> Optional[torch.Tensor]:
-    """The index of the rows ``out`` may hold non-zeros in, or None if anything else may."""
+    """The rows (of ``out`` seen as ``(N, D)``) that may hold non-zeros, or None if any may."""
     try:
         record = _scattered.get(owner, {}).pop(slot, None)
     except TypeError:  # owner not weak-referenceable
         return None
     if record is None:
         return None
-    buf_ref, version, index = record
+    buf_ref, version, shape, rows = record
     base = out._base
-    if base is None or buf_ref() is not base or base._version != version:
+    if base is None or buf_ref() is not base or base._version != version or out.shape != shape:
         return None
-    if index.shape[0] != out.shape[0]:
-        return None
-    return index
+    return rows
 
 
 def reusable_row_zeros(
@@ -103,31 +101,32 @@ def reusable_row_zeros(
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
-    """A zero ``(B, rows, D)`` tensor for ``owner``'s ``slot`` (``reusable_empty``'s buffer).
+    """A zero tensor of ``shape`` for ``owner``'s ``slot`` (``reusable_empty``'s buffer).
 
-    When it is the buffer of the previous call and ``record_scattered_rows`` described every
-    write into it since it was last zero, only those rows are zeroed (``B x T x D`` elements
-    instead of ``B x rows x D``); otherwise all of it.
+    When it is the buffer of the previous call and ``record_written_rows`` described every
+    write into it since it was last zero, only those rows are zeroed; otherwise all of it.
     """
     out = reusable_empty(owner, slot, shape, dtype=dtype, device=device)
-    index = _written_rows(owner, slot, out)
-    if index is None:
+    rows = _written_rows(owner, slot, out)
+    if rows is None:
         return out.zero_()
-    return out.scatter_(1, index.unsqueeze(-1).expand(-1, -1, out.shape[2]), 0.0)
+    out.view(-1, out.shape[-1]).index_fill_(0, rows, 0)
+    return out
 
 
-def record_scattered_rows(owner: object, slot: str, out: torch.Tensor, index: torch.Tensor) -> None:
+def record_written_rows(owner: object, slot: str, out: torch.Tensor, rows: torch.Tensor) -> None:
     """After the last write into ``out`` (from ``reusable_row_zeros``): its non-zero entries all
-    lie in the rows ``index`` (``(B, T)``) selects on dim 1.  A copy of ``index`` is kept (the
-    caller's tensor may change); any later in-place write into the buffer voids the record."""
+    lie in the rows ``rows`` (1-D indices into ``out`` seen as ``(N, out.shape[-1])``).  A copy
+    of ``rows`` is kept (the caller's tensor may change); any later in-place write into the
+    buffer, through any view, moves its version counter and voids the record."""
     base = out._base
-    if base is None or out.dim() != 3:
+    if base is None or not out.is_contiguous():
         return  # not a pooled buffer: nothing to reuse
     try:
         slots = _scattered.setdefault(owner, {})
     except TypeError:
         return
-    slots[slot] = (weakref.ref(base), base._version, index.detach().clone())
+    slots[slot] = (weakref.ref(base), base._version, out.shape, rows.detach().clone())
 
 
 def release_buffers() -> None:

@@ -6,12 +6,12 @@ gradients in one ``scatter_add``.  The norm sampler lives in ``embedding_norm_sa
 """
 
 import functools
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from opacus.grad_sample.buffers import record_scattered_rows, reusable_row_zeros
+from opacus.grad_sample.buffers import record_written_rows, reusable_row_zeros
 from opacus.grad_sample.embedding_norm_sample import (
     compute_embedding_clipped_sum,
     compute_embedding_norm_sample,
@@ -30,18 +30,22 @@ __all__ = [
 
 def _scatter_rows(
     layer: nn.Module, index: torch.Tensor, values: torch.Tensor, vocab: int
-) -> torch.Tensor:
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``out[i, index[i, t]] += values[i, t]``: ``(B, T)``, ``(B, T, D)`` -> ``(B, vocab, D)``.
 
     ``out`` is the layer's reused buffer: of last step's rows only those it wrote are zeroed
-    (``reusable_row_zeros``); the caller records this step's rows (``record_scattered_rows``)
-    after its last write into ``out``.
+    (``reusable_row_zeros``).  Returns ``out`` and the rows written (indices into its
+    ``(B * vocab, D)`` view), which the caller records (``record_written_rows``) after its last
+    write into ``out``.
     """
     batch, _, dim = values.shape
     out = reusable_row_zeros(
         layer, "weight", (batch, vocab, dim), dtype=values.dtype, device=values.device
     )
-    return out.scatter_add_(1, index.unsqueeze(-1).expand(-1, -1, dim), values)
+    rows = (torch.arange(batch, device=index.device).unsqueeze(1) * vocab + index).reshape(-1)
+    # Row by row (D contiguous values each): several times faster than an element-wise scatter.
+    out.view(batch * vocab, dim).index_add_(0, rows, values.reshape(-1, dim))
+    return out, rows
 
 
 @register_grad_sampler(nn.Embedding)
@@ -65,15 +69,17 @@ def compute_embedding_grad_sample(
     batch = idx.shape[0]
     idx = idx.reshape(batch, -1)
     b = backprops.reshape(batch, idx.shape[1], layer.embedding_dim)
-    buffer = grad = _scatter_rows(layer, idx, b, layer.num_embeddings)
     if layer.scale_grad_by_freq:
-        counts = torch.zeros(batch, layer.num_embeddings, dtype=b.dtype, device=b.device)
-        counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=b.dtype))
-        grad = grad / counts.clamp_min(1).unsqueeze(-1)
+        # Each position's backprop divided by its index's count in the sample (as torch's own
+        # backward does), before the rows are summed: no pass over the dense gradient.
+        keys = torch.arange(batch, device=idx.device).unsqueeze(1) * layer.num_embeddings + idx
+        _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+        b = b / counts[inverse].unsqueeze(-1).to(b.dtype)
+    grad, rows = _scatter_rows(layer, idx, b, layer.num_embeddings)
     if layer.padding_idx is not None:
         grad[:, layer.padding_idx] = 0
     # Every write into the buffer is done: the rows of ``idx`` are all it holds.
-    record_scattered_rows(layer, "weight", buffer, idx)
+    record_written_rows(layer, "weight", grad, rows)
     return {layer.weight: grad}
 
 

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opacus.grad_sample import GradSampleModule, buffers
-from opacus.grad_sample.buffers import record_scattered_rows, reusable_row_zeros
+from opacus.grad_sample.buffers import record_written_rows, reusable_row_zeros
 from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer, clipping
 from opacus.optimizers.optimizer import GRAD_SAMPLE_NORMS_ATTR, cached_grad_sample_norms
 from tests.optimizers.dp_reference import clipped_sum_flat, clipped_sum_per_layer
@@ -468,8 +468,9 @@ def test_partial_zeroing_is_taken_only_while_the_record_holds():
     assert not out.any()
     index = torch.tensor([[1, 5], [5, 7]])
     out.scatter_add_(1, index.unsqueeze(-1).expand(-1, -1, 16), torch.ones(2, 2, 16))
-    record_scattered_rows(owner, "w", out, index)
-    index[0, 0] = 6  # the caller's index may change: the record keeps its own copy
+    rows = (torch.arange(2).unsqueeze(1) * 8192 + index).reshape(-1)  # rows of the (N, 16) view
+    record_written_rows(owner, "w", out, rows)
+    rows[0] = 6  # the caller's rows may change: the record keeps its own copy
     out.data[0, 100] = 9.0  # no version bump: invisible to the record (a stand-in)
     ptr = out.data_ptr()
     del out
@@ -477,7 +478,7 @@ def test_partial_zeroing_is_taken_only_while_the_record_holds():
     assert again.data_ptr() == ptr and again._base is not None
     assert not again[:, [1, 5, 7]].any()  # the recorded rows are zero ...
     assert (again[0, 100] == 9.0).all()  # ... and nothing else was written
-    record_scattered_rows(owner, "w", again, torch.tensor([[0, 0], [0, 0]]))
+    record_written_rows(owner, "w", again, torch.tensor([0]))
     again[1, 200] += 1.0  # a versioned write: the record is void
     del again
     third = reusable_row_zeros(owner, "w", shape, dtype=torch.float32, device="cpu")
