@@ -23,6 +23,7 @@ __all__ = [
     "compute_embedding_norm_sample",
     "compute_embeddingbag_gradsampler",
     "embedding_bookkeeping",
+    "embeddingbag_bookkeeping",
     "register_grad_sampler",
     "register_norm_sampler",
 ]
@@ -189,6 +190,24 @@ def compute_embeddingbag_gradsampler(layer, inputs, backprops):
         )
     if not layer.weight.requires_grad:
         return {}
+    idx, bag, coef, batch = _bag_terms(layer, inputs, backprops)
+    values = backprops[bag] * coef.unsqueeze(1)
+    # One row per (bag, index) pair: flat key bag * vocab + index into the (B * vocab, D) view
+    # of the layer's reused buffer (of last step's rows only those written are zeroed).
+    vocab, dim = layer.num_embeddings, layer.embedding_dim
+    grad = reusable_row_zeros(
+        layer, "weight", (batch, vocab, dim), dtype=backprops.dtype, device=backprops.device
+    )
+    rows = bag * vocab + idx
+    grad.view(batch * vocab, dim).index_add_(0, rows, values)
+    record_written_rows(layer, "weight", grad, rows)
+    return {layer.weight: grad}
+
+
+def _bag_terms(layer: nn.EmbeddingBag, inputs, backprops: torch.Tensor):
+    """``(indices (N,), bag ids (N,), coefficients (N,), B)``: bag ``i``'s gradient row ``v`` is
+    ``b_i`` times the sum of the coefficients of its positions holding ``v`` (0 at
+    ``padding_idx``, ``1 / count`` in mode ``"mean"``, times ``per_sample_weights``)."""
     idx, bag, weights, batch = _bags(layer, list(inputs))
     if backprops.shape[0] != batch:
         raise ValueError(
@@ -205,12 +224,52 @@ def compute_embeddingbag_gradsampler(layer, inputs, backprops):
         coef = coef / counts.clamp_min(1)[bag]
     if weights is not None:
         coef = coef * weights.to(backprops.dtype)
-    values = backprops[bag] * coef.unsqueeze(1)
-    # One row per (bag, index) pair: flat key bag * vocab + index into a (B * vocab, D) buffer.
-    vocab, dim = layer.num_embeddings, layer.embedding_dim
-    grad = torch.zeros(batch * vocab, dim, dtype=backprops.dtype, device=backprops.device)
-    grad.index_add_(0, bag * vocab + idx, values)
-    return {layer.weight: grad.reshape(batch, vocab, dim)}
+    return idx, bag, coef, batch
+
+
+def embeddingbag_bookkeeping(
+    layer: nn.EmbeddingBag, activations: List, backprops: torch.Tensor, max_batch_len: int
+) -> Optional[Dict[nn.Parameter, tuple]]:
+    """``embedding_bookkeeping`` for an ``nn.EmbeddingBag`` (``compute_embeddingbag_gradsampler``).
+
+    Bag ``i``'s gradient is ``g_i[v] = c_{i,v} b_i`` with ``c_{i,v}`` the summed coefficients of
+    its positions holding ``v`` (``_bag_terms``), so ``||g_i|| = ||b_i|| sqrt(sum_v c_{i,v}^2)``
+    and ``sum_i f_i g_i`` is one ``index_add_`` of the ``f_i c b_i`` rows into ``(vocab, dim)``.
+
+    Returns:
+        ``{weight: (norms (B,), clipped_sum)}``, or None where the call does not qualify.
+    """
+    weight = layer.weight
+    if (
+        not weight.requires_grad
+        or layer.mode not in ("sum", "mean")
+        or max_batch_len == 0
+        or backprops.dim() != 2
+        or backprops.shape[0] != max_batch_len
+        or backprops.dtype != weight.dtype
+        or weight.dtype not in _EXACT_NORM_DTYPES
+    ):
+        return None
+    idx, bag, coef, _ = _bag_terms(layer, activations, backprops)
+    vocab = layer.num_embeddings
+    unique_keys, group = torch.unique(bag * vocab + idx, return_inverse=True)
+    summed = torch.zeros(unique_keys.shape[0], dtype=coef.dtype, device=coef.device)
+    summed.index_add_(0, group, coef)
+    owner = torch.div(unique_keys, vocab, rounding_mode="floor")
+    coef_sq = torch.zeros(max_batch_len, dtype=coef.dtype, device=coef.device)
+    coef_sq.index_add_(0, owner, summed.square())
+    norms = torch.linalg.vector_norm(backprops, dim=1) * coef_sq.sqrt()
+    clipped_sum = functools.partial(_bag_clipped_sum, layer, idx, bag, coef, backprops)
+    return {weight: (norms, clipped_sum)}
+
+
+def _bag_clipped_sum(layer, idx, bag, coef, backprops, factors) -> torch.Tensor:
+    """``sum_i factors[i] * g_i`` of an EmbeddingBag's per-bag gradients ``g_i``."""
+    scale = factors.to(backprops.dtype)[bag] * coef
+    grad = torch.zeros(
+        layer.num_embeddings, backprops.shape[1], dtype=backprops.dtype, device=backprops.device
+    )
+    return grad.index_add_(0, idx, backprops[bag] * scale.unsqueeze(1))
 
 
 register_grad_sampler(nn.EmbeddingBag)(compute_embeddingbag_gradsampler)

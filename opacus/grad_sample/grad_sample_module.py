@@ -29,7 +29,12 @@ from opacus.grad_sample.batch_norm import (
     is_batch_norm,
     uses_batch_statistics,
 )
-from opacus.grad_sample.embedding import compute_embedding_grad_sample, embedding_bookkeeping
+from opacus.grad_sample.embedding import (
+    compute_embedding_grad_sample,
+    compute_embeddingbag_gradsampler,
+    embedding_bookkeeping,
+    embeddingbag_bookkeeping,
+)
 from opacus.grad_sample.functorch import (
     FT_COMPUTE_SAMPLE_GRAD_ATTR,
     _check_preparable,
@@ -209,10 +214,13 @@ def _bookkept_linear_norms(
 def _bookkept_norms(
     module: nn.Module, sampler, activations: List, backprops: torch.Tensor, max_batch_len: int
 ) -> Optional[Dict[nn.Parameter, tuple]]:
-    """Book-kept norms (see ``_bookkept_linear_norms``) of a 2-D-input ``nn.Linear`` or an
-    ``nn.Embedding`` (``embedding_bookkeeping``), by the layer's grad sampler; else None."""
+    """Book-kept norms (see ``_bookkept_linear_norms``) of a 2-D-input ``nn.Linear``, an
+    ``nn.Embedding`` or an ``nn.EmbeddingBag`` (``opacus.grad_sample.embedding``), by the
+    layer's grad sampler; else None."""
     if sampler is compute_embedding_grad_sample:
         return embedding_bookkeeping(module, activations, backprops, max_batch_len)
+    if sampler is compute_embeddingbag_gradsampler:
+        return embeddingbag_bookkeeping(module, activations, backprops, max_batch_len)
     return _bookkept_linear_norms(module, sampler, activations, backprops, max_batch_len)
 
 

@@ -22,6 +22,7 @@ from opacus.grad_sample import GradSampleModule, buffers
 from opacus.grad_sample.buffers import record_written_rows, reusable_row_zeros
 from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer, clipping
 from opacus.optimizers.optimizer import GRAD_SAMPLE_NORMS_ATTR, cached_grad_sample_norms
+from tests.grad_samples.test_embedding import Bags
 from tests.optimizers.dp_reference import clipped_sum_flat, clipped_sum_per_layer
 from tests.oracle import brute_force_grad_samples
 
@@ -487,3 +488,108 @@ def test_partial_zeroing_is_taken_only_while_the_record_holds():
     third.fill_(1.0)
     del third
     assert not reusable_row_zeros(owner, "w", shape, dtype=torch.float32, device="cpu").any()
+
+
+# ------------------------------------------------------------------------ nn.EmbeddingBag
+def _bag_twin(bag):
+    twin = nn.EmbeddingBag(
+        bag.num_embeddings,
+        bag.embedding_dim,
+        mode=bag.mode,
+        padding_idx=bag.padding_idx,
+        include_last_offset=bag.include_last_offset,
+    ).to(bag.weight.dtype)
+    twin.load_state_dict(bag.state_dict())
+    return twin
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    max_len=st.integers(1, 5),
+    vocab=st.integers(2, 6),
+    mode=st.sampled_from(["sum", "mean"]),
+    padding=st.booleans(),
+    include_last_offset=st.booleans(),
+    weighted=st.booleans(),
+    flat=st.booleans(),
+    double=st.booleans(),
+    data=st.data(),
+)
+def test_embedding_bag_grad_sample_and_cache_match_oracle_over_steps(
+    batch, max_len, vocab, mode, padding, include_last_offset, weighted, flat, double, data
+):
+    """2-D input or 1-D input with offsets (empty bags included), per-sample weights, repeated
+    indices in a bag; pooled (partially zeroed) buffers over several steps."""
+    dtype = torch.float64 if double else torch.float32
+    tol = dict(rtol=1e-10, atol=1e-12) if double else dict(rtol=1e-5, atol=1e-5)
+    torch.manual_seed(batch * 5 + vocab)
+    weighted = weighted and mode == "sum"  # PyTorch allows per_sample_weights with sum only.
+    bag = nn.EmbeddingBag(
+        vocab,
+        3,
+        mode=mode,
+        padding_idx=data.draw(st.integers(0, vocab - 1)) if padding else None,
+        include_last_offset=include_last_offset and flat,
+    ).to(dtype)
+    model = Bags(bag) if flat else bag
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(buffers, "MIN_POOLED_BYTES", 0)
+        gsm = GradSampleModule(model, loss_reduction="sum")
+        for _ in range(3):
+            padded = torch.randint(0, vocab, (batch, max_len))
+            lengths = data.draw(st.lists(st.integers(0, max_len), min_size=batch, max_size=batch))
+            weights = torch.randn(batch, max_len, dtype=dtype) if weighted else None
+            if flat:
+                inputs, dims = [padded, torch.tensor(lengths)], [0, 0]
+            else:
+                inputs, dims = [padded, None], [0, None]
+            if weighted:
+                inputs, dims = inputs + [weights], dims + [0]
+            r = torch.randn(batch, 3, dtype=dtype)
+            bag.weight.grad_sample = None
+            (gsm(*inputs).tanh() * r).sum().backward()
+            twin = _bag_twin(bag)
+            oracle_model = Bags(twin) if flat else twin
+            expected = brute_force_grad_samples(
+                oracle_model, inputs, loss_fn=_tanh_dot, targets=r, batch_dim=dims
+            )["bag.weight" if flat else "weight"]
+            torch.testing.assert_close(bag.weight.grad_sample, expected, **tol)
+            _check_cache(bag.weight, expected, dtype)
+        gsm.remove_hooks()
+
+
+class _BagClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(VOCAB, DIM, mode="mean", padding_idx=0)
+        self.fc = nn.Linear(DIM, 3)
+
+    def forward(self, idx):
+        return self.fc(self.bag(idx).tanh())
+
+
+def test_embedding_bag_dp_step_uses_the_cache_and_matches_the_oracle(monkeypatch):
+    torch.manual_seed(5)
+    model = _BagClassifier().double()
+    reference = copy.deepcopy(model)
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    opt = DPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=1.0),
+        noise_multiplier=0.0,
+        max_grad_norm=0.1,
+        expected_batch_size=B,
+        loss_reduction="sum",
+    )
+    dense_reads = _count_dense_reads(monkeypatch)
+    for step in range(3):
+        x, y = _data(step + 7)
+        sums = clipped_sum_flat(_oracle_grads(reference, x, y), 0.1)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        _backward(gsm, x, y, "sum")
+        assert cached_grad_sample_norms(model.bag.weight, model.bag.weight.grad_sample)
+        opt.step()
+        _check_update(model, before, sums, "sum")
+        reference.load_state_dict(model.state_dict())
+    assert dense_reads == []
