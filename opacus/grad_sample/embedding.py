@@ -126,7 +126,9 @@ def embedding_bookkeeping(
     ):
         return None
     norms = compute_embedding_norm_sample(layer, activations, backprops)[weight]
-    clipped_sum = functools.partial(_clipped_weight_sum, layer, activations, backprops)
+    # The indices are the caller's input tensor (detached, not copied): the clipped sum, formed
+    # at the optimizer step, must not see an in-place change made since (a few bytes a token).
+    clipped_sum = functools.partial(_clipped_weight_sum, layer, [idx.clone()], backprops)
     return {weight: (norms, clipped_sum)}
 
 
@@ -259,7 +261,8 @@ def embeddingbag_bookkeeping(
     coef_sq = torch.zeros(max_batch_len, dtype=coef.dtype, device=coef.device)
     coef_sq.index_add_(0, owner, summed.square())
     norms = torch.linalg.vector_norm(backprops, dim=1) * coef_sq.sqrt()
-    clipped_sum = functools.partial(_bag_clipped_sum, layer, idx, bag, coef, backprops)
+    # ``idx`` may be a view of the caller's input: copied, as in ``embedding_bookkeeping``.
+    clipped_sum = functools.partial(_bag_clipped_sum, layer, idx.clone(), bag, coef, backprops)
     return {weight: (norms, clipped_sum)}
 
 

@@ -593,3 +593,29 @@ def test_embedding_bag_dp_step_uses_the_cache_and_matches_the_oracle(monkeypatch
         _check_update(model, before, sums, "sum")
         reference.load_state_dict(model.state_dict())
     assert dense_reads == []
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_input_changed_in_place_before_the_step_does_not_change_it(bag):
+    """A data loader may refill the same input tensor: the book-kept clipped sum (formed at the
+    step) uses the indices of the backward pass, as the per-sample gradients do."""
+    torch.manual_seed(6)
+    model = (_BagClassifier() if bag else _TokenClassifier()).double()
+    reference = copy.deepcopy(model)
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    opt = DPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=1.0),
+        noise_multiplier=0.0,
+        max_grad_norm=0.1,
+        expected_batch_size=B,
+        loss_reduction="sum",
+    )
+    x, y = _data(9)
+    sums = clipped_sum_flat(_oracle_grads(reference, x, y), 0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    _backward(gsm, x, y, "sum")
+    weight = (model.bag if bag else model.emb).weight
+    assert cached_grad_sample_norms(weight, weight.grad_sample)
+    x.copy_(_data(10)[0])
+    opt.step()
+    _check_update(model, before, sums, "sum")
