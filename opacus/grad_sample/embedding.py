@@ -1,8 +1,12 @@
 """Per-sample gradients of ``nn.Embedding`` and ``nn.EmbeddingBag``.
 
 A lookup's weight gradient is a scatter: row ``v`` receives the backprop of every position that
-reads ``v``.  Scattering into a per-sample ``(B, vocab, dim)`` buffer gives all per-sample
-gradients in one ``scatter_add``.  The norm sampler lives in ``embedding_norm_sample``.
+reads ``v``.  Adding the backprops row by row (``index_add_``) into a per-sample
+``(B, vocab, dim)`` buffer gives all per-sample gradients at once; the buffer is reused across
+steps and only the rows the previous step wrote are zeroed again (``buffers.reusable_row_zeros``).
+The norm sampler lives in ``embedding_norm_sample``.  Book-keeping (``embedding_bookkeeping``,
+``embeddingbag_bookkeeping``) hands the optimizer each sample's norm and the clipped sum from the
+indices and output gradients, so that it never reads the dense per-sample gradient.
 """
 
 import functools
