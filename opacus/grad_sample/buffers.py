@@ -14,7 +14,10 @@ The pool is keyed weakly by the layer: the buffers go when the layer goes.
 A sampler that writes only a few rows of a large zeroed buffer (an embedding's scatter) need not
 zero all of it again: ``reusable_row_zeros`` zeroes only the rows that its previous call recorded
 (``record_written_rows``) when that is provably enough: the same pooled buffer, and its
-version counter unchanged since the record (no in-place write through any view of it).
+version counter unchanged since the record (no in-place write through any view of it).  Writes
+that bypass autograd's version counter (through ``.data``, ``.numpy()`` or the storage) cannot
+be seen: a ``p.grad_sample`` modified that way must not be released back to the pool (keep a
+reference, or write into a copy).
 """
 
 import weakref
