@@ -10,10 +10,18 @@ CPU the samplers write into a buffer kept per (layer, slot) and reuse it on the 
 A buffer is reused only when nothing but the pool refers to its storage (no ``p.grad_sample``,
 view or user reference still alive), so a tensor that has been handed out is never overwritten.
 The pool is keyed weakly by the layer: the buffers go when the layer goes.
+
+A sampler that writes only a few rows of a large zeroed buffer (an embedding's scatter) need not
+zero all of it again: ``reusable_row_zeros`` zeroes only the rows that its previous call recorded
+(``record_written_rows``) when that is provably enough: the same pooled buffer, and its
+version counter unchanged since the record (no in-place write through any view of it).  Writes
+that bypass autograd's version counter (through ``.data``, ``.numpy()`` or the storage) cannot
+be seen: a ``p.grad_sample`` modified that way must not be released back to the pool (keep a
+reference, or write into a copy).
 """
 
 import weakref
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -21,6 +29,9 @@ import torch
 MIN_POOLED_BYTES = 1 << 20
 
 _pools: "weakref.WeakKeyDictionary[object, Dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+# ``owner -> {slot: (weakref to the pooled buffer, its _version after the writes, shape, rows)}``:
+# the only non-zero entries of that buffer are in ``rows`` of its ``(N, shape[-1])`` view.
+_scattered: "weakref.WeakKeyDictionary[object, Dict[str, tuple]]" = weakref.WeakKeyDictionary()
 
 
 # A private torch API (present since 2.1); without it nothing is pooled.
@@ -70,6 +81,58 @@ def reusable_empty(
     return buf.view(shape)
 
 
+def _written_rows(owner: object, slot: str, out: torch.Tensor) -> Optional[torch.Tensor]:
+    """The rows (of ``out`` seen as ``(N, D)``) that may hold non-zeros, or None if any may."""
+    try:
+        record = _scattered.get(owner, {}).pop(slot, None)
+    except TypeError:  # owner not weak-referenceable
+        return None
+    if record is None:
+        return None
+    buf_ref, version, shape, rows = record
+    base = out._base
+    if base is None or buf_ref() is not base or base._version != version or out.shape != shape:
+        return None
+    return rows
+
+
+def reusable_row_zeros(
+    owner: object,
+    slot: str,
+    shape: Sequence[int],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """A zero tensor of ``shape`` for ``owner``'s ``slot`` (``reusable_empty``'s buffer).
+
+    When it is the buffer of the previous call and ``record_written_rows`` described every
+    write into it since it was last zero, only those rows are zeroed; otherwise all of it.
+    """
+    out = reusable_empty(owner, slot, shape, dtype=dtype, device=device)
+    rows = _written_rows(owner, slot, out)
+    if rows is None:
+        return out.zero_()
+    out.view(-1, out.shape[-1]).index_fill_(0, rows, 0)
+    return out
+
+
+def record_written_rows(owner: object, slot: str, out: torch.Tensor, rows: torch.Tensor) -> None:
+    """After the last write into ``out`` (from ``reusable_row_zeros``): its non-zero entries all
+    lie in the rows ``rows`` (1-D indices into ``out`` seen as ``(N, out.shape[-1])``).  A copy
+    of ``rows`` is kept (the caller's tensor may change); any later in-place write into the
+    buffer, through any view, moves its version counter and voids the record."""
+    base = out._base
+    if base is None or not out.is_contiguous():
+        return  # not a pooled buffer: nothing to reuse
+    try:
+        slots = _scattered.setdefault(owner, {})
+    except TypeError:
+        return
+    slots[slot] = (weakref.ref(base), base._version, out.shape, rows.detach().clone())
+
+
 def release_buffers() -> None:
     """Drop every pooled buffer (e.g. before measuring a step's peak memory)."""
     _pools.clear()
+    _scattered.clear()

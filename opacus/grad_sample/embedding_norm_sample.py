@@ -3,7 +3,9 @@
 Sample ``i``'s weight gradient has one non-zero row per distinct index ``v`` it looks up, equal to
 the sum of the backprops at the positions holding ``v``.  So
 ``||g_i||^2 = sum_v ||sum_{t: idx_t = v} b_{i,t}||^2``: group the (sample, index) pairs, sum each
-group's backprops, and add up the squared norms per sample; memory ``O(B * T * dim)``.  The
+group's backprops, and add up the squared norms per sample.  A row read once contributes its
+position's squared norm directly, so only rows read several times by a sample are summed into a
+working copy: memory ``O(B * T + R * dim)`` for ``R`` such rows.  The
 clipped sum ``sum_i c_i g_i`` (book-keeping, Bu et al. 2023) is one scatter of the re-weighted
 backprops into a ``(vocab, dim)`` gradient.
 """
@@ -40,26 +42,40 @@ def compute_embedding_norm_sample(
     idx = _indices(activations)
     batch, vocab = idx.shape[0], layer.num_embeddings
     idx = idx.reshape(batch, -1)
-    b = backprops.reshape(batch, idx.shape[1], -1)
-    sample = torch.arange(batch, device=idx.device).unsqueeze(1).expand_as(idx)
-    keys = (sample * vocab + idx).reshape(-1)
-    b = b.reshape(-1, b.shape[-1])
+    b = backprops.reshape(-1, backprops.shape[-1])
     if b.dtype in (torch.float16, torch.bfloat16):
         # Squared norms of half-precision rows overflow / lose precision: sum in float32.
         b = b.float()
-    if layer.padding_idx is not None:
-        b = b * (idx.reshape(-1) != layer.padding_idx).unsqueeze(1).to(b.dtype)
-    unique_keys, group = torch.unique(keys, return_inverse=True)
-    summed = torch.zeros(unique_keys.shape[0], b.shape[1], dtype=b.dtype, device=b.device)
-    summed.index_add_(0, group, b)
-    if layer.scale_grad_by_freq:
-        counts = torch.bincount(group, minlength=unique_keys.shape[0]).to(b.dtype)
-        summed = summed / counts.unsqueeze(1)
-    norms_sq = torch.zeros(batch, dtype=b.dtype, device=b.device)
-    owner = torch.div(unique_keys, vocab, rounding_mode="floor")
-    # vector_norm reduces without a (K, dim) squared copy (long sequences: K ~ B * T).
-    norms_sq.index_add_(0, owner, torch.linalg.vector_norm(summed, dim=1).square_())
+    sample = torch.arange(batch, device=idx.device).unsqueeze(1).expand_as(idx).reshape(-1)
+    keys = sample * vocab + idx.reshape(-1)
+    unique_keys, group, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+    live = None if layer.padding_idx is None else unique_keys % vocab != layer.padding_idx
+    # A row read once is that position's backprop: its squared norm, no copy of the row.
+    single = counts == 1 if live is None else (counts == 1) & live
+    sq = torch.linalg.vector_norm(b, dim=1).square_() * single[group].to(b.dtype)
+    norms_sq = torch.zeros(batch, dtype=b.dtype, device=b.device).index_add_(0, sample, sq)
+    _add_repeated_rows(layer, norms_sq, b, unique_keys, group, counts, live)
     return {layer.weight: norms_sq.sqrt()}
+
+
+def _add_repeated_rows(layer, norms_sq, b, unique_keys, group, counts, live) -> None:
+    """Add the squared norms of the rows read several times by a sample: the sum of their
+    backprops (divided by the count with ``scale_grad_by_freq``).  Only these ``R`` rows get a
+    working copy ``(R + 1, dim)``: memory ``O(R * dim)``, not ``O(B * T * dim)``."""
+    repeated = counts > 1 if live is None else (counts > 1) & live
+    n_rows = int(repeated.sum())
+    if n_rows == 0:
+        return
+    slot = torch.cumsum(repeated, 0) - 1
+    # Positions of other rows go to a spare last row, dropped afterwards.
+    target = torch.where(repeated, slot, n_rows)[group]
+    summed = torch.zeros(n_rows + 1, b.shape[1], dtype=b.dtype, device=b.device)
+    summed = summed.index_add_(0, target, b)[:n_rows]
+    if layer.scale_grad_by_freq:
+        summed = summed / counts[repeated].unsqueeze(1).to(b.dtype)
+    owner = torch.div(unique_keys[repeated], layer.num_embeddings, rounding_mode="floor")
+    # vector_norm reduces without a squared copy.
+    norms_sq.index_add_(0, owner, torch.linalg.vector_norm(summed, dim=1).square_())
 
 
 @register_clipped_sum_sampler(nn.Embedding)

@@ -30,6 +30,12 @@ from opacus.grad_sample.batch_norm import (
     uses_batch_statistics,
 )
 from opacus.grad_sample.call_capture import CallCapture
+from opacus.grad_sample.embedding import (
+    compute_embedding_grad_sample,
+    compute_embeddingbag_gradsampler,
+    embedding_bookkeeping,
+    embeddingbag_bookkeeping,
+)
 from opacus.grad_sample.functorch import (
     FT_COMPUTE_SAMPLE_GRAD_ATTR,
     _check_preparable,
@@ -204,6 +210,19 @@ def _bookkept_linear_norms(
     if module.bias is not None and module.bias in norms:
         out[module.bias] = (norms[module.bias], None)
     return out
+
+
+def _bookkept_norms(
+    module: nn.Module, sampler, activations: List, backprops: torch.Tensor, max_batch_len: int
+) -> Optional[Dict[nn.Parameter, tuple]]:
+    """Book-kept norms (see ``_bookkept_linear_norms``) of a 2-D-input ``nn.Linear``, an
+    ``nn.Embedding`` or an ``nn.EmbeddingBag`` (``opacus.grad_sample.embedding``), by the
+    layer's grad sampler; else None."""
+    if sampler is compute_embedding_grad_sample:
+        return embedding_bookkeeping(module, activations, backprops, max_batch_len)
+    if sampler is compute_embeddingbag_gradsampler:
+        return embeddingbag_bookkeeping(module, activations, backprops, max_batch_len)
+    return _bookkept_linear_norms(module, sampler, activations, backprops, max_batch_len)
 
 
 def _linear_clipped_weight_sum(module, activations, backprops, factors) -> torch.Tensor:
@@ -979,7 +998,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         grad_samples = self._per_sample_grads(module, activations, backprops)
         norms = None
         if only_call:
-            norms = _bookkept_linear_norms(module, sampler, activations, backprops, max_batch_len)
+            norms = _bookkept_norms(module, sampler, activations, backprops, max_batch_len)
         self._accumulate(grad_samples, max_batch_len, norms)
 
     def _flush_deferred(self) -> None:
