@@ -29,6 +29,7 @@ from opacus.grad_sample.batch_norm import (
     is_batch_norm,
     uses_batch_statistics,
 )
+from opacus.grad_sample.buffers import is_unshared_buffer
 from opacus.grad_sample.functorch import (
     FT_COMPUTE_SAMPLE_GRAD_ATTR,
     _check_preparable,
@@ -117,9 +118,14 @@ def create_or_accumulate_grad_sample(
             current = grad_sample.new_zeros((max_batch_len, *grad_sample.shape[1:]))
             current[:batch] = grad_sample
             param._current_grad_sample = current
+    elif grad_sample is current:
+        pass  # the sampler added its contribution into ``current`` itself (a tied embedding)
     elif batch == current.shape[0]:
-        # Out of place: the first contribution may alias a tensor autograd still owns.
-        param._current_grad_sample = current + grad_sample
+        if is_unshared_buffer(current):
+            current.add_(grad_sample)  # a pooled buffer nobody else sees: no fresh tensor
+        else:
+            # Out of place: the first contribution may alias a tensor autograd still owns.
+            param._current_grad_sample = current + grad_sample
     else:
         param._current_grad_sample = torch.cat([current[:batch] + grad_sample, current[batch:]])
 
