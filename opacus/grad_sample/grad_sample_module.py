@@ -159,6 +159,19 @@ GRAD_SAMPLE_NORMS_ATTR = "_grad_sample_norms"
 _EXACT_NORM_DTYPES = (torch.float32, torch.float64)
 
 
+def _scale_input_instead(module: nn.Module, sampler, activations: List, backprops) -> bool:
+    """True if the "mean" factor is cheaper applied to the input: an ``nn.Linear`` without a
+    trainable bias (a language model's head, 16x more outputs than inputs), whose per-sample
+    gradient ``sum_t b_t a_t^T`` is bilinear in its input and output gradient."""
+    bias = getattr(module, "bias", None)
+    return (
+        sampler is compute_linear_grad_sample
+        and len(activations) == 1
+        and (bias is None or not bias.requires_grad)
+        and activations[0].numel() < backprops.numel()
+    )
+
+
 def _bookkept_linear_norms(
     module: nn.Module,
     sampler,
@@ -1035,7 +1048,10 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 # book-keeping here.)
                 self._accumulate({p: g * scale for p, g in grad_samples.items()}, max_batch_len)
                 return
-            backprops = backprops * scale
+            if _scale_input_instead(module, sampler, activations, backprops):
+                activations = [activations[0] * scale]
+            else:
+                backprops = backprops * scale
         if (
             not only_call
             and backprops.shape[0] > 0

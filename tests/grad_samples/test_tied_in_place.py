@@ -251,3 +251,47 @@ def test_head_added_in_place_into_the_embeddings_buffer():
     assert model.wte.weight.grad_sample.data_ptr() == pooled.data_ptr()
     got = {n: p.grad_sample for n, p in model.named_parameters()}
     assert_grad_samples_close(got, _oracle(twin, x), atol=1e-10, rtol=1e-8)
+
+
+class _TwoCallHead(nn.Module):
+    """A bias-free head called twice (its calls are contracted together at the end)."""
+
+    def __init__(self, bias=False):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 9, bias=bias)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x))) + self.head(x)
+
+
+@pytest.mark.parametrize("kind", ["tied_lm", "gpt2", "two_call_head", "biased_head"])
+def test_mean_reduction_scales_a_bias_free_heads_input(kind, monkeypatch):
+    """Under ``loss_reduction="mean"`` the factor B goes to a bias-free head's (smaller) input
+    rather than to its output gradient (not with a trainable bias, whose gradient does not see
+    the input); the per-sample gradients are the oracle's."""
+    from opacus.grad_sample import grad_sample_module as core
+
+    torch.manual_seed(5)
+    batch = 3
+    if kind in ("two_call_head", "biased_head"):
+        model = _TwoCallHead(bias=kind == "biased_head").double()
+        x = torch.randn(batch, 5, 4, dtype=torch.float64)
+    else:
+        build, vocab = BUILDERS[kind]
+        # T < dim < vocab: the head's input is its smallest operand (as in a real LM).
+        model, x = build().double(), _batch(kind, batch, 2 if kind == "tied_lm" else 5, vocab)
+    twin = copy.deepcopy(model)
+    gsm = GradSampleModule(model, loss_reduction="mean")
+    taken = []
+    original = core._scale_input_instead
+
+    def spy(*args):
+        taken.append(original(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(core, "_scale_input_instead", spy)
+    (_loss(gsm(x)) / batch).backward()
+    assert any(taken) == (kind != "biased_head")  # the head's input was scaled
+    got = {n: p.grad_sample for n, p in model.named_parameters()}
+    assert_grad_samples_close(got, _oracle(twin, x), atol=1e-10, rtol=1e-8)
