@@ -75,6 +75,7 @@ def reusable_empty(
     if buf is not None and buf.shape == shape and buf.dtype == dtype and _only_the_pool_holds(buf):
         return buf.view(shape)
     buf = torch.empty(shape, dtype=dtype, device=device)
+    buf._opacus_pooled = True  # marks the pool's own tensor, for ``is_unshared_buffer``
     pool[slot] = buf
     # Hand out a distinct tensor on the same storage: every holder of it then counts as a
     # reference to the storage, which ``_only_the_pool_holds`` sees.
@@ -130,6 +131,24 @@ def record_written_rows(owner: object, slot: str, out: torch.Tensor, rows: torch
     except TypeError:
         return
     slots[slot] = (weakref.ref(base), base._version, out.shape, rows.detach().clone())
+
+
+def is_unshared_buffer(t: torch.Tensor) -> bool:
+    """True if ``t`` was handed out by :func:`reusable_empty` and no other tensor shares its
+    storage (the pool's own tensor aside): writing into ``t`` in place then changes nothing that
+    a user, autograd or another per-sample gradient can see.
+
+    Any other tensor answers False: a sampler's output may alias a tensor autograd still owns.
+    """
+    base = t._base
+    return (
+        _storage_use_count is not None
+        and base is not None
+        and getattr(base, "_opacus_pooled", False)
+        and not t.requires_grad
+        # The pool's tensor, ``t`` and the temporary ``untyped_storage()``.
+        and _storage_use_count(t.untyped_storage()._cdata) == 3
+    )
 
 
 def release_buffers() -> None:

@@ -15,7 +15,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from opacus.grad_sample.buffers import record_written_rows, reusable_row_zeros
+from opacus.grad_sample.buffers import (
+    is_unshared_buffer,
+    record_written_rows,
+    reusable_row_zeros,
+)
 from opacus.grad_sample.embedding_norm_sample import (
     compute_embedding_clipped_sum,
     compute_embedding_norm_sample,
@@ -53,6 +57,26 @@ def _scatter_rows(
     return out, rows
 
 
+def _expanded(index: torch.Tensor, dim: int) -> torch.Tensor:
+    return index.unsqueeze(-1).expand(-1, -1, dim)
+
+
+def _tied_buffer(layer: nn.Embedding, b: torch.Tensor):
+    """The per-sample gradient another layer already stored for ``layer.weight`` in this pass,
+    if the embedding may add into it in place (a pooled buffer no one else holds, of the full
+    batch and dtype; no padding row or frequency scaling to apply to the embedding's part)."""
+    current = getattr(layer.weight, "_current_grad_sample", None)
+    if (
+        current is None
+        or layer.padding_idx is not None
+        or layer.scale_grad_by_freq
+        or current.shape != (b.shape[0], *layer.weight.shape)
+        or not (current.dtype == b.dtype == layer.weight.dtype)
+    ):
+        return None
+    return current if is_unshared_buffer(current) else None
+
+
 @register_grad_sampler(nn.Embedding)
 def compute_embedding_grad_sample(
     layer: nn.Embedding, activations: torch.Tensor, backprops: torch.Tensor
@@ -74,6 +98,11 @@ def compute_embedding_grad_sample(
     batch = idx.shape[0]
     idx = idx.reshape(batch, -1)
     b = backprops.reshape(batch, idx.shape[1], layer.embedding_dim)
+    tied = _tied_buffer(layer, b)
+    if tied is not None:
+        # A weight shared with a layer whose hook ran first in this pass (a language model's
+        # head): add the looked-up rows into its per-sample gradient in place.
+        return {layer.weight: tied.scatter_add_(1, _expanded(idx, b.shape[2]), b)}
     if layer.scale_grad_by_freq:
         # Each position's backprop divided by its index's count in the sample (as torch's own
         # backward does), before the rows are summed: no pass over the dense gradient.

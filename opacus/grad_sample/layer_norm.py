@@ -46,7 +46,8 @@ def compute_layer_norm_grad_sample(
     ret = {}
     if layer.weight is not None and layer.weight.requires_grad:
         x_hat = F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
-        ret[layer.weight] = sum_over_all_but_batch_and_last_n(x_hat * backprops, n_dims)
+        # In place: x_hat is ours, and a fresh product would cost a page fault per 4 KiB.
+        ret[layer.weight] = sum_over_all_but_batch_and_last_n(x_hat.mul_(backprops), n_dims)
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = sum_over_all_but_batch_and_last_n(backprops, n_dims)
     return ret

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opacus.grad_sample.embedding import compute_embedding_norm_sample
-from opacus.grad_sample.linear import compute_linear_norm_sample
+from opacus.grad_sample.linear import _gram_norm_is_cheaper, compute_linear_norm_sample
 from opacus.grad_sample.registry import NORM_SAMPLERS
 from tests.oracle import brute_force_grad_samples
 
@@ -48,17 +48,28 @@ def test_linear_norms(batch, middle, d_in, d_out, bias):
 @pytest.mark.parametrize(
     "seq, d_in, d_out",
     [
-        (3, 4, 5),  # T^2 = 9 <= 20: Gram-matrix (ghost) path.
-        (12, 2, 3),  # T^2 = 144 > 6: the per-sample gradient is smaller, materialise it.
+        (3, 8, 8),  # T (d_in + d_out) = 48 <= 64 = d_in d_out: Gram-matrix (ghost) path.
+        (3, 4, 5),  # 27 > 20: fewer flops to materialise the gradient (T^2 = 9 <= 20 though).
+        (12, 2, 3),  # 60 > 6: materialise.
         (1, 4, 4),  # T = 1: the rank-one product of norms.
     ],
 )
 def test_linear_norm_paths(seq, d_in, d_out):
+    assert _gram_norm_is_cheaper(seq, d_in, d_out) == (seq * (d_in + d_out) <= d_in * d_out)
     torch.manual_seed(0)
     layer = nn.Linear(d_in, d_out).double()
     x = torch.randn(3, seq, d_in, dtype=torch.float64)
     r = torch.randn(3, seq, d_out, dtype=torch.float64)
     check_norms(layer, compute_linear_norm_sample, x, r)
+
+
+def test_gram_or_materialised_by_flops():
+    """The GPT-2 benchmark's layers (batch 8, width 256): at sequence 128 every Conv1D and the
+    4096-way head take the Gram matrices (2 T^2 (in + out) <= 2 T in out flops); at 512 the
+    per-sample gradient is cheaper for all of them."""
+    for d_in, d_out in [(256, 768), (256, 256), (256, 1024), (1024, 256), (256, 4096)]:
+        assert _gram_norm_is_cheaper(128, d_in, d_out)
+        assert not _gram_norm_is_cheaper(512, d_in, d_out)
 
 
 def test_linear_norms_float32_and_frozen():

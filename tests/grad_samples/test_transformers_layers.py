@@ -97,9 +97,10 @@ def test_conv1d(batch, middle, nx, nf, frozen):
     check_all_three(layer, x, r, EXACT)
 
 
-@pytest.mark.parametrize("seq, nx, nf", [(3, 4, 5), (12, 2, 3), (1, 4, 4)])
+@pytest.mark.parametrize("seq, nx, nf", [(3, 8, 8), (3, 4, 5), (12, 2, 3), (1, 4, 4)])
 def test_conv1d_norm_paths(seq, nx, nf):
-    """Gram-matrix path, materialised path (T^2 > nx * nf) and the one-position product."""
+    """Gram-matrix path, materialised path (T (nx + nf) > nx * nf) and the one-position
+    product."""
     torch.manual_seed(0)
     layer = Conv1D(nf, nx).double()
     x = torch.randn(3, seq, nx, dtype=torch.float64)
