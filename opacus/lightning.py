@@ -7,11 +7,14 @@ from typing import Optional
 
 import torch
 
+# ``pytorch_lightning`` first (the package Opacus 1.6 builds on); the unified ``lightning``
+# package where it is the only one installed. Where both are, Lightning's own checks refuse a
+# data module of one package in a Trainer of the other: use ``pytorch_lightning.Trainer``.
 try:
-    import lightning.pytorch as pl
+    import pytorch_lightning as pl
 except ImportError:
     try:
-        import pytorch_lightning as pl
+        import lightning.pytorch as pl
     except ImportError as e:
         raise ImportError(
             "opacus.lightning needs PyTorch Lightning: `pip install pytorch-lightning` (or "

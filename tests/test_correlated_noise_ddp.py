@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from opacus import PrivacyEngine
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.uniform_sampler import CyclicPoissonSampler
+from tests.optimizers.dp_reference import START_METHOD
 from tests.test_correlated_noise import dense_c
 
 WORLD_SIZE, N, BATCH, DIM, BANDS, STEPS, LR = 2, 32, 8, 16, 2, 3, 1.0
@@ -62,7 +63,7 @@ def test_two_process_banded_mf():
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "store")
         mp.start_processes(
-            _worker, args=(init_file, tmp), nprocs=WORLD_SIZE, join=True, start_method="fork"
+            _worker, args=(init_file, tmp), nprocs=WORLD_SIZE, join=True, start_method=START_METHOD
         )
         results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
 

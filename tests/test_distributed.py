@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from opacus import PrivacyEngine
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.distributed import average_gradients
+from tests.optimizers.dp_reference import START_METHOD
 from tests.oracle import brute_force_grad_samples
 
 WORLD_SIZE = 2
@@ -107,7 +108,7 @@ def _run_two_processes():
         init_file = os.path.join(tmp, "store")
         # fork: the children inherit the imported torch/opacus (spawn re-imports: ~10 s more).
         mp.start_processes(
-            _worker, args=(init_file, tmp), nprocs=WORLD_SIZE, join=True, start_method="fork"
+            _worker, args=(init_file, tmp), nprocs=WORLD_SIZE, join=True, start_method=START_METHOD
         )
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
 

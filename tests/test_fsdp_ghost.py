@@ -18,6 +18,7 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping_fsdp import (
 from tests.optimizers.dp_reference import (
     batch,
     clipped_sum_flat,
+    cpu_mesh,
     init_gloo,
     oracle_grad_samples,
     run_distributed,
@@ -52,7 +53,7 @@ def _worker(rank, world_size, init_file):
     init_gloo(rank, world_size, init_file)
     try:
         reference = small_model(seed=0)
-        model = FSDP2Wrapper(copy.deepcopy(reference))
+        model = FSDP2Wrapper(copy.deepcopy(reference), mesh=cpu_mesh(world_size))
         assert all(type(p).__name__ == "DTensor" for p in model.parameters())
         gsm = GradSampleModuleFastGradientClippingFSDP(model, max_grad_norm=C)
         opt = FSDPOptimizerFastGradientClipping(
@@ -92,7 +93,9 @@ def _worker(rank, world_size, init_file):
         with pytest.raises(NotImplementedError, match="force_functorch"):
             GradSampleModuleFastGradientClippingFSDP(model, force_functorch=True)
         torch.manual_seed(0)
-        odd = FSDP2Wrapper(nn.Sequential(nn.Linear(5, 3).double(), _NoSampler()))
+        odd = FSDP2Wrapper(
+            nn.Sequential(nn.Linear(5, 3).double(), _NoSampler()), mesh=cpu_mesh(world_size)
+        )
         odd_gsm = GradSampleModuleFastGradientClippingFSDP(odd, max_grad_norm=C)
         with pytest.raises(NotImplementedError, match="no registered grad sampler"):
             odd_gsm(x)

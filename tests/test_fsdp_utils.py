@@ -17,6 +17,7 @@ from opacus.utils.fsdp_utils import (
     has_trainable_params,
     iterate_submodules,
 )
+from tests.optimizers.dp_reference import cpu_mesh
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not dist.is_available() or not hasattr(fsdp, "fully_shard"):
@@ -87,7 +88,7 @@ def _worker(rank, world_size, init_file, result_file):
         xs = [
             torch.randn(6, 5, generator=torch.Generator().manual_seed(r)) for r in range(world_size)
         ]
-        wrapped = FSDP2Wrapper(model)
+        wrapped = FSDP2Wrapper(model, mesh=cpu_mesh(world_size))
         assert wrapped is model and isinstance(model, FSDPModule)
         sharded = {name for name, m in model.named_modules() if name and isinstance(m, FSDPModule)}
         out = model(xs[rank]).pow(2).mean()

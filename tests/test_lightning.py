@@ -47,6 +47,12 @@ from opacus.data_loader import DPDataLoader  # noqa: E402
 from opacus.lightning import DPLightningDataModule  # noqa: E402
 
 
+def test_data_module_is_a_pytorch_lightning_data_module():
+    """Where both ``pytorch_lightning`` and ``lightning`` are installed (a GPU image had both),
+    Opacus 1.6's package wins: a ``pytorch_lightning.Trainer`` accepts the wrapped module."""
+    assert issubclass(DPLightningDataModule, pl.LightningDataModule)
+
+
 def _dataset(n, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=g)

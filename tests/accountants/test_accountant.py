@@ -7,7 +7,6 @@ import math
 import pathlib
 from types import SimpleNamespace
 
-import mccabe
 import numpy as np
 import pytest
 import torch
@@ -455,6 +454,7 @@ def test_steps_from_epochs_errors(epochs, q, match):
 
 def test_accountants_code_is_simple():
     """Issue 17: every function in opacus/accountants has McCabe complexity <= 10."""
+    mccabe = pytest.importorskip("mccabe")  # flake8's; absent where flake8 is not installed
     root = pathlib.Path(accountants.__file__).parent
     too_complex = []
     for path in root.rglob("*.py"):

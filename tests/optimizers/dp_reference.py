@@ -149,3 +149,18 @@ def init_gloo(rank: int, world_size: int, init_file: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
+
+
+#: Start method of the multi-process tests' ranks. ``fork`` is fast, but where CUDA is present
+#: the parent's autograd engine may already run device threads, which a forked child cannot
+#: use ("Unable to handle autograd's threading in combination with fork-based
+#: multiprocessing"): there the ranks are spawned.
+START_METHOD = "spawn" if torch.cuda.is_available() else "fork"
+
+
+def cpu_mesh(world_size: int):
+    """A one-dimensional CPU device mesh over the gloo ranks: ``fully_shard`` without a mesh
+    takes the accelerator's device type where one is present, and these tests run on CPU."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (world_size,))
