@@ -338,6 +338,25 @@ class _HookHandles:
         self.remove()
 
 
+_BAG_ARGS = ("input", "offsets", "per_sample_weights")
+
+
+def _bag_kwargs_to_args(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of an ``nn.EmbeddingBag``: ``offsets=`` / ``per_sample_weights=`` passed
+    by keyword become positional, so the capture hook (which sees positional inputs only) and
+    the grad sampler see them; ignoring them would give wrong per-sample gradients."""
+    if not any(name in kwargs for name in _BAG_ARGS):
+        return None
+    merged = list(args) + [None] * (len(_BAG_ARGS) - len(args))
+    kwargs = dict(kwargs)
+    for i, name in enumerate(_BAG_ARGS):
+        if name in kwargs:
+            merged[i] = kwargs.pop(name)
+    while len(merged) > 1 and merged[-1] is None:
+        merged.pop()
+    return tuple(merged), kwargs
+
+
 def _walk_hook_targets(module: nn.Module, has_sampler: Callable[[nn.Module], bool]):
     """Yield the modules to hook, each covering its whole subtree (Opacus 1.6's walk).
 
@@ -663,6 +682,10 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 # it also gives the output its gradient path (the output-gradient side).
                 gradient_side.append(
                     module.register_forward_hook(switch.after_forward, always_call=True)
+                )
+            if isinstance(module, nn.EmbeddingBag):
+                forward_side.append(
+                    module.register_forward_pre_hook(_bag_kwargs_to_args, with_kwargs=True)
                 )
             forward_side.append(module.register_forward_hook(self.capture_activations_hook))
             handles += [_HookHandles(forward_side), _HookHandles(gradient_side)]

@@ -159,3 +159,63 @@ def test_embedding_bag_errors():
         compute_embeddingbag_gradsampler(
             bag, [torch.zeros(3, dtype=torch.long), torch.tensor([0, 1])], torch.zeros(3, 2)
         )
+
+
+class KeywordBags(Bags):
+    """As ``Bags``, but passes ``offsets`` and ``per_sample_weights`` to the bag by keyword."""
+
+    def forward(self, padded, lengths, weights):
+        idx, offsets, w = self.flat_inputs(padded, lengths, weights)
+        return self.bag(idx, offsets=offsets, per_sample_weights=w)
+
+
+class KeywordWeights2d(nn.Module):
+    def __init__(self, bag: nn.EmbeddingBag):
+        super().__init__()
+        self.bag = bag
+
+    def forward(self, idx, weights):
+        return self.bag(idx, per_sample_weights=weights)
+
+
+def _keyword_case(two_d: bool):
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(6, 3, mode="sum").double()
+    if two_d:
+        model = KeywordWeights2d(bag)
+        inputs = [torch.randint(0, 6, (3, 4)), torch.randn(3, 4, dtype=torch.float64)]
+    else:
+        model = KeywordBags(bag)
+        inputs = [
+            torch.randint(0, 6, (3, 4)),
+            torch.tensor([4, 2, 3]),
+            torch.randn(3, 4, dtype=torch.float64),
+        ]
+    r = torch.randn(3, 3, dtype=torch.float64)
+    return model, inputs, r
+
+
+@pytest.mark.parametrize("two_d", [False, True])
+@pytest.mark.parametrize("force_functorch", [False, True])
+def test_embedding_bag_keyword_arguments_reach_the_grad_sampler(two_d, force_functorch):
+    """``offsets=`` / ``per_sample_weights=`` passed by keyword were invisible to the capture
+    hook (positional inputs only): the weights were dropped from the per-sample gradients."""
+    from opacus.grad_sample import GradSampleModule
+
+    model, inputs, r = _keyword_case(two_d)
+    expected = brute_force_grad_samples(model, inputs, loss_fn=dot_loss, targets=r)
+    gsm = GradSampleModule(model, loss_reduction="sum", force_functorch=force_functorch)
+    dot_loss(gsm(*inputs), r).backward()
+    got = {"bag.weight": model.bag.weight.grad_sample}
+    assert_grad_samples_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("two_d", [False, True])
+def test_embedding_bag_keyword_arguments_reach_the_ghost_norms(two_d):
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    model, inputs, r = _keyword_case(two_d)
+    expected = brute_force_grad_samples(model, inputs, loss_fn=dot_loss, targets=r)["bag.weight"]
+    gsm = GradSampleModuleFastGradientClipping(model, loss_reduction="sum", max_grad_norm=1.0)
+    dot_loss(gsm(*inputs), r).backward()
+    torch.testing.assert_close(gsm.get_norm_sample(), expected.flatten(1).norm(dim=1))
