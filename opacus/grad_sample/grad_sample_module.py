@@ -224,7 +224,10 @@ def _bookkept_linear_norms(
     norms = registry.NORM_SAMPLERS[nn.Linear](module, activations, backprops)
     out = {}
     if module.weight in norms:
-        clipped_sum = functools.partial(_linear_clipped_weight_sum, module, activations, backprops)
+        versions = [t._version for t in (a, backprops)]
+        clipped_sum = functools.partial(
+            _linear_clipped_weight_sum, module, activations, backprops, versions
+        )
         out[module.weight] = (norms[module.weight], clipped_sum)
     if module.bias is not None and module.bias in norms:
         out[module.bias] = (norms[module.bias], None)
@@ -244,8 +247,17 @@ def _bookkept_norms(
     return _bookkept_linear_norms(module, sampler, activations, backprops, max_batch_len)
 
 
-def _linear_clipped_weight_sum(module, activations, backprops, factors) -> torch.Tensor:
-    """``sum_i factors[i] * outer(b[i], a[i])``: the book-kept clipped sum of the weight."""
+def _linear_clipped_weight_sum(
+    module, activations, backprops, versions, factors
+) -> Optional[torch.Tensor]:
+    """``sum_i factors[i] * outer(b[i], a[i])``: the book-kept clipped sum of the weight.
+
+    None if the layer's input or output gradient was written in place since the backward pass
+    (e.g. a batch buffer refilled before ``step()``): the sum would then mix the new values with
+    norms of the old ones, i.e. not be clipped; the optimizer falls back to ``p.grad_sample``.
+    """
+    if [t._version for t in (activations[0], backprops)] != versions:
+        return None
     return registry.CLIPPED_SUM_SAMPLERS[nn.Linear](module, activations, backprops, factors)[
         module.weight
     ]

@@ -74,7 +74,10 @@ def _param_norms(grad_samples: Sequence[torch.Tensor], entries: List) -> List[to
 def _clipped_sum(factors: torch.Tensor, grad_sample: torch.Tensor, entry) -> torch.Tensor:
     if entry is None or entry[1] is None:
         return weighted_sum(factors, grad_sample)
-    return entry[1](factors).reshape(grad_sample.shape[1:])
+    out = entry[1](factors)  # None: the book-kept inputs changed since the backward pass
+    if out is None:
+        return weighted_sum(factors, grad_sample)
+    return out.reshape(grad_sample.shape[1:])
 
 
 def per_sample_norms(

@@ -31,7 +31,8 @@ from opacus.optimizers.utils import params
 # Set by the hooks (opacus.grad_sample.grad_sample_module) for parameters whose per-sample norms
 # they could compute exactly and cheaply (book-keeping, Bu et al. 2023): ``(weakref to the
 # grad_sample tensor, its _version then, norms of shape (batch,), clipped_sum)`` where
-# ``clipped_sum`` is None or ``factors -> sum_i factors[i] * grad_sample[i]`` (see
+# ``clipped_sum`` is None or ``factors -> sum_i factors[i] * grad_sample[i]`` (or None where its
+# inputs changed since the backward pass: then the dense sum is taken; see
 # ``opacus.optimizers.clipping.Bookkeeping``).  A weak reference,
 # so the cache neither keeps a dropped grad_sample alive nor blocks the reuse of its buffer.
 GRAD_SAMPLE_NORMS_ATTR = "_grad_sample_norms"

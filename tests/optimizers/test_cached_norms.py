@@ -301,3 +301,35 @@ def test_hooks_book_keeping_uses_ghost_clippings_samplers(monkeypatch):
     opt.step()
     assert any(calls)  # the step formed the weights' clipped sums with the ghost sampler
     check_update(gsm, before, expected)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_input_written_in_place_before_step_falls_back_to_the_stored_gradients(per_layer):
+    """The book-kept clipped sum of a Linear is formed at ``step()`` from the layer's input,
+    while its norms were taken at backward time: a batch buffer refilled (written in place)
+    between ``backward()`` and ``step()`` must not enter the sum (its samples would not be
+    clipped). The optimizer sees the version change and sums ``p.grad_sample`` instead."""
+    torch.manual_seed(0)
+    model, reference = mlp(), mlp()
+    reference.load_state_dict(model.state_dict())
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    c = [0.5, 0.5, 0.5, 0.5] if per_layer else 0.5
+    cls = DPPerLayerOptimizer if per_layer else DPOptimizer
+    opt = cls(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=0.0,
+        max_grad_norm=c,
+        expected_batch_size=B,
+        loss_reduction="sum",
+    )
+    x, y = data("mlp")
+    original = x.clone()
+    ce_loss(gsm(x), y).backward()
+    assert getattr(model[0].weight, GRAD_SAMPLE_NORMS_ATTR, None) is not None  # book-kept
+    x.mul_(50.0)  # the loader refills its buffer before the step
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    gs = oracle(reference, original, y)
+    sums = clipped_sum_per_layer(gs, c) if per_layer else clipped_sum_flat(gs, c)
+    for p, p0, s in zip(model.parameters(), before, sums):
+        torch.testing.assert_close(p0 - p.detach(), s)
