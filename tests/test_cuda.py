@@ -47,6 +47,7 @@ from opacus.optimizers.noise import SECURE_RESAMPLING_N  # noqa: E402,F401
 from opacus.utils.batch_memory_manager import BatchMemoryManager  # noqa: E402
 from opacus.utils.fast_gradient_clipping_utils import double_backward  # noqa: E402
 from tests.grad_samples.ghost_stubs import BoundOnly  # noqa: E402
+from tests.grad_samples.test_mixed_precision import BF16_RTOL, ConvNet, TokenNet  # noqa: E402
 from tests.oracle import brute_force_grad_samples, grad_samples_of  # noqa: E402
 
 try:
@@ -540,29 +541,8 @@ def test_banded_mf_engine_run_on_device():
 
 
 # ----------------------------------------------------------------------------- mixed precision
-BF16_RTOL = 5e-2
-
-
-class _TokenNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(20, 8)
-        self.fc1 = nn.Linear(8, 16)
-        self.norm = nn.LayerNorm(16)
-        self.fc2 = nn.Linear(16, 3)
-
-    def forward(self, tokens):
-        return self.fc2(self.norm(torch.relu(self.fc1(self.emb(tokens))))).mean(dim=1)
-
-
-class _ConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 5 * 5, 3)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
+# The models and tolerance of the CPU suite's mixed-precision tests.
+_TokenNet, _ConvNet = TokenNet, ConvNet
 
 
 def _rel_err(actual, expected):
