@@ -823,8 +823,8 @@ class GradSampleHooks(AbstractGradSampleHooks):
             if not torch.is_tensor(offsets):
                 raise ValueError(
                     f"layer '{self._module_names[module]}' (EmbeddingBag) got a 1-D input without "
-                    "positional offsets: pass them positionally, bag(input, offsets), so that "
-                    "the hooks can tell the bags (the samples) apart"
+                    "offsets: pass them, bag(input, offsets), so that the hooks can tell the bags "
+                    "(the samples) apart"
                 )
             return offsets.shape[0] - (1 if module.include_last_offset else 0)
         return output.shape[0]

@@ -418,9 +418,12 @@ def test_embedding_bag_in_a_model_and_include_last_offset():
 def test_embedding_bag_errors_are_clear():
     with pytest.raises(NotImplementedError, match="mode='max'"):
         GradSampleModule(nn.EmbeddingBag(4, 2, mode="max"))
-    gsm = GradSampleModule(nn.EmbeddingBag(4, 2))
-    with pytest.raises(ValueError, match="without positional offsets"):
-        gsm(torch.tensor([0, 1, 2]), offsets=torch.tensor([0, 1]))
+    # Keyword offsets reach the grad sampler (they used to be refused here; keyword
+    # per_sample_weights were silently dropped): one per-sample gradient per bag.
+    bag = nn.EmbeddingBag(4, 2)
+    gsm = GradSampleModule(bag)
+    gsm(torch.tensor([0, 1, 2]), offsets=torch.tensor([0, 1])).sum().backward()
+    assert bag.weight.grad_sample.shape == (2, 4, 2)
 
 
 def test_parameter_aliases_of_children_do_not_make_a_functorch_module():
