@@ -159,5 +159,7 @@ def compute_linear_clipped_sum(
         a_w, b_w = (a * w, b) if a.shape[2] < b.shape[2] else (a, b * w)
         ret[layer.weight] = b_w.reshape(-1, b.shape[2]).t() @ a_w.reshape(-1, a.shape[2])
     if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = weights.to(b.dtype) @ b.sum(dim=1)
+        # One position: summing over it would only copy b.
+        b_sum = b[:, 0] if b.shape[1] == 1 else b.sum(dim=1)
+        ret[layer.bias] = weights.to(b.dtype) @ b_sum
     return ret

@@ -167,8 +167,17 @@ def with_gaussian_noise(
     if one_call_per_device is None:
         one_call_per_device = secure_mode or any(t.device.type != "cpu" for t in tensors)
     if not one_call_per_device:
+        if secure_mode or std == 0 or not math.isfinite(std) or std < 0:
+            for i, t in enumerate(tensors):
+                noise = gaussian_noise(std, t, generator=generator, secure_mode=secure_mode)
+                yield i, noise.add_(t)
+            return
+        # The common case, ``gaussian_noise``'s one plain draw per tensor without its per-call
+        # checks (the same draws, bit for bit).
         for i, t in enumerate(tensors):
-            noise = gaussian_noise(std, t, generator=generator, secure_mode=secure_mode)
+            noise = torch.normal(
+                0.0, std, size=t.shape, generator=generator, device=t.device, dtype=t.dtype
+            )
             yield i, noise.add_(t)
         return
     groups: Dict[tuple, list] = {}

@@ -169,6 +169,19 @@ def test_with_gaussian_noise_is_gaussian_added_and_reproducible(one_call):
     assert ks_statistic(torch.cat(secure) - 5.0, 2.0) < KS_CRIT_1E6
 
 
+def test_with_gaussian_noise_per_tensor_is_gaussian_noise_bit_for_bit():
+    # The per-tensor CPU path draws directly: the same draws, in the same order, as one
+    # gaussian_noise() per tensor added to it (the oracle), and the same refusals.
+    tensors = [torch.randn(3, 4), torch.randn(7, dtype=torch.float64), torch.randn(2, 5).t()]
+    out = _noisy(0.7, tensors, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    expected = [noise.gaussian_noise(0.7, t, generator=gen) + t for t in tensors]
+    assert all(torch.equal(o, e) and o.dtype == e.dtype for o, e in zip(out, expected))
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="std"):
+            _noisy(bad, tensors)
+
+
 # ------------------------------------------------ the 1.6 helper opacus.optimizers.optimizer
 def test_generate_noise_zero_std_gives_zeros_without_touching_the_generator():
     from opacus.optimizers.optimizer import _generate_noise
