@@ -855,7 +855,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
             not self.hooks_enabled
             or not self._training_forward(module)
             or not torch.is_grad_enabled()
-            or not requires_grad(module, recurse=True)
+            or not any(p.requires_grad for p in self.hooked_parameters(module))
         ):
             return
         activations = [a.detach() if torch.is_tensor(a) else a for a in forward_input]
