@@ -350,22 +350,30 @@ class _HookHandles:
         self.remove()
 
 
-_BAG_ARGS = ("input", "offsets", "per_sample_weights")
+@functools.lru_cache(maxsize=None)
+def _positional_names(cls: type) -> Tuple[str, ...]:
+    """The names of ``cls.forward``'s parameters that can be passed positionally."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]  # after self
+    return tuple(p.name for p in params if p.kind in kinds)
 
 
-def _bag_kwargs_to_args(module: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook of an ``nn.EmbeddingBag``: ``offsets=`` / ``per_sample_weights=`` passed
-    by keyword become positional, so the capture hook (which sees positional inputs only) and
-    the grad sampler see them; ignoring them would give wrong per-sample gradients."""
-    if not any(name in kwargs for name in _BAG_ARGS):
+def _kwargs_to_args(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of every hooked layer: inputs passed by keyword (``layer(input=x)``,
+    ``bag(idx, offsets=o, per_sample_weights=w)``) become positional, so that the capture hook,
+    which sees positional inputs only, and the grad sampler see them. Left out, a keyword input
+    was either an unclear error or, for an EmbeddingBag's ``per_sample_weights``, silently
+    wrong per-sample gradients. Does nothing for calls without keywords."""
+    if not kwargs:
         return None
-    merged = list(args) + [None] * (len(_BAG_ARGS) - len(args))
+    names = _positional_names(type(module))
+    moved = [i for i, name in enumerate(names) if name in kwargs and i >= len(args)]
+    if not moved:
+        return None
     kwargs = dict(kwargs)
-    for i, name in enumerate(_BAG_ARGS):
-        if name in kwargs:
-            merged[i] = kwargs.pop(name)
-    while len(merged) > 1 and merged[-1] is None:
-        merged.pop()
+    merged = list(args) + [None] * (max(moved) + 1 - len(args))
+    for i in moved:
+        merged[i] = kwargs.pop(names[i])
     return tuple(merged), kwargs
 
 
@@ -695,10 +703,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 gradient_side.append(
                     module.register_forward_hook(switch.after_forward, always_call=True)
                 )
-            if isinstance(module, nn.EmbeddingBag):
-                forward_side.append(
-                    module.register_forward_pre_hook(_bag_kwargs_to_args, with_kwargs=True)
-                )
+            forward_side.append(module.register_forward_pre_hook(_kwargs_to_args, with_kwargs=True))
             forward_side.append(module.register_forward_hook(self.capture_activations_hook))
             handles += [_HookHandles(forward_side), _HookHandles(gradient_side)]
         # The output hooks registered at each call pass these on to capture_backprops_hook.

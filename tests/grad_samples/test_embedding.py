@@ -219,3 +219,35 @@ def test_embedding_bag_keyword_arguments_reach_the_ghost_norms(two_d):
     gsm = GradSampleModuleFastGradientClipping(model, loss_reduction="sum", max_grad_norm=1.0)
     dot_loss(gsm(*inputs), r).backward()
     torch.testing.assert_close(gsm.get_norm_sample(), expected.flatten(1).norm(dim=1))
+
+
+@pytest.mark.parametrize("ghost", [False, True])
+def test_any_layer_input_passed_by_keyword_is_captured(ghost):
+    """``layer(input=x)``: the capture hook sees positional inputs only; keyword inputs of every
+    hooked layer are passed on positionally (this was an IndexError)."""
+    from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(6, 4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, idx):
+            return self.fc(input=self.emb(input=idx).mean(dim=1))
+
+    torch.manual_seed(0)
+    model = Keyword().double()
+    idx = torch.randint(0, 6, (5, 3))
+    r = torch.randn(5, 3, dtype=torch.float64)
+    expected = brute_force_grad_samples(model, idx, loss_fn=dot_loss, targets=r)
+    if ghost:
+        gsm = GradSampleModuleFastGradientClipping(model, loss_reduction="sum", max_grad_norm=1.0)
+        dot_loss(gsm(idx), r).backward()
+        flat = torch.cat([g.flatten(1) for g in expected.values()], dim=1)
+        torch.testing.assert_close(gsm.get_norm_sample(), flat.norm(dim=1))
+    else:
+        gsm = GradSampleModule(model, loss_reduction="sum")
+        dot_loss(gsm(idx), r).backward()
+        got = {n: p.grad_sample for n, p in model.named_parameters()}
+        assert_grad_samples_close(got, expected, atol=1e-12, rtol=1e-12)
