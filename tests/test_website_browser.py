@@ -155,10 +155,18 @@ def test_every_page_without_console_messages_failed_requests_or_cut_titles(site,
             f.write(HARNESS % json.dumps(chunk))
         url = f"{base}/_harness{i}.html"
         args = ["--virtual-time-budget=600000", "--window-size=1400,1000", "--dump-dom", url]
-        procs.append(_chromium(args, tmp_path / f"profile{i}"))
+        procs.append((args, _chromium(args, tmp_path / f"profile{i}")))
     results, console = [], []
-    for proc in procs:
-        out, err = proc.communicate(timeout=400)
+    for i, (args, proc) in enumerate(procs):
+        try:
+            out, err = proc.communicate(timeout=400)
+        except subprocess.TimeoutExpired:
+            # Headless Chromium very rarely stalls under virtual time (seen once in a CI run
+            # that took 44 s when repeated): one fresh attempt, then the failure stands.
+            proc.kill()
+            proc.communicate()
+            proc = _chromium(args, tmp_path / f"profile{i}-retry")
+            out, err = proc.communicate(timeout=400)
         assert proc.returncode == 0, err[-2000:]
         found = re.search(r'<pre id="out">(.*?)</pre>', out, re.S)
         assert found and found.group(1) != "pending", "the harness did not finish"
