@@ -156,6 +156,7 @@ def with_gaussian_noise(
     generator: Optional[torch.Generator] = None,
     secure_mode: bool = False,
     one_call_per_device: Optional[bool] = None,
+    divisor: Optional[float] = None,
 ) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield ``(i, tensors[i] + N(0, std^2))`` for every ``i``, as new tensors, the noise drawn as
     by ``gaussian_noise``.  Linear in the number of tensors.
@@ -163,23 +164,49 @@ def with_gaussian_noise(
     ``one_call_per_device``: draw the noise of all tensors of one device and dtype in one call
     (their results are views into one buffer) instead of one call per tensor; by default, on
     accelerators and in secure mode (module docstring).
+
+    ``divisor``: yield ``(tensors[i] + N(0, std^2)) / divisor`` instead (``scale_grad`` fused
+    in).  Without secure mode that is drawn as ``N(0, (std / divisor)^2) + tensors[i] *
+    (1 / divisor)``: the same random draws scaled by ``std / divisor``, one pass over each tensor
+    fewer.  Bit for bit the same as dividing afterwards when ``divisor`` is a power of two
+    (scaling by one is exact); otherwise the two roundings differ by about an ulp.  Secure mode
+    draws ``N(0, std^2)`` as always and divides the sum (its resampling is defined for ``std``).
     """
+    if divisor is not None and not (math.isfinite(divisor) and divisor > 0):
+        raise ValueError(f"divisor must be finite and > 0, got {divisor}")
     if one_call_per_device is None:
         one_call_per_device = secure_mode or any(t.device.type != "cpu" for t in tensors)
-    if not one_call_per_device:
-        if secure_mode or std == 0 or not math.isfinite(std) or std < 0:
-            for i, t in enumerate(tensors):
-                noise = gaussian_noise(std, t, generator=generator, secure_mode=secure_mode)
-                yield i, noise.add_(t)
-            return
+    kw = dict(generator=generator, secure_mode=secure_mode)
+    plain = not secure_mode and std > 0 and math.isfinite(std)
+    if divisor is not None and not plain:
+        undivided = with_gaussian_noise(std, tensors, one_call_per_device=one_call_per_device, **kw)
+        for i, noisy in undivided:
+            yield i, noisy.div_(divisor)
+    elif one_call_per_device:
+        yield from _grouped_noise(std, tensors, divisor, **kw)
+    elif not plain:
+        for i, t in enumerate(tensors):
+            yield i, gaussian_noise(std, t, **kw).add_(t)
+    else:
         # The common case, ``gaussian_noise``'s one plain draw per tensor without its per-call
         # checks (the same draws, bit for bit).
+        draw_std, alpha = (std, 1) if divisor is None else (std / divisor, 1.0 / divisor)
         for i, t in enumerate(tensors):
             noise = torch.normal(
-                0.0, std, size=t.shape, generator=generator, device=t.device, dtype=t.dtype
+                0.0, draw_std, size=t.shape, generator=generator, device=t.device, dtype=t.dtype
             )
-            yield i, noise.add_(t)
-        return
+            yield i, noise.add_(t, alpha=alpha)
+
+
+def _grouped_noise(
+    std: float,
+    tensors: Sequence[torch.Tensor],
+    divisor: Optional[float],
+    **kw,
+) -> Iterator[Tuple[int, torch.Tensor]]:
+    """``with_gaussian_noise`` with one draw per device and dtype (``divisor`` only without
+    secure mode and with ``std > 0``)."""
+    draw_std, alpha = (std, 1) if divisor is None else (std / divisor, 1.0 / divisor)
     groups: Dict[tuple, list] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
@@ -187,11 +214,6 @@ def with_gaussian_noise(
         sizes = [tensors[i].numel() for i in members]
         first = tensors[members[0]]
         # The reference only carries shape, device and dtype: an expanded scalar, no storage.
-        flat = gaussian_noise(
-            std,
-            first.new_empty(()).expand(sum(sizes)),
-            generator=generator,
-            secure_mode=secure_mode,
-        )
+        flat = gaussian_noise(draw_std, first.new_empty(()).expand(sum(sizes)), **kw)
         for i, chunk in zip(members, flat.split(sizes)):
-            yield i, chunk.view(tensors[i].shape).add_(tensors[i])
+            yield i, chunk.view(tensors[i].shape).add_(tensors[i], alpha=alpha)

@@ -399,18 +399,21 @@ class DPOptimizer(Optimizer):
         self._add_noise_and_divide(None)
 
     def _add_noise_and_divide(self, denominator: Optional[float]) -> None:
-        """``add_noise``, each noisy gradient then divided in place by ``denominator`` (None: not
-        divided) while it is still in cache: ``scale_grad``'s ``p.grad /= denominator`` fused
-        into the same pass over the parameters (the same operations, bit for bit)."""
+        """``add_noise``, each noisy gradient then divided by ``denominator`` (None: not
+        divided): ``scale_grad``'s ``p.grad /= denominator`` fused into the noising pass (drawn
+        as ``N(0, (std / d)^2) + summed_grad / d``; bit for bit the unfused result when ``d`` is
+        a power of two, within about an ulp otherwise)."""
         params = self.params
         sums = self._fresh_summed_grads(params)
         # ``noise_mechanism`` (optional, e.g. optimizers/correlated_noise): draws the noise instead.
         mechanism = getattr(self, "noise_mechanism", None)
         noised = with_gaussian_noise if mechanism is None else mechanism.with_noise
         # The fresh noisy tensors become the gradients: one allocation and pass per param.
-        for i, noisy in noised(
-            self._noise_std(), sums, generator=self.generator, secure_mode=self.secure_mode
-        ):
+        kwargs = dict(generator=self.generator, secure_mode=self.secure_mode)
+        if mechanism is None and denominator is not None:
+            # Divided as drawn (with_gaussian_noise's ``divisor``): one pass fewer.
+            kwargs["divisor"], denominator = denominator, None
+        for i, noisy in noised(self._noise_std(), sums, **kwargs):
             if denominator is not None:
                 noisy = noisy.div_(denominator)
             p = params[i]
