@@ -116,3 +116,48 @@ def test_runner_runs_as_script_and_module(argv):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| mlp | hooks |" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["mlp", "embedding"])
+def test_floor_steps_by_hand_compute_the_library_update(name, monkeypatch):
+    """``benchmarks.floor``'s hand-written ghost steps are the library's step (same noise seed):
+    their time is a floor for the library's, not a cheaper computation. Clipping is active: the
+    same step without it gives another update."""
+    import copy
+
+    import torch
+
+    from benchmarks import floor
+    from benchmarks.models import WORKLOADS
+
+    w = WORKLOADS[name]
+    torch.manual_seed(0)
+    base = w.build("tiny")
+    x, y = w.make_batch(8, "tiny")
+    if name == "embedding":
+        base.embedding.weight.data.mul_(30)  # per-sample norms above the bound of 1
+    hand, lib, unclipped = (copy.deepcopy(base) for _ in range(3))
+    step = run._direct_dp_step(lib, x, y, "ghost_direct", True)
+    for seed in (100, 101):
+        torch.manual_seed(seed)
+        floor.BY_HAND[name](hand, x, y)
+        torch.manual_seed(seed)
+        step()
+    for a, b in zip(hand.parameters(), lib.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(floor, "_clip", lambda squared: torch.ones_like(squared))
+    for seed in (100, 101):
+        torch.manual_seed(seed)
+        floor.BY_HAND[name](unclipped, x, y)
+    assert any(not torch.allclose(a, b) for a, b in zip(unclipped.parameters(), lib.parameters()))
+
+
+def test_floor_quick_prints_every_step(capsys):
+    from benchmarks import floor
+
+    rows = floor.main(["--quick"])
+    assert [r["model"] for r in rows] == ["mlp", "embedding"]
+    for r in rows:
+        assert set(r["ratio"]) == {"plain", "plain+noise", "by hand", "library"}
+        assert r["ratio"]["plain"] == 1.0
+    assert "| mlp |" in capsys.readouterr().out
