@@ -8,7 +8,7 @@ output hook is running, and each trainable parameter's ``_forward_counter`` (its
 still pending).  It is owned by the hooks object and has no other state.
 """
 
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch.nn as nn
 
@@ -72,6 +72,11 @@ class CallCapture:
         """``{module: number of pending calls}`` for every module with captured calls (a module
         may stay with 0 until the next prune); empty when nothing is pending."""
         return {module: len(calls) for module, calls in self._activations.items()}
+
+    def pending_calls(self) -> Iterator[list]:
+        """Every pending call's captured inputs."""
+        for calls in self._activations.values():
+            yield from calls
 
     def max_batch_len(self, module: nn.Module) -> int:
         """The largest batch among ``module``'s pending calls."""

@@ -12,6 +12,7 @@ tensor ``(batch, *p.shape)``, later passes make it a list of one tensor per pass
 different passes are different samples and are never added together).
 """
 
+import collections
 import functools
 import inspect
 import logging
@@ -311,6 +312,23 @@ class _OutputHook:
 
     def __call__(self, grad: torch.Tensor) -> None:
         self.owner._output_grad_hook(self.module, self.call, grad)
+
+
+def _attach_output_hook(output: torch.Tensor, hook: _OutputHook) -> None:
+    """``output.register_hook(hook)`` without its ``RemovableHandle`` (a third of the cost of a
+    hooked call's capture): the hook is never removed, it lives and dies with the output's
+    autograd node.  The hook object is its own key in the tensor's hook dict, so no handle id
+    of a hook registered later can replace it.  Tensor subclasses (``__torch_function__``) and
+    leaf outputs take ``register_hook`` itself."""
+    grad_fn = output.grad_fn
+    if type(output) is not torch.Tensor or grad_fn is None:
+        output.register_hook(hook)
+        return
+    hooks = output._backward_hooks
+    if hooks is None:
+        hooks = output._backward_hooks = collections.OrderedDict()
+        grad_fn._register_hook_dict(output)
+    hooks[hook] = hook
 
 
 def hookable_output(output) -> Optional[torch.Tensor]:
@@ -856,13 +874,18 @@ class GradSampleHooks(AbstractGradSampleHooks):
             ValueError: the layer is called while its per-sample gradients of an earlier pass are
                 still pending.
         """
+        self._capture_call(module, forward_input, _forward_output)
+
+    def _capture_call(self, module: nn.Module, forward_input, _forward_output):
+        """``capture_activations_hook``'s work; returns the captured call, or None if the call
+        is not captured (a forward hook must return None: a value would replace the output)."""
         if (
             not self.hooks_enabled
             or not self._training_forward(module)
             or not torch.is_grad_enabled()
             or not any(p.requires_grad for p in self.hooked_parameters(module))
         ):
-            return
+            return None
         activations = [a.detach() if torch.is_tensor(a) else a for a in forward_input]
         batch = self._batch_size(module, activations, _forward_output)
         if batch is None:
@@ -878,7 +901,8 @@ class GradSampleHooks(AbstractGradSampleHooks):
         if output is not None:
             hook = _OutputHook(self, module, call)
             call.hook = weakref.ref(hook)
-            output.register_hook(hook)
+            _attach_output_hook(output, hook)
+        return call
 
     def _output_grad_hook(self, module: nn.Module, call_ref, grad: torch.Tensor) -> None:
         """Tensor hook on one call's output: hand its gradient to ``capture_backprops_hook``."""

@@ -30,7 +30,6 @@ inputs over long sequences with little else in the graph keep the memory-lean se
 
 import functools
 import logging
-import math
 from typing import Dict, List, Optional
 
 import torch
@@ -117,6 +116,23 @@ def tensor_hooks_run_on_captured_gradients() -> bool:
     h.register_hook(lambda g: fired.append(g))
     torch.autograd.grad((h * 2.0).sum(), [get_edge(h)])
     return bool(fired)
+
+
+class _OutputTally:
+    """Elements and bytes of the hooked calls' outputs in one forward (their backprops are what
+    book-keeping keeps); a slotted object, so a call adds to it without ``nn.Module``'s
+    attribute machinery."""
+
+    __slots__ = ("numel", "bytes")
+
+    def __init__(self):
+        self.numel = 0
+        self.bytes = 0
+
+    def add(self, output: torch.Tensor) -> None:
+        n = output.numel()
+        self.numel += n
+        self.bytes += n * output.element_size()
 
 
 def _in_backward() -> bool:
@@ -248,10 +264,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         # Book-keeping (module docstring): planned for this norm pass, and what it keeps.
         self._book_keeping = False
         self._book_kept: Dict[nn.Module, tuple] = {}
-        self._output_numel = 0  # of the hooked calls of this forward: the backprops to keep
-        self._output_bytes = 0
-        # Captured inputs of this forward, by storage (a tensor fed to several layers counts once).
-        self._activation_numel: Dict[tuple, int] = {}
+        self._tally = _OutputTally()  # of the hooked calls of this forward
         self._embeddings: Optional[List[tuple]] = None  # (name, module), for scale_grad_by_freq
         # Hooked calls of this forward that ran with gradients off, per layer: reentrant
         # checkpointing re-runs them inside the backward pass, where they are captured instead.
@@ -317,9 +330,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         self._anchored_calls = 0
         self._book_keeping = False
         self._book_kept = {}
-        self._output_numel = 0
-        self._output_bytes = 0
-        self._activation_numel = {}
+        self._tally = _OutputTally()
         self._tied_waiting = {}
         self._calls_to_recompute = {}
         if self.hooks_enabled:
@@ -351,30 +362,32 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
             forward_input: the layer's positional inputs.
             _forward_output: the layer's output (unused).
         """
-        if (
+        if (not torch.is_grad_enabled() or _in_backward()) and not self._recompute_gate(module):
+            return
+        if self._capture_call(module, forward_input, _forward_output) is None:
+            return  # not captured
+        if torch.is_tensor(_forward_output):
+            self._tally.add(_forward_output)
+        if self._first_pass_anchors is not None:
+            self._record_anchors(hookable_output(_forward_output))
+
+    def _recompute_gate(self, module: nn.Module) -> bool:
+        """For a call with gradients off or inside the backward pass (activation checkpointing):
+        False if it must not be captured.  A hooked call with gradients off is counted as one
+        to recompute; inside the backward pass, only such counted calls are captured."""
+        if not (
             self.hooks_enabled
             and self._training_forward(module)
             and any(p.requires_grad for p in self.hooked_parameters(module))
         ):
-            if _in_backward():
-                if not self._calls_to_recompute.get(module):
-                    return
-                self._calls_to_recompute[module] -= 1
-            elif not torch.is_grad_enabled():
-                self._calls_to_recompute[module] = self._calls_to_recompute.get(module, 0) + 1
-                return
-        before = self._capture.count(module)
-        super().capture_activations_hook(module, forward_input, _forward_output)
-        if self._capture.count(module) > before:
-            if torch.is_tensor(_forward_output):
-                self._output_numel += _forward_output.numel()
-                self._output_bytes += _forward_output.numel() * _forward_output.element_size()
-            for a in forward_input:
-                if torch.is_tensor(a) and a.is_floating_point():
-                    key = (a.untyped_storage().data_ptr(), a.storage_offset(), a.shape)
-                    self._activation_numel[key] = a.numel()
-            if self._first_pass_anchors is not None:
-                self._record_anchors(hookable_output(_forward_output))
+            return True  # not a hooked training call: _capture_call decides (it skips it)
+        if _in_backward():
+            if not self._calls_to_recompute.get(module):
+                return False
+            self._calls_to_recompute[module] -= 1
+            return True
+        self._calls_to_recompute[module] = self._calls_to_recompute.get(module, 0) + 1
+        return False
 
     def _record_anchors(self, output: Optional[torch.Tensor]) -> None:
         """Remember the gradient edge of this call's hooked output: asking the norm pass for the
@@ -601,30 +614,27 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
                 return False
             covered.update(id(p) for p in self._own_parameters(module) if p.requires_grad)
         trainable = self._trainable_now()
-        # The graph holds the captured activations (and what consumes the outputs) anyway.
-        budget = max(
-            self.max_book_keeping_ratio * sum(p.numel() for p in trainable),
-            (
-                self.max_book_keeping_activation_ratio * self.captured_activation_numel()
-                if self.max_book_keeping_ratio > 0
-                else 0
-            ),
-        )
-        if self.batch_coupled_layers():
-            budget = math.inf  # the second pass would be wrong for them, whatever the memory
         self._book_keeping = (
             bool(trainable)
             and covered == {id(p) for p in trainable}
-            and (
-                self._output_numel <= budget
-                or (
-                    self.max_book_keeping_ratio > 0
-                    and self._output_bytes
-                    <= self.graph_bytes_beyond_activations(enough=self._output_bytes)
-                )
-            )
+            and self._backprops_fit(trainable)
         )
         return self._book_keeping
+
+    def _backprops_fit(self, trainable: List[nn.Parameter]) -> bool:
+        """Whether this forward's backprops may be kept (module docstring): no more than
+        ``max_book_keeping_ratio`` times the trainable parameters, or than
+        ``max_book_keeping_activation_ratio`` times the captured inputs (held by the graph
+        anyway), or than the other tensors the graph saved; always for batch-coupled layers (the
+        second pass would be wrong for them, whatever the memory).  Cheapest test first."""
+        numel, ratio = self._tally.numel, self.max_book_keeping_ratio
+        if numel <= ratio * sum(p.numel() for p in trainable) or self.batch_coupled_layers():
+            return True
+        if ratio <= 0:
+            return False
+        if numel <= self.max_book_keeping_activation_ratio * self.captured_activation_numel():
+            return True
+        return self._tally.bytes <= self.graph_bytes_beyond_activations(enough=self._tally.bytes)
 
     def graph_bytes_beyond_activations(self, enough: Optional[int] = None) -> int:
         """Bytes of the tensors the autograd graph of ``norm_pass_root`` (set by
@@ -639,7 +649,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         if root is None:
             return 0
         # Captured activations and the parameters stay held whatever the pass frees.
-        captured = {key[0] for key in self._activation_numel}
+        captured = {key[0] for key in self._captured_activations()}
         captured.update(p.untyped_storage().data_ptr() for p in self._model_parameters())
         held: Dict[int, int] = {}
         total = 0
@@ -667,7 +677,17 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
     def captured_activation_numel(self) -> int:
         """Elements of the floating-point layer inputs captured by this forward (each tensor
         once, however many layers it fed)."""
-        return sum(self._activation_numel.values())
+        return sum(self._captured_activations().values())
+
+    def _captured_activations(self) -> Dict[tuple, int]:
+        """``{(storage pointer, offset, shape): numel}`` of the floating-point inputs of the
+        pending calls (read when a plan needs them, not at every call)."""
+        found = {}
+        for call in self._capture.pending_calls():
+            for a in call:
+                if torch.is_tensor(a) and a.is_floating_point():
+                    found[(a.untyped_storage().data_ptr(), a.storage_offset(), a.shape)] = a.numel()
+        return found
 
     def batch_coupled_layers(self) -> List[str]:
         """Trainable layers whose gradient of a batch loss is not the sum of their per-sample
