@@ -48,6 +48,8 @@ def compute_embedding_norm_sample(
         b = b.float()
     sample = torch.arange(batch, device=idx.device).unsqueeze(1).expand_as(idx).reshape(-1)
     keys = sample * vocab + idx.reshape(-1)
+    if b.numel() < SMALL_BACKPROPS:
+        return {layer.weight: _norms_of_summed_rows(layer, batch, b, keys)}
     unique_keys, group, counts = torch.unique(keys, return_inverse=True, return_counts=True)
     live = None if layer.padding_idx is None else unique_keys % vocab != layer.padding_idx
     # A row read once is that position's backprop: its squared norm, no copy of the row.
@@ -56,6 +58,29 @@ def compute_embedding_norm_sample(
     norms_sq = torch.zeros(batch, dtype=b.dtype, device=b.device).index_add_(0, sample, sq)
     _add_repeated_rows(layer, norms_sq, b, unique_keys, group, counts, live)
     return {layer.weight: norms_sq.sqrt()}
+
+
+#: Below this many backprop elements (4 MB in float32) every row a sample reads is summed into a
+#: working copy (``_norms_of_summed_rows``): fewer operations, and a transient copy no larger than
+#: the backprops; above it only the rows read several times are (``_add_repeated_rows``).
+SMALL_BACKPROPS = 2**20
+
+
+def _norms_of_summed_rows(layer, batch: int, b: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Per-sample norms from every (sample, row) group's summed backprops: ``(U, dim)`` for the
+    ``U <= B * T`` groups."""
+    vocab = layer.num_embeddings
+    rows, group, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+    summed = torch.zeros(rows.shape[0], b.shape[1], dtype=b.dtype, device=b.device)
+    summed.index_add_(0, group, b)
+    sq = torch.linalg.vector_norm(summed, dim=1).square_()
+    if layer.scale_grad_by_freq:
+        sq = sq / counts.to(b.dtype).square()
+    if layer.padding_idx is not None:
+        sq = sq * (rows % vocab != layer.padding_idx).to(b.dtype)
+    owner = torch.div(rows, vocab, rounding_mode="floor")
+    norms_sq = torch.zeros(batch, dtype=b.dtype, device=b.device).index_add_(0, owner, sq)
+    return norms_sq.sqrt()
 
 
 def _add_repeated_rows(layer, norms_sq, b, unique_keys, group, counts, live) -> None:

@@ -107,10 +107,17 @@ def test_linear_zero_gradient_has_zero_norm():
     vocab=st.integers(1, 6),
     padding=st.booleans(),
     scale_grad_by_freq=st.booleans(),
+    lean=st.booleans(),
     data=st.data(),
 )
-def test_embedding_norms(batch, seq, vocab, padding, scale_grad_by_freq, data):
-    """Small vocabularies force repeated indices, whose backprops add before the norm."""
+def test_embedding_norms(batch, seq, vocab, padding, scale_grad_by_freq, lean, data):
+    """Small vocabularies force repeated indices, whose backprops add before the norm.
+    ``lean``: the memory-lean path of large backprops (only repeated rows summed), forced."""
+    import unittest.mock
+
+    from opacus.grad_sample import embedding_norm_sample
+
+    threshold = 0 if lean else embedding_norm_sample.SMALL_BACKPROPS
     torch.manual_seed(0)
     padding_idx = data.draw(st.integers(0, vocab - 1)) if padding else None
     layer = nn.Embedding(
@@ -118,7 +125,8 @@ def test_embedding_norms(batch, seq, vocab, padding, scale_grad_by_freq, data):
     ).double()
     idx = torch.randint(0, vocab, (batch, *seq))
     r = torch.randn(batch, *seq, 3, dtype=torch.float64)
-    check_norms(layer, compute_embedding_norm_sample, idx, r)
+    with unittest.mock.patch.object(embedding_norm_sample, "SMALL_BACKPROPS", threshold):
+        check_norms(layer, compute_embedding_norm_sample, idx, r)
 
 
 def test_embedding_norms_frozen():
