@@ -268,7 +268,6 @@ def double_backward(
     clipping); it is copied into ``module.max_grad_norm`` before the coefficients are computed.
     """
     wrapper, module = module, _ghost_module(module)
-    loss_reduction = module.loss_reduction
     trainable = module.clipped_parameters()
     if not trainable:
         raise ValueError("double_backward: the module has no trainable parameters")
@@ -294,9 +293,7 @@ def double_backward(
             "nn.Linear or nn.Embedding called once per forward): use grad_sample_mode='hooks' "
             "or scale_grad_by_freq=False"
         )
-    used = _norm_pass(
-        module, trainable, _batch_loss(loss_per_sample, loss_reduction), retain=not book_keeping
-    )
+    used = _norm_pass_of_sample_losses(module, trainable, loss_per_sample, book_keeping)
     _check_every_hook_fired(module)
     if used is not None and module.measures_every_parameter():
         _check_every_used_parameter_has_a_norm(module, used)
@@ -324,6 +321,23 @@ def double_backward(
             module.enable_hooks()
     # The optimizer refuses p.grad left by a plain, unclipped backward() otherwise.
     optimizer.record_clipped_backward()
+
+
+def _norm_pass_of_sample_losses(module, trainable, loss_per_sample, book_keeping: bool):
+    """``_norm_pass`` of the *summed* per-sample losses, whatever ``loss_reduction``: each
+    output gradient is then that sample's own (the hooks take this pass as ``"sum"``), so no
+    ``"mean"`` factor ``B`` multiplies the norms of every parameter or the book-kept clipping
+    coefficients.  Only norms and backprops come out of this pass, never a parameter gradient,
+    so its loss's scale is free to choose."""
+    kwargs = getattr(module, "_backprops_hook_kwargs", None)
+    if kwargs is None:  # hooks of another kind: the loss as the module's reduction says
+        batch_loss = _batch_loss(loss_per_sample, module.loss_reduction)
+        return _norm_pass(module, trainable, batch_loss, retain=not book_keeping)
+    module._backprops_hook_kwargs = {**kwargs, "loss_reduction": "sum"}
+    try:
+        return _norm_pass(module, trainable, loss_per_sample.sum(), retain=not book_keeping)
+    finally:
+        module._backprops_hook_kwargs = kwargs
 
 
 def _check_accumulation_allowed(module, optimizer) -> None:
