@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -50,16 +51,22 @@ def _clip(squared_norms: torch.Tensor) -> torch.Tensor:
     return (MAX_GRAD_NORM / (squared_norms.sqrt() + CLIP_EPS)).clamp(max=1.0)
 
 
-def _noise_and_update(params: List[nn.Parameter], batch: int) -> None:
-    """``p.grad = (clipped sum + N(0, (sigma C)^2)) / B`` in one pass, then the SGD update."""
+def _noise_and_update(model: nn.Module, params: List[nn.Parameter], batch: int) -> None:
+    """``p.grad = (clipped sum + N(0, (sigma C)^2)) / B`` in one pass, then the model's own
+    ``torch.optim.SGD`` step and ``zero_grad`` (as in the non-private step)."""
     std = NOISE_MULTIPLIER * MAX_GRAD_NORM / batch
     for p in params:
         p.grad = torch.normal(0.0, std, size=p.shape).add_(p.grad, alpha=1.0 / batch)
-    with torch.no_grad():
-        for p in params:
-            p.add_(p.grad, alpha=-LR)
-    for p in params:
-        p.grad = None
+    optimizer = _optimizers.get(model)
+    if optimizer is None:
+        optimizer = _optimizers[model] = torch.optim.SGD(model.parameters(), lr=LR)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+_optimizers: "weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def mlp_step_by_hand(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -86,7 +93,7 @@ def mlp_step_by_hand(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> 
         b_clipped = b * coef.unsqueeze(1)
         m.weight.grad = b_clipped.t() @ a
         m.bias.grad = b_clipped.sum(0)
-    _noise_and_update([p for m in linears for p in (m.weight, m.bias)], x.shape[0])
+    _noise_and_update(model, [p for m in linears for p in (m.weight, m.bias)], x.shape[0])
 
 
 def embedding_step_by_hand(model: TokenClassifier, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -112,7 +119,7 @@ def embedding_step_by_hand(model: TokenClassifier, x: torch.Tensor, y: torch.Ten
     fc.bias.grad = b_fc_clipped.sum(0)
     clipped = (b_emb * coef.view(-1, 1, 1)).reshape(-1, flat.shape[1])
     emb.weight.grad = torch.zeros_like(emb.weight).index_add_(0, x.reshape(-1), clipped)
-    _noise_and_update([emb.weight, fc.weight, fc.bias], batch)
+    _noise_and_update(model, [emb.weight, fc.weight, fc.bias], batch)
 
 
 BY_HAND: Dict[str, Callable] = {"mlp": mlp_step_by_hand, "embedding": embedding_step_by_hand}
