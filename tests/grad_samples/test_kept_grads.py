@@ -52,18 +52,18 @@ def _check_kept(layer, keeping, x, r, kept_expected=True):
 
 
 def test_the_rule_at_the_lm_benchmark_shapes():
-    """Sequence 128 (batch 8, GPT-2 width 256): keep every Conv1D, not the 4096-way head (its
-    gradient is 1.9x its activations and backprops); sequence 512: keep all; sequence 32: the
-    Gram norms plus one product are cheaper; a wide layer is kept only at long sequences."""
+    """Sequence 128 and 512 (batch 8, GPT-2 width 256): keep every Conv1D and the 4096-way head;
+    sequence 32: the Gram norms plus one product are cheaper; a wide layer whose gradient
+    outgrows twice its activations and backprops is not kept."""
     for d_in, d_out in [(256, 768), (256, 256), (256, 1024), (1024, 256), (256, 4096)]:
-        assert _keeping_grad_is_cheaper(128, d_in, d_out) == (d_out != 4096)
+        assert _keeping_grad_is_cheaper(128, d_in, d_out)
         assert _keeping_grad_is_cheaper(512, d_in, d_out)
         assert not _keeping_grad_is_cheaper(32, d_in, d_out)
-    assert not _keeping_grad_is_cheaper(256, 1024, 4096)  # 4M > 1.75 * 256 * 5120: memory
+    assert not _keeping_grad_is_cheaper(256, 1024, 4096)  # 4M > 2 * 256 * 5120: memory
     assert _keeping_grad_is_cheaper(1024, 1024, 4096)
     for seq, d_in, d_out in [(20, 2, 3), (7, 3, 1), (3, 5, 5)]:
         cheaper = d_in * d_out * 50 <= seq * seq * (d_in + d_out)
-        fits = d_in * d_out <= 1.75 * seq * (d_in + d_out)
+        fits = d_in * d_out <= 2 * seq * (d_in + d_out)
         assert _keeping_grad_is_cheaper(seq, d_in, d_out) == (cheaper and fits)
 
 
