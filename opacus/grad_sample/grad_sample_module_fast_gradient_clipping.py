@@ -47,7 +47,7 @@ from opacus.grad_sample.grad_sample_module import (
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.grad_sample.module_utils import requires_grad, trainable_modules, trainable_parameters
 from opacus.grad_sample.pass_state import ReductionScale
-from opacus.grad_sample.registry import CLIPPED_SUM_SAMPLERS
+from opacus.grad_sample.registry import CLIPPED_SUM_SAMPLERS, KEEPS_GRADS_ATTR, weighted_sums
 from opacus.grad_sample.transformers_layers import tied_embedding_linear_cross_term
 from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
 from opacus.optimizers import clipping
@@ -530,15 +530,24 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         tied = self._tied.get(module)
         ghost = only_call and norm_sampler is not None and backprops.shape[0] > 0
         if ghost and (tied is None or self._tied_ghost_possible(tied)):
-            for p, norms in self._norms(module, norm_sampler, activations, backprops).items():
+            # Book-keeping may take per-sample gradients the sampler materialised (registry).
+            keeping = self._book_keeping and getattr(norm_sampler, KEEPS_GRADS_ATTR, None)
+            if keeping:
+                layer_norms, kept = keeping(module, activations, backprops)
+            else:
+                layer_norms, kept = self._norms(module, norm_sampler, activations, backprops), None
+            for p, norms in layer_norms.items():
                 norms = norms if scale is None else norms * scale
                 if tied is not None and p is tied.param:
-                    call = (module, activations, backprops, scale, norms, max_batch_len)
+                    half = (activations, backprops) if kept is None else ([kept[p]], None)
+                    call = (module, *half, scale, norms, max_batch_len)
                     self._tied_norm(tied, call)
                     continue
                 create_norm_sample(param=p, grad_sample=norms, max_batch_len=max_batch_len)
             if self._book_keeping:
-                self._book_kept[module] = (activations, backprops, scale)
+                self._book_kept[module] = (
+                    (activations, backprops, scale) if kept is None else (kept, None, scale)
+                )
             return
         if tied is not None:
             self._materialise_waiting_half(tied)
@@ -580,6 +589,10 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
             return
         module, activations, backprops, scale, _, max_batch_len = waiting
         self._book_kept.pop(module, None)  # the shared weight is no longer book-kept whole
+        if backprops is None:  # its per-sample gradient was kept (capture_backprops_hook)
+            grad = activations[0] if scale is None else activations[0] * scale
+            self._accumulate({tied.param: grad}, max_batch_len)
+            return
         if scale is not None:
             backprops = backprops * scale
         grads = self._per_sample_grads(module, activations, backprops)
@@ -723,7 +736,12 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
             weights = scaled.get(scale)
             if weights is None:
                 weights = scaled[scale] = coef * scale
-            layer_sums = CLIPPED_SUM_SAMPLERS[type(module)](module, activations, backprops, weights)
+            if backprops is None:  # the per-sample gradients themselves were kept
+                layer_sums = weighted_sums(activations, weights)
+            else:
+                layer_sums = CLIPPED_SUM_SAMPLERS[type(module)](
+                    module, activations, backprops, weights
+                )
             for p, clipped_sum in layer_sums.items():
                 # A tied weight gets both layers' sums (its gradient is their sum).
                 sums[p] = clipped_sum if p not in sums else sums[p] + clipped_sum

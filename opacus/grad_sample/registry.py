@@ -15,6 +15,7 @@ backward pass.
 
 from typing import Callable, Dict, Sequence, Type, Union
 
+import torch
 import torch.nn as nn
 
 GRAD_SAMPLERS: Dict[Type[nn.Module], Callable] = {}
@@ -26,6 +27,21 @@ CLIPPED_SUM_SAMPLERS: Dict[Type[nn.Module], Callable] = {}
 # dims between batch and features of a single activation: several calls of its layer can then
 # be joined along that dim and contracted once (the hooks do so for RNN time steps).
 SUMS_OVER_SEQUENCE_ATTR = "_sums_over_sequence"
+
+# A norm sampler may carry under this attribute a variant for book-keeping norm passes,
+# ``(layer, activations, backprops) -> (norms, kept)``: ``norms`` as the sampler's, and ``kept``
+# None or ``{param: (B, *param.shape) per-sample gradient}`` for every parameter of ``norms``,
+# where materialising them cost less than the ghost norms plus the clipped-sum products.  The
+# hooks then keep ``kept`` instead of the activations and backprops, and the clipped sum is
+# ``weighted_sums(kept, c)``.
+KEEPS_GRADS_ATTR = "_norms_keeping_grads"
+
+
+def weighted_sums(
+    per_sample: Dict[nn.Parameter, torch.Tensor], weights: torch.Tensor
+) -> Dict[nn.Parameter, torch.Tensor]:
+    """``{param: sum_i weights_i * per_sample[param][i]}``: one matrix-vector product each."""
+    return {p: torch.tensordot(weights.to(g.dtype), g, dims=1) for p, g in per_sample.items()}
 
 
 def _as_classes(target_class_or_classes):

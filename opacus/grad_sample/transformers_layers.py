@@ -30,19 +30,25 @@ import importlib.abc
 import importlib.machinery
 import sys
 import threading
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 from opacus.grad_sample.buffers import reusable_empty
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
-from opacus.grad_sample.linear import _as_sequences, compute_linear_norm_sample
+from opacus.grad_sample.linear import (
+    _as_sequences,
+    compute_linear_norm_sample,
+    linear_norms_keeping_grads,
+)
 from opacus.grad_sample.registry import (
+    KEEPS_GRADS_ATTR,
     SUMS_OVER_SEQUENCE_ATTR,
     register_clipped_sum_sampler,
     register_grad_sampler,
     register_norm_sampler,
+    weighted_sums,
 )
 from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 
@@ -104,6 +110,16 @@ def compute_conv1d_norm_sample(
         ``{weight: (B,), bias: (B,)}`` for the parameters that require grad.
     """
     return compute_linear_norm_sample(layer, activations, backprops)
+
+
+def _conv1d_norms_keeping_grads(
+    layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor
+):
+    """``(norms, kept)`` of a ``Conv1D`` for book-keeping: ``linear_norms_keeping_grads``."""
+    return linear_norms_keeping_grads(layer, activations, backprops, in_out=True)
+
+
+setattr(compute_conv1d_norm_sample, KEEPS_GRADS_ATTR, _conv1d_norms_keeping_grads)
 
 
 def compute_conv1d_clipped_sum(
@@ -179,6 +195,17 @@ def compute_rms_norm_style_norm_sample(
     return _row_norms(compute_rms_norm_style_grad_sample(layer, activations, backprops))
 
 
+def _rms_norm_style_norms_keeping_grads(
+    layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor
+):
+    """``(norms, per-sample gradients)`` for book-keeping: the gradient is as small as the
+    parameter, so keeping it spares recomputing it for the clipped sum."""
+    return _norms_and_grads(compute_rms_norm_style_grad_sample(layer, activations, backprops))
+
+
+setattr(compute_rms_norm_style_norm_sample, KEEPS_GRADS_ATTR, _rms_norm_style_norms_keeping_grads)
+
+
 def compute_rms_norm_style_clipped_sum(
     layer: nn.Module,
     activations: List[torch.Tensor],
@@ -201,10 +228,11 @@ def _row_norms(per_sample: Dict[nn.Parameter, torch.Tensor]) -> Dict[nn.Paramete
     }
 
 
-def _weighted_sums(
-    per_sample: Dict[nn.Parameter, torch.Tensor], weights: torch.Tensor
-) -> Dict[nn.Parameter, torch.Tensor]:
-    return {p: torch.tensordot(weights.to(g.dtype), g, dims=1) for p, g in per_sample.items()}
+def _norms_and_grads(per_sample: Dict[nn.Parameter, torch.Tensor]):
+    return _row_norms(per_sample), per_sample
+
+
+_weighted_sums = weighted_sums
 
 
 @register_norm_sampler(nn.LayerNorm)
@@ -213,6 +241,16 @@ def compute_layer_norm_norm_sample(
 ) -> Dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradient norms ``{param: (B,)}`` of an ``nn.LayerNorm`` (ghost clipping)."""
     return _row_norms(compute_layer_norm_grad_sample(layer, activations, backprops))
+
+
+def _layer_norm_norms_keeping_grads(
+    layer: nn.LayerNorm, activations: List[torch.Tensor], backprops: torch.Tensor
+):
+    """``(norms, per-sample gradients)`` for book-keeping (as small as the parameters)."""
+    return _norms_and_grads(compute_layer_norm_grad_sample(layer, activations, backprops))
+
+
+setattr(compute_layer_norm_norm_sample, KEEPS_GRADS_ATTR, _layer_norm_norms_keeping_grads)
 
 
 @register_clipped_sum_sampler(nn.LayerNorm)
@@ -227,12 +265,18 @@ def compute_layer_norm_clipped_sum(
 
 
 # ------------------------------------------------------- tied input/output embeddings
+def _without_padding(embedding: nn.Embedding, ids: torch.Tensor, b: torch.Tensor):
+    if embedding.padding_idx is None:
+        return b
+    return b * (ids != embedding.padding_idx).unsqueeze(-1).to(b.dtype)
+
+
 def tied_embedding_linear_cross_term(
     embedding: nn.Embedding,
     ids: torch.Tensor,
     embedding_backprops: torch.Tensor,
     head_activations: torch.Tensor,
-    head_backprops: torch.Tensor,
+    head_backprops: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """``<E_i, H_i>`` per sample, for a weight shared by an ``nn.Embedding`` and an
     ``nn.Linear`` head (GPT-2's ``wte`` / ``lm_head``), without either per-sample gradient.
@@ -243,12 +287,16 @@ def tied_embedding_linear_cross_term(
     output gradients at the looked-up ids and a ``(T_head, T_emb)`` product per sample. The
     shared parameter's norm is then exact from the two ghost norms and this term.
 
+    Where book-keeping kept the head's per-sample gradient ``H`` (``(B, V, d)``), ``<E_i, H_i> =
+    sum_t H_i[ids_t] . b_t``: a gather of ``T_emb`` rows per sample.
+
     Args:
         embedding: the embedding (``padding_idx`` rows get no gradient and are left out).
         ids: ``(B, T_emb)`` looked-up indices.
         embedding_backprops: ``(B, T_emb, d)`` gradient w.r.t. the embedding's output.
-        head_activations: ``(B, T_head, d)`` input of the head.
-        head_backprops: ``(B, T_head, V)`` gradient w.r.t. the head's output.
+        head_activations: ``(B, T_head, d)`` input of the head; or, with ``head_backprops``
+            None, the head's per-sample weight gradient ``(B, V, d)``.
+        head_backprops: ``(B, T_head, V)`` gradient w.r.t. the head's output, or None.
 
     Returns:
         ``(B,)`` cross terms.
@@ -264,11 +312,15 @@ def tied_embedding_linear_cross_term(
     batch = ids.shape[0]
     ids = ids.reshape(batch, -1)
     b = embedding_backprops.reshape(batch, ids.shape[1], -1)
+    if head_backprops is None:
+        grad = head_activations
+        dtype = torch.promote_types(torch.promote_types(b.dtype, grad.dtype), torch.float32)
+        b = _without_padding(embedding, ids, b.to(dtype))
+        rows = grad.gather(1, ids.unsqueeze(-1).expand(-1, -1, grad.shape[2]))  # (B, T_emb, d)
+        return (rows.to(dtype) * b).sum(dim=(1, 2))
     a, g = _as_sequences(head_activations, head_backprops)
     dtype = torch.promote_types(torch.promote_types(b.dtype, a.dtype), torch.float32)
-    b, a, g = b.to(dtype), a.to(dtype), g.to(dtype)
-    if embedding.padding_idx is not None:
-        b = b * (ids != embedding.padding_idx).unsqueeze(-1).to(dtype)
+    b, a, g = _without_padding(embedding, ids, b.to(dtype)), a.to(dtype), g.to(dtype)
     gathered = g.gather(2, ids.unsqueeze(1).expand(-1, g.shape[1], -1))  # (B, T_head, T_emb)
     return (gathered * torch.bmm(a, b.transpose(1, 2))).sum(dim=(1, 2))
 
