@@ -78,6 +78,11 @@ class CallCapture:
         for calls in self._activations.values():
             yield from calls
 
+    def first_input(self, module: nn.Module):
+        """The first captured input of ``module``'s first pending call (None if none)."""
+        calls = self._activations.get(module)
+        return calls[0][0] if calls and len(calls[0]) else None
+
     def max_batch_len(self, module: nn.Module) -> int:
         """The largest batch among ``module``'s pending calls."""
         return self._max_batch_len[module]

@@ -382,8 +382,10 @@ def _norm_pass(
                 p.grad = grad
     if anchors:
         # Book-keeping keeps every anchor's gradient (the layers' backprops) anyway: asking for
-        # all of them holds nothing more and saves the walk that finds the lowest.
-        targets = anchors if not retain else _lowest_anchors(anchors)
+        # all of them holds nothing more and saves the walk that finds the lowest.  Not where a
+        # layer may keep its per-sample gradient instead: its backprops should go at once.
+        keep_all = not retain and not getattr(module, "may_keep_grads", lambda: False)()
+        targets = anchors if keep_all else _lowest_anchors(anchors)
         # The anchors keep their calls' graphs alive: released right after the pass so that
         # calls whose output the loss never used are recognised as such.
         del anchors

@@ -265,6 +265,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         self._book_keeping = False
         self._book_kept: Dict[nn.Module, tuple] = {}
         self._tally = _OutputTally()  # of the hooked calls of this forward
+        self._may_keep_grads = False  # plan_book_keeping: a layer may keep its gradient
         self._embeddings: Optional[List[tuple]] = None  # (name, module), for scale_grad_by_freq
         # Hooked calls of this forward that ran with gradients off, per layer: reentrant
         # checkpointing re-runs them inside the backward pass, where they are captured instead.
@@ -618,14 +619,16 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         if not self._can_book_keep or not self.hooks_enabled:
             return False
         covered = set()
+        self._may_keep_grads = False
         for module, n in self._capture.counts().items():
-            if (
-                n != 1
-                or type(module) not in CLIPPED_SUM_SAMPLERS
-                or self._norm_sampler(module) is None
-            ):
+            sampler = None if n != 1 else self._norm_sampler(module)
+            if sampler is None or type(module) not in CLIPPED_SUM_SAMPLERS:
                 return False
             covered.update(id(p) for p in self._own_parameters(module) if p.requires_grad)
+            if not self._may_keep_grads and getattr(sampler, KEEPS_GRADS_ATTR, None) is not None:
+                x = self._capture.first_input(module)
+                # One position per sample (a (B, d) input) never keeps its gradient.
+                self._may_keep_grads = not torch.is_tensor(x) or x.dim() > 2
         trainable = self._trainable_now()
         self._book_keeping = (
             bool(trainable)
@@ -648,6 +651,12 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         if numel <= self.max_book_keeping_activation_ratio * self.captured_activation_numel():
             return True
         return self._tally.bytes <= self.graph_bytes_beyond_activations(enough=self._tally.bytes)
+
+    def may_keep_grads(self) -> bool:
+        """True if the planned book-keeping norm pass may keep some layer's per-sample gradient
+        in place of its backprops (``registry.KEEPS_GRADS_ATTR``): the pass should then not hold
+        every layer's output gradient to its end (``ghost_loss._norm_pass``)."""
+        return self._book_keeping and self._may_keep_grads
 
     def graph_bytes_beyond_activations(self, enough: Optional[int] = None) -> int:
         """Bytes of the tensors the autograd graph of ``norm_pass_root`` (set by

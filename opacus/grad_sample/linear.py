@@ -211,6 +211,8 @@ def linear_norms_keeping_grads(
     (``_keeping_grad_is_cheaper``; a frozen weight leaves only the bias's ``(B, out)``
     gradient, always kept), else None with the ghost norms of ``compute_linear_norm_sample``.
     """
+    if activations[0].dim() == 2:  # one position per sample: never kept
+        return compute_linear_norm_sample(layer, activations, backprops), None
     a, b = _as_sequences(activations[0], backprops)
     weight, bias = layer.weight, layer.bias
     if (
