@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from opacus.grad_sample import linear as linear_mod
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleModuleFastGradientClipping,
+    tensor_hooks_run_on_captured_gradients,
 )
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
 from opacus.grad_sample.linear import (
@@ -270,3 +271,43 @@ def test_a_waiting_kept_head_gives_its_kept_gradient_to_the_materialised_path(sc
     ((grads, max_batch_len),) = accumulated
     assert max_batch_len == 3 and set(grads) == {tied.param}
     torch.testing.assert_close(grads[tied.param], kept * (1 if scale is None else scale))
+
+
+@pytest.mark.parametrize("sequence", [True, False])
+def test_a_pass_that_may_keep_gradients_asks_only_for_the_lowest_anchors(sequence, monkeypatch):
+    """Asking the norm pass for every hooked output would hold each layer's output gradient to
+    the end of the pass, beside the per-sample gradient kept in its place (peak memory): where a
+    layer may keep its gradient only the lowest anchor is asked for. A one-position model keeps
+    nothing and asks for all of them (no graph walk). The clipped sum matches the oracle."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    x = torch.randn(3, 16, 8, dtype=torch.float64) if sequence else torch.randn(3, 8).double()
+    r = torch.randn(*x.shape[:-1], 4, dtype=torch.float64)
+
+    def loss_of(out, target):
+        return (out * target).sum()
+
+    per_sample = brute_force_grad_samples(model, x, loss_fn=loss_of, targets=r)
+    gsm = GradSampleModuleFastGradientClipping(copy.deepcopy(model), loss_reduction="sum")
+    asked, real = [], torch.autograd.grad
+
+    def recording(outputs, inputs, *args, **kwargs):
+        asked.append(len(inputs))
+        return real(outputs, inputs, *args, **kwargs)
+
+    planned, plan = [], gsm.plan_book_keeping
+    gsm.plan_book_keeping = lambda: planned.append(plan()) or planned[-1]
+    tensor_hooks_run_on_captured_gradients()  # its one-off probe calls grad too (cached)
+    monkeypatch.setattr(torch.autograd, "grad", recording)
+    out = gsm(x)
+    loss_per_sample = (out * r).flatten(1).sum(dim=1)
+    double_backward(gsm, BoundOnly(0.3), loss_per_sample)
+    assert planned == [True]  # book-keeping (a pass without it asks for the lowest anyway)
+    assert gsm._may_keep_grads is sequence  # as planned (the plan is spent by the pass)
+    assert asked == ([1] if sequence else [2])
+    names = dict(gsm.named_parameters())
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_sample.values()]).norm(dim=0)
+    coef = (0.3 / (norms + 1e-6)).clamp(max=1.0)
+    for name, g in per_sample.items():
+        expected = torch.einsum("i,i...->...", coef, g)
+        torch.testing.assert_close(names["_module." + name].grad, expected)
