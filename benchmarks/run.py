@@ -216,36 +216,61 @@ def bench_model(w: Workload, modes: List[str], args, device: torch.device) -> Li
     x, y = x.to(device), y.to(device)
     plain = _plain_step(copy.deepcopy(base), x, y)
     repeats = min(args.repeats, w.max_repeats or args.repeats)
-    # On an accelerator the host's CPU time is launch overhead, not the step: compare wall time.
-    basis = "cpu_ms" if device.type == "cpu" else "wall_ms"
+    batch = int(x.shape[0] if w.batch_first else x.shape[1])
+    if getattr(args, "shared_baseline", False):
+        return _bench_shared_baseline(w, modes, base, x, y, plain, repeats, args, device)
     rows = []
     for mode in modes:
         try:
             dp = _dp_step(copy.deepcopy(base), x, y, mode, w.batch_first)
             t = _median_times({"plain": plain, "dp": dp}, repeats, args.warmup, device)
-            mem_plain, mem_dp = peak_memory(plain, device), peak_memory(dp, device)
+            mems = peak_memory(plain, device), peak_memory(dp, device)
         except Exception as e:  # report, keep benchmarking the other rows
             rows.append({"model": w.name, "mode": mode, "error": f"{type(e).__name__}: {e}"})
             continue
-        rows.append(
-            {
-                "model": w.name,
-                "mode": mode,
-                "batch": int(x.shape[0] if w.batch_first else x.shape[1]),
-                "plain_ms": t["plain"][basis],
-                "dp_ms": t["dp"][basis],
-                "ratio": t["dp"][basis] / t["plain"][basis],
-                "plain_cpu_ms": t["plain"]["cpu_ms"],
-                "dp_cpu_ms": t["dp"]["cpu_ms"],
-                "plain_wall_ms": t["plain"]["wall_ms"],
-                "dp_wall_ms": t["dp"]["wall_ms"],
-                "wall_ratio": t["dp"]["wall_ms"] / t["plain"]["wall_ms"],
-                "plain_peak_mb": mem_plain / 2**20,
-                "dp_peak_mb": mem_dp / 2**20,
-                "mem_ratio": mem_dp / mem_plain if mem_plain else float("nan"),
-            }
-        )
+        rows.append(_row(w.name, mode, batch, t["plain"], t["dp"], mems, device))
     return rows
+
+
+def _bench_shared_baseline(w, modes, base, x, y, plain, repeats, args, device) -> List[dict]:
+    """``--shared-baseline``: every mode's DP step and one non-private step run in alternation,
+    so that all the rows of a model divide by the same non-private median (comparing modes
+    with each other is then free of the baseline's drift between rows)."""
+    batch = int(x.shape[0] if w.batch_first else x.shape[1])
+    rows, steps = [], {"plain": plain}
+    for mode in modes:
+        try:
+            steps[mode] = _dp_step(copy.deepcopy(base), x, y, mode, w.batch_first)
+        except Exception as e:  # report, keep benchmarking the other rows
+            rows.append({"model": w.name, "mode": mode, "error": f"{type(e).__name__}: {e}"})
+    t = _median_times(steps, repeats, args.warmup, device)
+    mem_plain = peak_memory(plain, device)
+    for mode in [m for m in modes if m in steps]:
+        mems = mem_plain, peak_memory(steps[mode], device)
+        rows.append(_row(w.name, mode, batch, t["plain"], t[mode], mems, device))
+    return rows
+
+
+def _row(model: str, mode: str, batch: int, t_plain: dict, t_dp: dict, mems, device) -> dict:
+    # On an accelerator the host's CPU time is launch overhead, not the step: compare wall time.
+    basis = "cpu_ms" if device.type == "cpu" else "wall_ms"
+    mem_plain, mem_dp = mems
+    return {
+        "model": model,
+        "mode": mode,
+        "batch": batch,
+        "plain_ms": t_plain[basis],
+        "dp_ms": t_dp[basis],
+        "ratio": t_dp[basis] / t_plain[basis],
+        "plain_cpu_ms": t_plain["cpu_ms"],
+        "dp_cpu_ms": t_dp["cpu_ms"],
+        "plain_wall_ms": t_plain["wall_ms"],
+        "dp_wall_ms": t_dp["wall_ms"],
+        "wall_ratio": t_dp["wall_ms"] / t_plain["wall_ms"],
+        "plain_peak_mb": mem_plain / 2**20,
+        "dp_peak_mb": mem_dp / 2**20,
+        "mem_ratio": mem_dp / mem_plain if mem_plain else float("nan"),
+    }
 
 
 def bench_accountants(quick: bool) -> List[dict]:
@@ -338,6 +363,11 @@ def parse_args(argv: Optional[List[str]] = None):
         help="tiny models, 2 repeats, short accountant runs (smoke test)",
     )
     p.add_argument("--no-accountants", action="store_true")
+    p.add_argument(
+        "--shared-baseline",
+        action="store_true",
+        help="alternate every mode of a model with one non-private step (one denominator)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -366,8 +396,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     header = (
         f"batch {args.batch_size} (LM rows: 8), {args.threads} thread(s), device {device}, "
         f"{cores} cores available, load average {os.getloadavg()[0]:.2f}, torch "
-        f"{torch.__version__}; medians of {args.repeats} alternating repeats; ratio = DP "
-        "step / non-private step ("
+        f"{torch.__version__}; medians of {args.repeats} alternating repeats"
+        + (
+            "; every mode of a model alternated with one non-private step"
+            if args.shared_baseline
+            else ""
+        )
+        + "; ratio = DP step / non-private step ("
         + ("process CPU time" if device.type == "cpu" else "wall time, CUDA synchronised")
         + ")"
     )

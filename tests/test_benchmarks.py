@@ -161,3 +161,22 @@ def test_floor_quick_prints_every_step(capsys):
         assert set(r["ratio"]) == {"plain", "plain+noise", "by hand", "library"}
         assert r["ratio"]["plain"] == 1.0
     assert "| mlp |" in capsys.readouterr().out
+
+
+def test_shared_baseline_rows_divide_by_one_non_private_median():
+    rows = run.main(
+        [
+            "--quick",
+            "--models",
+            "mlp",
+            "--modes",
+            "hooks,ghost",
+            "--no-accountants",
+            "--shared-baseline",
+        ]
+    )
+    rows = rows["rows"]
+    assert [r["mode"] for r in rows] == ["hooks", "ghost"]
+    assert rows[0]["plain_ms"] == rows[1]["plain_ms"] > 0
+    for r in rows:
+        assert r["ratio"] == r["dp_ms"] / r["plain_ms"]
