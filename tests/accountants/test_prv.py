@@ -478,3 +478,33 @@ def test_prv_properties(sigma, q, steps):
     assert rdp.get_epsilon(1e-5) >= lower
     more = prv_bounds([(sigma, q, steps * 2)], 1e-5)
     assert more[2] >= lower
+
+
+def _gaussian_composition_epsilon(sigma: float, steps: int, delta: float) -> float:
+    """Closed form for q = 1: ``steps`` Gaussian mechanisms compose to one of mu = sqrt(steps) /
+    sigma (Dong, Roth, Su 2019), whose delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu -
+    mu/2); epsilon by bisection (the second term in logs: e^eps overflows past 709)."""
+    from scipy.stats import norm
+
+    mu = math.sqrt(steps) / sigma
+
+    def delta_of(eps):
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps + norm.logcdf(-eps / mu - mu / 2))
+
+    lo, hi = 0.0, 50.0 * mu * mu
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
+    return hi
+
+
+@pytest.mark.parametrize("sigma,steps", [(0.625, 976), (0.625, 3000), (0.625, 100), (2.0, 50)])
+def test_prv_of_unsampled_gaussians_brackets_the_closed_form(sigma, steps):
+    """Large epsilons (here up to ~4200) put grid points 1400+ units below t_max, where the
+    scaled tail sums overflow to inf: such points must not bracket epsilon (they raised a math
+    domain error at 976 steps, a falsifying example hypothesis found; selected, they would have
+    put epsilon near 127 instead of 1461)."""
+    exact = _gaussian_composition_epsilon(sigma, steps, 1e-5)
+    lower, estimate, upper = prv_bounds([(sigma, 1.0, steps)], 1e-5)
+    assert lower <= exact <= upper
+    assert estimate == pytest.approx(exact, rel=1e-4)

@@ -396,7 +396,11 @@ class DiscretePRV:
         ln((A_i - delta) / B_i) (0 when that index has t_i <= 0).
         """
         start, scale, tail_a, tail_b, minus_delta = self._tail_sums()
-        i = int(np.argmax(minus_delta >= -delta))  # the last index qualifies: delta(t_max) = 0
+        # Points whose scaled sums overflowed (inf or NaN, far below t_max) never qualify: an
+        # infinite minus_delta would otherwise pass the test and bracket epsilon far too low.
+        with np.errstate(invalid="ignore"):
+            qualifies = np.isfinite(minus_delta) & (minus_delta >= -delta)
+        i = int(np.argmax(qualifies))  # the last index qualifies: delta(t_max) = 0
         t_i = self.domain.t_min + (start + i) * self.domain.dt
         if i == 0:
             if t_i <= 0:
@@ -404,9 +408,10 @@ class DiscretePRV:
             raise RuntimeError(
                 "DiscretePRV: epsilon lies below the first grid point; the domain is too narrow."
             )
-        if not (tail_b[i] > 0 and tail_a[i] > delta):
-            return t_i  # e^{-t} underflowed: eps <= t_i, the end of its bracket
-        return max(math.log((tail_a[i] - delta) / tail_b[i]) + scale, 0.0)
+        if not (math.isfinite(tail_b[i]) and tail_b[i] > 0 and tail_a[i] > delta):
+            return t_i  # e^{-t} under- or overflowed: eps <= t_i, the end of its bracket
+        # In logs: the quotient itself can underflow to 0.
+        return max(math.log(tail_a[i] - delta) - math.log(tail_b[i]) + scale, 0.0)
 
     def compute_epsilon(
         self, delta: float, delta_error: float, eps_error: float
