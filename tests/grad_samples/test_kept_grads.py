@@ -25,6 +25,7 @@ from opacus.grad_sample.linear import (
 from opacus.grad_sample.registry import KEEPS_GRADS_ATTR, NORM_SAMPLERS, weighted_sums
 from opacus.utils.fast_gradient_clipping_utils import double_backward
 from tests.grad_samples.ghost_stubs import BoundOnly
+from tests.grad_samples.tiny_lm import tiny_gpt2
 from tests.oracle import brute_force_grad_samples
 
 
@@ -187,30 +188,7 @@ def _count_kept(monkeypatch):
 
 
 def _tiny_gpt2(tie):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(
-        n_layer=1,
-        n_embd=8,
-        n_head=2,
-        vocab_size=11,
-        n_positions=6,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=tie,
-    )
-
-    class LM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = GPT2LMHeadModel(cfg)
-
-        def forward(self, ids):
-            pos = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
-            return self.lm(input_ids=ids, position_ids=pos, use_cache=False).logits
-
-    return LM()
+    return tiny_gpt2(tie)
 
 
 @pytest.mark.parametrize("tie", [True, False])

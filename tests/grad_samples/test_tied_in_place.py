@@ -17,6 +17,7 @@ import torch.nn as nn
 from opacus.grad_sample import GradSampleModule, buffers
 from opacus.grad_sample import embedding as embedding_sampler
 from opacus.grad_sample.buffers import is_unshared_buffer, reusable_empty
+from tests.grad_samples.tiny_lm import tiny_gpt2
 from tests.oracle import assert_grad_samples_close, brute_force_grad_samples
 
 
@@ -59,33 +60,7 @@ class _EmbeddingLast(nn.Module):
 
 
 def _tiny_gpt2():
-    pytest.importorskip("transformers")
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(
-        n_layer=1,
-        n_embd=8,
-        n_head=2,
-        vocab_size=11,
-        n_positions=6,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-
-    class LM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = GPT2LMHeadModel(cfg)
-            assert self.lm.lm_head.weight is self.lm.transformer.wte.weight
-
-        def forward(self, ids):
-            pos = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
-            return self.lm(input_ids=ids, position_ids=pos, use_cache=False).logits
-
-    return LM()
+    return tiny_gpt2(tie=True)
 
 
 def _loss(out):

@@ -21,6 +21,7 @@ from opacus.grad_sample.registry import (  # noqa: E402
     GRAD_SAMPLERS,
     NORM_SAMPLERS,
 )
+from tests.grad_samples.tiny_lm import tiny_gpt2  # noqa: E402
 from tests.oracle import brute_force_grad_samples  # noqa: E402
 
 RMS_NORMS = [
@@ -183,32 +184,7 @@ def test_rms_norm_style_frozen_and_bad_layer():
 
 # ------------------------------------------------------------------------- whole models
 def _tiny_gpt2(tie=False):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(
-        n_layer=1,
-        n_embd=8,
-        n_head=2,
-        vocab_size=11,
-        n_positions=6,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=tie,
-    )
-
-    class LM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = GPT2LMHeadModel(cfg)
-
-        def forward(self, ids):
-            pos = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
-            return self.lm(input_ids=ids, position_ids=pos, use_cache=False).logits
-
-    return LM()
+    return tiny_gpt2(tie)
 
 
 def _tiny_llama():
