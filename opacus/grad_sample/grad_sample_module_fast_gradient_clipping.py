@@ -531,8 +531,13 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks, ClippedSumHooks):
         tied = self._tied.get(module)
         ghost = only_call and norm_sampler is not None and backprops.shape[0] > 0
         if ghost and (tied is None or self._tied_ghost_possible(tied)):
-            # Book-keeping may take per-sample gradients the sampler materialised (registry).
-            keeping = self._book_keeping and getattr(norm_sampler, KEEPS_GRADS_ATTR, None)
+            # Book-keeping may take per-sample gradients the sampler materialised (registry);
+            # not where a subclass re-keys the norms (_norms), which the variant would bypass.
+            keeping = (
+                self._book_keeping
+                and type(self)._norms is GradSampleHooksFastGradientClipping._norms
+                and getattr(norm_sampler, KEEPS_GRADS_ATTR, None)
+            )
             if keeping:
                 layer_norms, kept = keeping(module, activations, backprops)
             else:

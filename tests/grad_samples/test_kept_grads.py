@@ -289,3 +289,33 @@ def test_a_pass_that_may_keep_gradients_asks_only_for_the_lowest_anchors(sequenc
     for name, g in per_sample.items():
         expected = torch.einsum("i,i...->...", coef, g)
         torch.testing.assert_close(names["_module." + name].grad, expected)
+
+
+@pytest.mark.parametrize("rekeyed", [False, True])
+def test_a_subclass_that_rekeys_norms_does_not_keep_gradients(rekeyed, monkeypatch):
+    """The keeping variant returns norms keyed by the layer's own parameters, bypassing
+    ``_norms``: a subclass that overrides ``_norms`` (to re-key them) never takes it, and its
+    clipped sums still match the oracle."""
+
+    class Rekeying(GradSampleModuleFastGradientClipping):
+        def _norms(self, module, norm_sampler, activations, backprops):
+            return super()._norms(module, norm_sampler, activations, backprops)
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    x = torch.randn(3, 16, 8, dtype=torch.float64)
+    r = torch.randn(3, 16, 4, dtype=torch.float64)
+    per_sample = brute_force_grad_samples(
+        model, x, loss_fn=lambda out, t: (out * t).sum(), targets=r
+    )
+    calls = _count_kept(monkeypatch)
+    cls = Rekeying if rekeyed else GradSampleModuleFastGradientClipping
+    gsm = cls(copy.deepcopy(model), loss_reduction="sum")
+    double_backward(gsm, BoundOnly(0.3), (gsm(x) * r).flatten(1).sum(dim=1))
+    assert (calls == []) is rekeyed
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_sample.values()]).norm(dim=0)
+    coef = (0.3 / (norms + 1e-6)).clamp(max=1.0)
+    names = dict(gsm.named_parameters())
+    for name, g in per_sample.items():
+        expected = torch.einsum("i,i...->...", coef, g)
+        torch.testing.assert_close(names["_module." + name].grad, expected)
