@@ -338,7 +338,39 @@ def _user_collate_fn(data_loader: DataLoader):
     return collate_fn
 
 
-class DPDataLoader(DataLoader):
+class _PoissonBatchLoader(DataLoader):
+    """What the Poisson loaders share: a ``DataLoader`` over ``batch_sampler`` whose collate
+    function handles empty batches, and the sampler's rate as ``sample_rate``."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_sampler,
+        *,
+        collate_fn,
+        distributed: bool,
+        batch_first: bool,
+        rand_on_empty: bool,
+        **kwargs,
+    ):
+        self.distributed = distributed
+        super().__init__(
+            dataset=dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=_collate_for_dataset(
+                dataset, collate_fn, batch_first=batch_first, rand_on_empty=rand_on_empty
+            ),
+            **kwargs,
+        )
+
+    @property
+    def sample_rate(self) -> float:
+        """The Poisson sampling rate in use (the batch sampler's): what the accountant records
+        (for cyclic Poisson sampling, the per-step rate within the current group)."""
+        return self.batch_sampler.sample_rate
+
+
+class DPDataLoader(_PoissonBatchLoader):
     """``DataLoader`` drawing Poisson batches: each sample is in each batch w.p. ``sample_rate``.
 
     The expected batch size is ``sample_rate * len(dataset)``; one epoch is
@@ -392,7 +424,6 @@ class DPDataLoader(DataLoader):
             forbidden=("batch_size", "batch_sampler", "sampler", "shuffle"),
             rate_hint="sample_rate = expected_batch_size / len(dataset)",
         )
-        self.distributed = distributed
         if distributed:
             batch_sampler = DistributedUniformWithReplacementSampler(
                 total_size=len(dataset), sample_rate=sample_rate, generator=generator
@@ -406,21 +437,17 @@ class DPDataLoader(DataLoader):
                 "DPDataLoader ignores drop_last=True: dropping a Poisson batch would change the "
                 "sampling the privacy accounting assumes."
             )
-        super().__init__(
-            dataset=dataset,
-            batch_sampler=batch_sampler,
-            collate_fn=_collate_for_dataset(
-                dataset, collate_fn, batch_first=batch_first, rand_on_empty=rand_on_empty
-            ),
-            **kwargs,
-        )
         # `generator` is not handed to DataLoader: it would draw its worker base seed from the
         # same stream, so batches would no longer be exactly the sampler's draws from it.
-
-    @property
-    def sample_rate(self) -> float:
-        """The Poisson sampling rate in use (the batch sampler's): what the accountant records."""
-        return self.batch_sampler.sample_rate
+        super().__init__(
+            dataset,
+            batch_sampler,
+            collate_fn=collate_fn,
+            distributed=distributed,
+            batch_first=batch_first,
+            rand_on_empty=rand_on_empty,
+            **kwargs,
+        )
 
     @classmethod
     def from_data_loader(
@@ -563,7 +590,7 @@ def switch_generator(*, data_loader: DataLoader, generator):
     )
 
 
-class CyclicPoissonDataLoader(DataLoader):
+class CyclicPoissonDataLoader(_PoissonBatchLoader):
     """``DataLoader`` with cyclic Poisson sampling (:class:`CyclicPoissonSampler`), the sampling
     that banded matrix-factorization noise (``make_private(noise_mechanism="banded_mf")``) needs.
 
@@ -598,7 +625,6 @@ class CyclicPoissonDataLoader(DataLoader):
             forbidden=("batch_size", "batch_sampler", "sampler", "shuffle", "drop_last"),
             rate_hint="sample_rate = expected_batch_size * bands / len(dataset)",
         )
-        self.distributed = distributed
         batch_sampler = CyclicPoissonSampler(
             num_samples=len(dataset),
             sample_rate=sample_rate,
@@ -609,18 +635,14 @@ class CyclicPoissonDataLoader(DataLoader):
             distributed=distributed,
         )
         super().__init__(
-            dataset=dataset,
-            batch_sampler=batch_sampler,
-            collate_fn=_collate_for_dataset(
-                dataset, collate_fn, batch_first=batch_first, rand_on_empty=rand_on_empty
-            ),
+            dataset,
+            batch_sampler,
+            collate_fn=collate_fn,
+            distributed=distributed,
+            batch_first=batch_first,
+            rand_on_empty=rand_on_empty,
             **kwargs,
         )
-
-    @property
-    def sample_rate(self) -> float:
-        """The per-step Poisson rate within the current group: what the accountant records."""
-        return self.batch_sampler.sample_rate
 
     @property
     def bands(self) -> int:

@@ -190,12 +190,17 @@ def with_gaussian_noise(
     else:
         # The common case, ``gaussian_noise``'s one plain draw per tensor without its per-call
         # checks (the same draws, bit for bit).
-        draw_std, alpha = (std, 1) if divisor is None else (std / divisor, 1.0 / divisor)
+        draw_std, alpha = _scaled_draw(std, divisor)
         for i, t in enumerate(tensors):
             noise = torch.normal(
                 0.0, draw_std, size=t.shape, generator=generator, device=t.device, dtype=t.dtype
             )
             yield i, noise.add_(t, alpha=alpha)
+
+
+def _scaled_draw(std: float, divisor: Optional[float]) -> Tuple[float, float]:
+    """``(std of the draw, factor of the tensor)`` giving ``(t + N(0, std^2)) / divisor``."""
+    return (std, 1.0) if divisor is None else (std / divisor, 1.0 / divisor)
 
 
 def _grouped_noise(
@@ -206,7 +211,7 @@ def _grouped_noise(
 ) -> Iterator[Tuple[int, torch.Tensor]]:
     """``with_gaussian_noise`` with one draw per device and dtype (``divisor`` only without
     secure mode and with ``std > 0``)."""
-    draw_std, alpha = (std, 1) if divisor is None else (std / divisor, 1.0 / divisor)
+    draw_std, alpha = _scaled_draw(std, divisor)
     groups: Dict[tuple, list] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
